@@ -1,0 +1,468 @@
+//! The dataflow: validate → route by hour → dedup and pre-aggregate → differential
+//! collections of hourly statistics and quality counts → hour sealing.
+//!
+//! Timely time is a coarse [`Epoch`] chosen by the driver (a batch of a replay, a few
+//! hundred milliseconds live); event time stays in the data. Only the driver advances
+//! epochs; everything here is deterministic given which records land in which epoch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::operators::CountTotal;
+use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Capability, OkErr};
+use timely::dataflow::{Scope, Stream};
+
+use crate::model::{DeviceHour, RawRecord, Reading, SourcePos};
+use crate::rules::{validate, Outcome, Rejection, RuleConfig};
+use crate::stats::HourStats;
+use crate::time::HOUR_MS;
+
+/// Timely time: a coarse, driver-chosen batch number.
+pub type Epoch = u64;
+
+/// A fast, deterministic hasher for small integer keys (the std SipHash is ~5x slower here).
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(*b as u64);
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn write_i64(&mut self, i: i64) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+/// A `HashMap` with [`FxHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// The one key function that decides which worker owns an hour: its readings, dedup state,
+/// and lake files all live there.
+#[inline]
+pub fn route_hour(hour: i64) -> u64 {
+    (hour as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
+}
+
+/// Dataflow parameters beyond the rules.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowConfig {
+    /// The quality rules.
+    pub rules: RuleConfig,
+    /// An hour is sealed once the event-time watermark passes its end plus this grace (ms).
+    pub grace_ms: i64,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        FlowConfig { rules: RuleConfig::default(), grace_ms: 5 * 60 * 1000 }
+    }
+}
+
+/// Everything one hour's files need when it is sealed, or when late data changes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HourBatch {
+    /// Hour index since the epoch.
+    pub hour: i64,
+    /// 0 for the batch that seals the hour, then 1, 2, … for each later change.
+    pub seq: u32,
+    /// Readings accepted since the previous batch of this hour, ordered by device, time.
+    pub readings: Vec<Reading>,
+    /// Rejections counted in this hour since the previous batch, ordered by device, rule.
+    pub rejections: Vec<Rejection>,
+    /// The hour's full current aggregates by device, when changed since the previous batch.
+    pub hourly: Option<Vec<(u32, HourStats)>>,
+    /// The hour's full current quality counts by (device, outcome), when changed.
+    pub quality: Option<Vec<((u32, Outcome), i64)>>,
+}
+
+/// The streams and collections a built dataflow exposes.
+pub struct Outputs<'scope> {
+    /// Accepted readings, at the worker that owns their hour.
+    pub readings: Stream<'scope, Epoch, Vec<Reading>>,
+    /// Every rejection, by any rule.
+    pub rejections: Stream<'scope, Epoch, Vec<Rejection>>,
+    /// The current hourly aggregates: one `((device, hour), stats)` record per key.
+    pub hourly: VecCollection<'scope, Epoch, (DeviceHour, HourStats), isize>,
+    /// The current quality counts: one `((device, hour, outcome), count)` record per key.
+    pub quality: VecCollection<'scope, Epoch, ((u32, i64, Outcome), isize), isize>,
+    /// Hours ready for the lake, at the worker that owns the hour.
+    pub sealed: Stream<'scope, Epoch, Vec<HourBatch>>,
+}
+
+type Quality = ((u32, i64, Outcome), Epoch, isize);
+
+/// Builds the dataflow over a stream of raw records.
+pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfig) -> Outputs<'scope> {
+    let scope = raw.scope();
+    let rules = cfg.rules.clone();
+    let (ok, bad): (Stream<_, Vec<Reading>>, Stream<_, Vec<Rejection>>) = raw.ok_err(move |r: RawRecord| validate(r, &rules));
+
+    let retention = cfg.rules.max_age_ms + HOUR_MS;
+    let (readings, dups, hourly_updates, valid_counts, watermarks) = dedup(scope, ok, retention);
+
+    let rejections = concat(bad, dups);
+    let reject_counts = count_rejections(rejections.clone());
+
+    let hourly = hourly_updates.as_collection().count_total();
+    let quality = concat(valid_counts, reject_counts).as_collection().count_total();
+
+    let sealed = seal(
+        readings.clone(),
+        rejections.clone(),
+        hourly.clone().inner,
+        quality.clone().inner,
+        watermarks.broadcast(),
+        cfg.grace_ms,
+        cfg.rules.max_age_ms,
+    );
+    Outputs { readings, rejections, hourly, quality, sealed }
+}
+
+fn concat<'scope, D: Clone + 'static>(a: Stream<'scope, Epoch, Vec<D>>, b: Stream<'scope, Epoch, Vec<D>>) -> Stream<'scope, Epoch, Vec<D>> {
+    use timely::dataflow::operators::Concat;
+    a.concat(b)
+}
+
+/// Per-epoch counts of rejections by (device, hour, rule), pre-aggregated per worker.
+fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -> Stream<'scope, Epoch, Vec<Quality>> {
+    use timely::dataflow::operators::generic::Operator;
+    rejections.unary(Pipeline, "CountRejections", |_, _| {
+        let mut counts: FastMap<(u32, i64, Outcome), isize> = FastMap::default();
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let t = epoch_of(&cap);
+                for batch in data {
+                    for r in batch.iter() {
+                        *counts.entry((r.device, r.hour(), Outcome::Rejected(r.rule))).or_default() += 1;
+                    }
+                }
+                if let Some(c) = cap.retain_least(output.output_index()) {
+                    output.session(&c).give_iterator(counts.drain().map(|(k, n)| (k, t, n)));
+                }
+            });
+        }
+    })
+}
+
+type DedupStreams<'scope> = (
+    Stream<'scope, Epoch, Vec<Reading>>,
+    Stream<'scope, Epoch, Vec<Rejection>>,
+    Stream<'scope, Epoch, Vec<(DeviceHour, Epoch, HourStats)>>,
+    Stream<'scope, Epoch, Vec<Quality>>,
+    Stream<'scope, Epoch, Vec<i64>>,
+);
+
+/// Routes readings to their hour's worker, applies the duplicate rule epoch by epoch (the
+/// first reading of a (device, time) by epoch then source position wins, at any worker
+/// count), and pre-aggregates each epoch's survivors into one update per (device, hour).
+fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Reading>>, retention_ms: i64) -> DedupStreams<'scope> {
+    let mut builder = OperatorBuilder::new("Dedup".to_owned(), scope);
+    let mut input = builder.new_input(ok, Exchange::new(|r: &Reading| route_hour(r.hour())));
+    let (o_read, s_read) = builder.new_output::<Vec<Reading>>();
+    let (o_dup, s_dup) = builder.new_output::<Vec<Rejection>>();
+    let (o_stats, s_stats) = builder.new_output::<Vec<(DeviceHour, Epoch, HourStats)>>();
+    let (o_valid, s_valid) = builder.new_output::<Vec<Quality>>();
+    let (o_wm, s_wm) = builder.new_output::<Vec<i64>>();
+    let mut o_read = OutputBuilder::from(o_read);
+    let mut o_dup = OutputBuilder::from(o_dup);
+    let mut o_stats = OutputBuilder::from(o_stats);
+    let mut o_valid = OutputBuilder::from(o_valid);
+    let mut o_wm = OutputBuilder::from(o_wm);
+
+    builder.build(move |caps| {
+        let mut caps: Vec<Capability<Epoch>> = caps;
+        let mut stash: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
+        let mut deduper = crate::rules::Deduper::new(retention_ms);
+        let mut winners: Vec<Reading> = Vec::new();
+        let mut slot: FastMap<(u32, i64), usize> = FastMap::default();
+        let mut losers: Vec<(Reading, SourcePos)> = Vec::new();
+        let mut agg: FastMap<DeviceHour, HourStats> = FastMap::default();
+        move |frontiers| {
+            input.for_each_stamp(|cap, data| {
+                let bucket = stash.entry(epoch_of(&cap)).or_default();
+                for batch in data {
+                    bucket.append(batch);
+                }
+            });
+            let frontier = frontiers[0].frontier();
+            let (mut h_read, mut h_dup, mut h_stats, mut h_valid, mut h_wm) =
+                (o_read.activate(), o_dup.activate(), o_stats.activate(), o_valid.activate(), o_wm.activate());
+            while let Some(entry) = stash.first_entry() {
+                let t = *entry.key();
+                if frontier.less_equal(&t) {
+                    break;
+                }
+                let epoch = entry.remove();
+                // Within the epoch, the smallest source position of a (device, time) wins.
+                for r in epoch {
+                    match slot.entry((r.device, r.time_ms)) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            let held = &mut winners[*e.get()];
+                            if r.pos < held.pos {
+                                let first = r.pos;
+                                losers.push((std::mem::replace(held, r), first));
+                            } else {
+                                let first = held.pos;
+                                losers.push((r, first));
+                            }
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(winners.len());
+                            winners.push(r);
+                        }
+                    }
+                }
+                slot.clear();
+                // Against earlier epochs.
+                let mut dup_counts: FastMap<(u32, i64, Outcome), isize> = FastMap::default();
+                let mut max_time = i64::MIN;
+                winners.retain_mut(|r| match deduper.admit(r) {
+                    Ok(()) => true,
+                    Err(first) => {
+                        losers.push((std::mem::replace(r, Reading::EMPTY), first));
+                        false
+                    }
+                });
+                for r in winners.iter_mut() {
+                    r.payload = Vec::new();
+                    agg.entry(r.key()).or_default().add(r);
+                    max_time = max_time.max(r.time_ms);
+                }
+                let cap_t = |i: usize| caps[i].delayed(&t);
+                if !losers.is_empty() {
+                    let c = cap_t(1);
+                    let mut s = h_dup.session(&c);
+                    for (r, first) in losers.drain(..) {
+                        let rej = Rejection::duplicate(r, first);
+                        *dup_counts.entry((rej.device, rej.hour(), Outcome::Rejected(rej.rule))).or_default() += 1;
+                        s.give(rej);
+                    }
+                }
+                if !winners.is_empty() {
+                    h_read.session(&cap_t(0)).give_iterator(winners.drain(..));
+                    h_wm.session(&cap_t(4)).give(max_time);
+                }
+                if !agg.is_empty() {
+                    let c = cap_t(3);
+                    let mut s = h_valid.session(&c);
+                    for (k, st) in agg.iter() {
+                        s.give(((k.0, k.1, Outcome::Valid), t, st.count as isize));
+                    }
+                    s.give_iterator(dup_counts.drain().map(|(k, n)| (k, t, n)));
+                    h_stats.session(&cap_t(2)).give_iterator(agg.drain().map(|(k, st)| (k, t, st)));
+                } else if !dup_counts.is_empty() {
+                    h_valid.session(&cap_t(3)).give_iterator(dup_counts.drain().map(|(k, n)| (k, t, n)));
+                }
+                deduper.prune();
+            }
+            // Hold capabilities only as far back as the input frontier.
+            match frontier.iter().min() {
+                Some(f) => caps.iter_mut().for_each(|c| c.downgrade(f)),
+                None => caps.clear(),
+            }
+        }
+    });
+    (s_read, s_dup, s_stats, s_valid, s_wm)
+}
+
+/// Per-hour state held by the sealing operator.
+#[derive(Default)]
+struct HourState {
+    sealed: bool,
+    seq: u32,
+    readings: Vec<Reading>,
+    rejections: Vec<Rejection>,
+    hourly: BTreeMap<u32, HourStats>,
+    hourly_dirty: bool,
+    quality: BTreeMap<(u32, Outcome), i64>,
+    quality_dirty: bool,
+}
+
+impl HourState {
+    fn dirty(&self) -> bool {
+        !self.readings.is_empty() || !self.rejections.is_empty() || self.hourly_dirty || self.quality_dirty
+    }
+
+    fn take_batch(&mut self, hour: i64) -> HourBatch {
+        let mut readings = std::mem::take(&mut self.readings);
+        readings.sort_unstable_by_key(|r| (r.device, r.time_ms, r.pos));
+        let mut rejections = std::mem::take(&mut self.rejections);
+        rejections.sort_by_key(|r| (r.device, r.rule, r.pos));
+        let batch = HourBatch {
+            hour,
+            seq: self.seq,
+            readings,
+            rejections,
+            hourly: self.hourly_dirty.then(|| self.hourly.iter().map(|(d, s)| (*d, *s)).collect()),
+            quality: self.quality_dirty.then(|| self.quality.iter().map(|(k, n)| (*k, *n)).collect()),
+        };
+        self.seq += 1;
+        self.hourly_dirty = false;
+        self.quality_dirty = false;
+        batch
+    }
+}
+
+/// Gathers each hour's readings, rejections, aggregates and quality counts at the hour's
+/// owner, and emits an [`HourBatch`] when the event-time watermark (the largest accepted
+/// event time so far, over all workers) passes the hour's end plus `grace_ms`, and again
+/// whenever late data changes a sealed hour. When the input ends every hour is emitted.
+#[allow(clippy::too_many_arguments)]
+fn seal<'scope>(
+    readings: Stream<'scope, Epoch, Vec<Reading>>,
+    rejections: Stream<'scope, Epoch, Vec<Rejection>>,
+    hourly: Stream<'scope, Epoch, Vec<((DeviceHour, HourStats), Epoch, isize)>>,
+    quality: Stream<'scope, Epoch, Vec<(((u32, i64, Outcome), isize), Epoch, isize)>>,
+    watermarks: Stream<'scope, Epoch, Vec<i64>>,
+    grace_ms: i64,
+    max_age_ms: i64,
+) -> Stream<'scope, Epoch, Vec<HourBatch>> {
+    let scope = readings.scope();
+    let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
+    let mut i_read = builder.new_input(readings, Pipeline);
+    let mut i_rej = builder.new_input(rejections, Exchange::new(|r: &Rejection| route_hour(r.hour())));
+    let mut i_hourly = builder.new_input(hourly, Exchange::new(|u: &((DeviceHour, HourStats), Epoch, isize)| route_hour((u.0).0 .1)));
+    let mut i_quality =
+        builder.new_input(quality, Exchange::new(|u: &(((u32, i64, Outcome), isize), Epoch, isize)| route_hour((u.0).0 .1)));
+    let mut i_wm = builder.new_input(watermarks, Pipeline);
+    let (o_sealed, s_sealed) = builder.new_output::<Vec<HourBatch>>();
+    let mut o_sealed = OutputBuilder::from(o_sealed);
+
+    builder.build(move |caps| {
+        let mut caps: Vec<Capability<Epoch>> = caps;
+        // Updates waiting for their epoch to complete.
+        let mut pending_read: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
+        let mut pending_rej: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
+        let mut pending_hourly: BTreeMap<Epoch, Vec<(DeviceHour, HourStats)>> = BTreeMap::new();
+        let mut pending_quality: BTreeMap<Epoch, Vec<((u32, i64, Outcome), isize)>> = BTreeMap::new();
+        let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
+        let mut hours: BTreeMap<i64, HourState> = BTreeMap::new();
+        let mut watermark = i64::MIN;
+        move |frontiers| {
+            i_read.for_each_stamp(|cap, data| {
+                let v = pending_read.entry(epoch_of(&cap)).or_default();
+                data.for_each(|b| v.append(b));
+            });
+            i_rej.for_each_stamp(|cap, data| {
+                let v = pending_rej.entry(epoch_of(&cap)).or_default();
+                data.for_each(|b| v.append(b));
+            });
+            // Only the new value of each key matters: count_total retracts the old one.
+            i_hourly.for_each_stamp(|cap, data| {
+                let v = pending_hourly.entry(epoch_of(&cap)).or_default();
+                data.for_each(|b| v.extend(b.drain(..).filter(|u| u.2 > 0).map(|u| u.0)));
+            });
+            i_quality.for_each_stamp(|cap, data| {
+                let v = pending_quality.entry(epoch_of(&cap)).or_default();
+                data.for_each(|b| v.extend(b.drain(..).filter(|u| u.2 > 0).map(|u| u.0)));
+            });
+            i_wm.for_each_stamp(|cap, data| {
+                let w = pending_wm.entry(epoch_of(&cap)).or_insert(i64::MIN);
+                data.for_each(|b| *w = b.iter().copied().fold(*w, i64::max));
+            });
+
+            let mut frontier = timely::progress::Antichain::new();
+            for f in frontiers {
+                for t in f.frontier().iter() {
+                    frontier.insert(*t);
+                }
+            }
+            let done = |t: &Epoch| !frontier.less_equal(t);
+            let mut complete = None;
+            for (t, v) in split_done(&mut pending_read, done) {
+                complete = complete.max(Some(t));
+                for r in v {
+                    hours.entry(r.hour()).or_default().readings.push(r);
+                }
+            }
+            for (t, v) in split_done(&mut pending_rej, done) {
+                complete = complete.max(Some(t));
+                for r in v {
+                    hours.entry(r.hour()).or_default().rejections.push(r);
+                }
+            }
+            for (t, v) in split_done(&mut pending_hourly, done) {
+                complete = complete.max(Some(t));
+                for ((device, hour), stats) in v {
+                    let h = hours.entry(hour).or_default();
+                    h.hourly.insert(device, stats);
+                    h.hourly_dirty = true;
+                }
+            }
+            for (t, v) in split_done(&mut pending_quality, done) {
+                complete = complete.max(Some(t));
+                for ((device, hour, outcome), n) in v {
+                    let h = hours.entry(hour).or_default();
+                    h.quality.insert((device, outcome), n as i64);
+                    h.quality_dirty = true;
+                }
+            }
+            for (t, w) in split_done(&mut pending_wm, done) {
+                complete = complete.max(Some(t));
+                watermark = watermark.max(w);
+            }
+
+            let finished = frontier.is_empty();
+            if let Some(t) = complete.or(if finished { caps.first().map(|c| *c.time()) } else { None }) {
+                let cap = caps[0].delayed(&t);
+                let mut out = o_sealed.activate();
+                let mut session = out.session(&cap);
+                for (hour, state) in hours.iter_mut() {
+                    let sealable = finished || watermark >= (hour + 1) * HOUR_MS + grace_ms;
+                    if sealable && (!state.sealed || state.dirty()) {
+                        state.sealed = true;
+                        session.give(state.take_batch(*hour));
+                    }
+                }
+                // Hours no acceptable late reading can reach any more.
+                hours.retain(|hour, s| !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms));
+            }
+            match frontier.iter().min() {
+                Some(f) => caps.iter_mut().for_each(|c| c.downgrade(f)),
+                None => caps.clear(),
+            }
+        }
+    });
+    s_sealed
+}
+
+/// The epoch of an input message (epochs are totally ordered, so a stamp has one least time).
+fn epoch_of(cap: &timely::dataflow::operators::InputCapability<Epoch>) -> Epoch {
+    *cap.least().expect("every message has a time")
+}
+
+/// Removes and returns the entries of `map` whose epoch is complete, in epoch order.
+fn split_done<V>(map: &mut BTreeMap<Epoch, V>, done: impl Fn(&Epoch) -> bool) -> Vec<(Epoch, V)> {
+    let mut out = Vec::new();
+    while let Some(e) = map.first_entry() {
+        if !done(e.key()) {
+            break;
+        }
+        out.push(e.remove_entry());
+    }
+    out
+}

@@ -1,0 +1,18 @@
+//! fmsflow's pure dataflow definitions: the reading model, the quality rules, the
+//! aggregate (difference) types and the dataflow builder. Nothing here does I/O: bytes come
+//! in through input handles as [`RawRecord`]s, typed streams and differential collections
+//! come out, and `src/` (the binary) attaches sources and sinks.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod dataflow;
+pub mod model;
+pub mod oracle;
+pub mod rules;
+pub mod stats;
+pub mod time;
+
+pub use dataflow::{build, route_hour, Epoch, Outputs};
+pub use model::{DeviceHour, QualityKey, RawRecord, Reading, SourcePos, METRICS};
+pub use rules::{validate, Rejection, Rule, RuleConfig, Deduper};
+pub use stats::{HourStats, MetricStats};

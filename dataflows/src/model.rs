@@ -1,0 +1,75 @@
+//! The record model: raw bytes as they arrive, the typed reading the rules produce, and the
+//! keys of the aggregate collections.
+
+use serde::{Deserialize, Serialize};
+
+/// The six measured metrics, in the order they are stored in [`Reading::metrics`] and in
+/// [`crate::HourStats::metrics`]. These are also the FMS payload's field names.
+pub const METRICS: [&str; 6] = ["sensor1", "sensor2", "sensor3", "motor1", "motor2", "motor3"];
+
+/// Where a raw record came from: a source (file index, Kafka partition, poller) and its
+/// offset within it. Also the tie-breaker that makes "first of two duplicates" deterministic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourcePos {
+    /// Source id: a file index, a Kafka partition, or a poller id.
+    pub source: u32,
+    /// Position within the source: a line number or a Kafka offset.
+    pub offset: u64,
+}
+
+/// One payload exactly as received, with its ingest timestamp.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawRecord {
+    /// The body as received (normally one FMS JSON object).
+    pub payload: Vec<u8>,
+    /// When the record entered the pipeline (poll time / Kafka record timestamp), ms since
+    /// the epoch. The time rules compare against this, never against the wall clock, so a
+    /// replay decides the same. `None` (archived NDJSON without ingest times) disables the
+    /// future/stale rules for that record.
+    pub ingest_ms: Option<i64>,
+    /// Source position.
+    pub pos: SourcePos,
+}
+
+/// A reading that passed the stateless rules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    /// Device id, 1..=fleet size.
+    pub device: u32,
+    /// Event time (the payload's `time`), ms since the epoch.
+    pub time_ms: i64,
+    /// sensor1..3, motor1..3 in [`METRICS`] order.
+    pub metrics: [f64; 6],
+    /// The payload's `isFail`.
+    pub is_fail: bool,
+    /// Ingest time, as on the raw record.
+    pub ingest_ms: Option<i64>,
+    /// Source position, as on the raw record.
+    pub pos: SourcePos,
+    /// The original bytes, kept until the duplicate rule has passed the reading (a
+    /// duplicate's rejection needs them); empty afterwards.
+    pub payload: Vec<u8>,
+}
+
+impl Reading {
+    /// A placeholder, for moving a reading out of a slot.
+    pub const EMPTY: Reading =
+        Reading { device: 0, time_ms: 0, metrics: [0.0; 6], is_fail: false, ingest_ms: None, pos: SourcePos { source: 0, offset: 0 }, payload: Vec::new() };
+    /// The hour index (hours since the epoch) of the event time.
+    #[inline]
+    pub fn hour(&self) -> i64 {
+        crate::time::hour_of(self.time_ms)
+    }
+    /// The aggregate key of this reading.
+    #[inline]
+    pub fn key(&self) -> DeviceHour {
+        (self.device, self.hour())
+    }
+}
+
+/// Key of the hourly aggregates: (device id, hour index since the epoch).
+pub type DeviceHour = (u32, i64);
+
+/// Key of the quality counts: (device id or 0 when unknown, hour index, rule name). The
+/// rule name `"valid"` counts accepted readings, so valid / total is one lookup.
+pub type QualityKey = (u32, i64, &'static str);

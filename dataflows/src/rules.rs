@@ -1,0 +1,297 @@
+//! The quality rules. [`validate`] applies every stateless rule to one raw record and
+//! either returns a typed [`Reading`] or a [`Rejection`] that keeps the original bytes, the
+//! rule and a human reason. The one stateful rule, `duplicate`, is [`Deduper`]; the dataflow
+//! applies it after routing each reading to the worker that owns its hour.
+//!
+//! Rule names are stable: they appear in the lake, in the dead-letter output and in metrics.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{RawRecord, Reading, SourcePos, METRICS};
+use crate::time::{hour_of, parse_rfc3339, HOUR_MS};
+
+/// Why a record was rejected. The `name` of each variant is stable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Rule {
+    /// The body is not JSON (or is truncated).
+    MalformedJson,
+    /// A required field is absent or `null`.
+    MissingField,
+    /// A field has the wrong JSON type (or the body is JSON but not an object).
+    WrongType,
+    /// `DeviceId` is outside 1..=fleet size.
+    UnknownDevice,
+    /// `time` is not an RFC 3339 timestamp.
+    BadTime,
+    /// `time` is further in the future than allowed, relative to the ingest time.
+    FutureTime,
+    /// `time` is older than allowed, relative to the ingest time.
+    StaleTime,
+    /// A metric does not fit a finite double (for example `1e999`).
+    NonFinite,
+    /// A metric is outside its configured range.
+    OutOfRange,
+    /// A reading for the same (device, time) was already accepted.
+    Duplicate,
+}
+
+impl Rule {
+    /// Every rule, in a fixed order.
+    pub const ALL: [Rule; 10] = [
+        Rule::MalformedJson,
+        Rule::MissingField,
+        Rule::WrongType,
+        Rule::UnknownDevice,
+        Rule::BadTime,
+        Rule::FutureTime,
+        Rule::StaleTime,
+        Rule::NonFinite,
+        Rule::OutOfRange,
+        Rule::Duplicate,
+    ];
+
+    /// The stable name used in the lake, the dead-letter output and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::MalformedJson => "malformed_json",
+            Rule::MissingField => "missing_field",
+            Rule::WrongType => "wrong_type",
+            Rule::UnknownDevice => "unknown_device",
+            Rule::BadTime => "bad_time",
+            Rule::FutureTime => "future_time",
+            Rule::StaleTime => "stale_time",
+            Rule::NonFinite => "non_finite",
+            Rule::OutOfRange => "out_of_range",
+            Rule::Duplicate => "duplicate",
+        }
+    }
+
+    /// The rule with this stable name.
+    pub fn from_name(name: &str) -> Option<Rule> {
+        Rule::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+/// The outcome of one record for the quality counts: accepted, or rejected by a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Accepted as a reading.
+    Valid,
+    /// Rejected by this rule.
+    Rejected(Rule),
+}
+
+impl Outcome {
+    /// `"valid"` or the rule's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Valid => "valid",
+            Outcome::Rejected(r) => r.name(),
+        }
+    }
+}
+
+/// Parameters of the rules. Defaults are documented in the README's configuration reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleConfig {
+    /// Devices are 1..=fleet_size.
+    pub fleet_size: u32,
+    /// Largest allowed `time - ingest` in ms (clock skew of devices).
+    pub max_future_ms: i64,
+    /// Largest allowed `ingest - time` in ms (how late a reading may arrive).
+    pub max_age_ms: i64,
+    /// Inclusive (min, max) per metric in [`METRICS`] order.
+    pub ranges: [(f64, f64); 6],
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        RuleConfig {
+            fleet_size: 100,
+            max_future_ms: 5 * 60 * 1000,
+            max_age_ms: 6 * HOUR_MS,
+            ranges: [(0.0, 250.0), (0.0, 250.0), (0.0, 250.0), (0.0, 3000.0), (0.0, 3000.0), (0.0, 3000.0)],
+        }
+    }
+}
+
+/// A rejected record: the original bytes, the rule that caught it and a human reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The rule that caught it.
+    pub rule: Rule,
+    /// A sentence for the operator, naming the field and value.
+    pub reason: String,
+    /// The body exactly as received.
+    pub payload: Vec<u8>,
+    /// Device id when it could be read and is in the fleet, else 0.
+    pub device: u32,
+    /// Event time when it could be read.
+    pub time_ms: Option<i64>,
+    /// Ingest time of the raw record.
+    pub ingest_ms: Option<i64>,
+    /// Source position of the raw record.
+    pub pos: SourcePos,
+}
+
+impl Rejection {
+    /// The hour a rejection is counted in: the ingest hour (the hour it arrived), else the
+    /// event hour, else hour 0 for records that carry no time at all.
+    pub fn hour(&self) -> i64 {
+        self.ingest_ms.or(self.time_ms).map(hour_of).unwrap_or(0)
+    }
+
+    /// A duplicate of an accepted reading (the dedup stage builds these).
+    pub fn duplicate(r: Reading, first: SourcePos) -> Self {
+        Rejection {
+            rule: Rule::Duplicate,
+            reason: format!(
+                "device {} already has a reading at {} (first seen at source {} offset {})",
+                r.device,
+                crate::time::format_rfc3339(r.time_ms),
+                first.source,
+                first.offset
+            ),
+            device: r.device,
+            time_ms: Some(r.time_ms),
+            ingest_ms: r.ingest_ms,
+            pos: r.pos,
+            payload: r.payload,
+        }
+    }
+}
+
+/// The FMS payload, borrowed from the input bytes. Every field is optional here so that a
+/// missing field is told apart from a mistyped one.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    time: Option<Cow<'a, str>>,
+    #[serde(rename = "DeviceId")]
+    device_id: Option<i64>,
+    sensor1: Option<f64>,
+    sensor2: Option<f64>,
+    sensor3: Option<f64>,
+    motor1: Option<f64>,
+    motor2: Option<f64>,
+    motor3: Option<f64>,
+    #[serde(rename = "isFail")]
+    is_fail: Option<bool>,
+}
+
+fn classify(e: &serde_json::Error) -> Rule {
+    use serde_json::error::Category;
+    match e.classify() {
+        _ if e.to_string().starts_with("number out of range") => Rule::NonFinite,
+        Category::Syntax | Category::Eof | Category::Io => Rule::MalformedJson,
+        Category::Data => Rule::WrongType,
+    }
+}
+
+/// Applies every stateless rule to one raw record. The payload moves into the result: a
+/// rejection keeps it as the original bytes, a reading carries it until the duplicate rule
+/// has seen it.
+pub fn validate(raw: RawRecord, cfg: &RuleConfig) -> Result<Reading, Rejection> {
+    match check(&raw, cfg) {
+        Ok((device, time_ms, metrics, is_fail)) => {
+            Ok(Reading { device, time_ms, metrics, is_fail, ingest_ms: raw.ingest_ms, pos: raw.pos, payload: raw.payload })
+        }
+        Err((rule, reason, device, time_ms)) => {
+            Err(Rejection { rule, reason, payload: raw.payload, device, time_ms, ingest_ms: raw.ingest_ms, pos: raw.pos })
+        }
+    }
+}
+
+type Checked = Result<(u32, i64, [f64; 6], bool), (Rule, String, u32, Option<i64>)>;
+
+fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
+    let wire: Wire = match serde_json::from_slice(&raw.payload) {
+        Ok(w) => w,
+        Err(e) => return Err((classify(&e), format!("cannot decode payload: {e}"), 0, None)),
+    };
+    let missing = |field: &str| Err((Rule::MissingField, format!("field `{field}` is missing or null"), 0, None));
+    let Some(device_id) = wire.device_id else { return missing("DeviceId") };
+    let Some(time) = wire.time.as_deref() else { return missing("time") };
+    let metrics = [wire.sensor1, wire.sensor2, wire.sensor3, wire.motor1, wire.motor2, wire.motor3];
+    if let Some(i) = metrics.iter().position(Option::is_none) {
+        return missing(METRICS[i]);
+    }
+    let Some(is_fail) = wire.is_fail else { return missing("isFail") };
+
+    if device_id < 1 || device_id > cfg.fleet_size as i64 {
+        let reason = format!("DeviceId {device_id} is not in the fleet 1..={}", cfg.fleet_size);
+        return Err((Rule::UnknownDevice, reason, 0, None));
+    }
+    let device = device_id as u32;
+    let Some(time_ms) = parse_rfc3339(time) else {
+        return Err((Rule::BadTime, format!("time {time:?} is not an RFC 3339 timestamp"), device, None));
+    };
+    if let Some(ingest) = raw.ingest_ms {
+        if time_ms - ingest > cfg.max_future_ms {
+            let reason = format!("time {time} is {} ms after ingest, more than the allowed {} ms", time_ms - ingest, cfg.max_future_ms);
+            return Err((Rule::FutureTime, reason, device, Some(time_ms)));
+        }
+        if ingest - time_ms > cfg.max_age_ms {
+            let reason = format!("time {time} is {} ms before ingest, older than the allowed {} ms", ingest - time_ms, cfg.max_age_ms);
+            return Err((Rule::StaleTime, reason, device, Some(time_ms)));
+        }
+    }
+    let metrics = metrics.map(|m| m.unwrap_or_default());
+    for (i, v) in metrics.iter().enumerate() {
+        if !v.is_finite() {
+            return Err((Rule::NonFinite, format!("{} is {v}, not a finite number", METRICS[i]), device, Some(time_ms)));
+        }
+        let (lo, hi) = cfg.ranges[i];
+        if *v < lo || *v > hi {
+            let reason = format!("{} is {v}, outside the allowed range [{lo}, {hi}]", METRICS[i]);
+            return Err((Rule::OutOfRange, reason, device, Some(time_ms)));
+        }
+    }
+    Ok((device, time_ms, metrics, is_fail))
+}
+
+/// The `duplicate` rule's memory: which (device, time) pairs were accepted, per hour, kept
+/// while a reading for that hour can still pass the stale rule.
+#[derive(Debug)]
+pub struct Deduper {
+    seen: HashMap<i64, HashMap<(u32, i64), SourcePos>>,
+    retention_ms: i64,
+    high_water_ms: i64,
+}
+
+impl Deduper {
+    /// A deduper that forgets an hour once the newest ingest (or event) time seen is more
+    /// than `retention_ms` past the hour's end. Use at least the stale rule's `max_age_ms`.
+    pub fn new(retention_ms: i64) -> Self {
+        Deduper { seen: HashMap::new(), retention_ms, high_water_ms: i64::MIN }
+    }
+
+    /// Records `r` as accepted if it is the first reading for its (device, time); otherwise
+    /// returns the source position of the first one.
+    #[inline]
+    pub fn admit(&mut self, r: &Reading) -> Result<(), SourcePos> {
+        self.high_water_ms = self.high_water_ms.max(r.ingest_ms.unwrap_or(r.time_ms));
+        let hour = self.seen.entry(r.hour()).or_default();
+        match hour.entry((r.device, r.time_ms)) {
+            std::collections::hash_map::Entry::Occupied(e) => Err(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(r.pos);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets hours that no acceptable reading can belong to any more.
+    pub fn prune(&mut self) {
+        let (retention, high) = (self.retention_ms, self.high_water_ms);
+        self.seen.retain(|hour, _| (hour + 1) * HOUR_MS + retention >= high);
+    }
+
+    /// Number of hours remembered.
+    pub fn hours(&self) -> usize {
+        self.seen.len()
+    }
+}

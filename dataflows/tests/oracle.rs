@@ -1,0 +1,679 @@
+//! Oracle tests: the dataflow, run at 1, 2 and 4 workers on random dirty, late, out-of-order
+//! and duplicated input, must agree with `oracle::expected` (the naive recomputation), and
+//! its sealed hour batches must account for every accepted reading exactly once.
+//!
+//! Input generation keeps the disorder of ingest times under one hour: the dedup stage
+//! forgets an hour `max_age + 1h` behind the newest ingest time, and the sealing stage drops
+//! an hour's state two hours plus grace plus `max_age` behind the event-time watermark, so
+//! larger disorder is outside the contract these tests check.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use fmsflow_dataflows::dataflow::{build, Epoch, FlowConfig, HourBatch};
+use fmsflow_dataflows::oracle::{expected, Expected};
+use fmsflow_dataflows::rules::{validate, Outcome, RuleConfig};
+use fmsflow_dataflows::time::{format_rfc3339, hour_of, parse_rfc3339};
+use fmsflow_dataflows::{DeviceHour, HourStats, RawRecord, SourcePos, METRICS};
+use proptest::prelude::*;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::{Input, Inspect, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+const MINUTE: i64 = 60_000;
+const MAX_FUTURE: i64 = 5 * MINUTE;
+const MAX_AGE: i64 = 90 * MINUTE;
+
+/// Rules for a fleet of 5 with a short `max_age`, so that the generated span of several hours
+/// exercises the stale rule and the forgetting of old hours.
+fn flow_config() -> FlowConfig {
+    FlowConfig {
+        rules: RuleConfig {
+            fleet_size: 5,
+            max_future_ms: MAX_FUTURE,
+            max_age_ms: MAX_AGE,
+            ..RuleConfig::default()
+        },
+        grace_ms: 5 * MINUTE,
+    }
+}
+
+fn t0() -> i64 {
+    parse_rfc3339("2025-07-07T00:00:00Z").unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Input generation
+// ---------------------------------------------------------------------------------------
+
+/// One generated record, as raw numbers that [`build_input`] turns into a payload. Plain
+/// numbers shrink well; their meaning depends on `kind`.
+#[derive(Clone, Debug)]
+struct Op {
+    /// Which kind of record (see [`build_input`]), 0..100.
+    kind: u8,
+    /// Device id 1..=5.
+    device: u8,
+    /// How far the driver's clock moves before this record, ms.
+    step_ms: u32,
+    /// How far the ingest time lags the clock, ms (< 50 minutes).
+    jitter_ms: u32,
+    /// How far the event time lags the ingest time (or the clock), ms, 0..=max_age.
+    delay_ms: u32,
+    /// Metric values, scaled into each metric's range.
+    values: [u16; 6],
+    /// `isFail`.
+    fail: bool,
+    /// Source id, so that source-position order differs from input order.
+    source: u8,
+    /// 0 means: no ingest time (an archived record), where the kind allows it.
+    ingest: u8,
+    /// 0 starts a new epoch, 1 skips one, anything else stays in the current epoch.
+    bump: u8,
+    /// Free choice within the kind (which field, which variant, which earlier record).
+    pick: u16,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    (
+        (0u8..100, 1u8..=5, 0u32..=300_000, 0u32..3_000_000),
+        (0u32..=MAX_AGE as u32, proptest::array::uniform6(any::<u16>()), any::<bool>(), 0u8..3),
+        (0u8..8, 0u8..16, any::<u16>()),
+    )
+        .prop_map(
+            |(
+                (kind, device, step_ms, jitter_ms),
+                (delay_ms, values, fail, source),
+                (ingest, bump, pick),
+            )| Op {
+                kind,
+                device,
+                step_ms,
+                jitter_ms,
+                delay_ms,
+                values,
+                fail,
+                source,
+                ingest,
+                bump,
+                pick,
+            },
+        )
+}
+
+/// A payload as (key, JSON literal) pairs, so that a test can drop, null or retype a field.
+type Fields = Vec<(&'static str, String)>;
+
+fn fields(time_ms: i64, device: i64, values: &[u16; 6], fail: bool) -> Fields {
+    let ranges = RuleConfig::default().ranges;
+    let mut f = vec![
+        ("time", format!("\"{}\"", format_rfc3339(time_ms))),
+        ("DeviceId", device.to_string()),
+    ];
+    for (i, name) in METRICS.iter().enumerate() {
+        let v = values[i] as f64 / u16::MAX as f64 * ranges[i].1;
+        f.push((name, format!("{v:.3}")));
+    }
+    f.push(("isFail", fail.to_string()));
+    f
+}
+
+fn json(f: &Fields, sep: &str) -> Vec<u8> {
+    let body: Vec<String> = f.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    format!("{{{}}}", body.join(sep)).into_bytes()
+}
+
+/// Turns generated ops into `(epoch, record)` pairs in input order: epochs non-decreasing,
+/// source positions unique, ingest times within an hour of the newest one before them.
+fn build_input(ops: &[Op]) -> Vec<(Epoch, RawRecord)> {
+    let ranges = RuleConfig::default().ranges;
+    let mut clock = t0();
+    let mut epoch: Epoch = 0;
+    let mut earlier: Vec<(i64, Fields)> = Vec::new(); // well-formed readings, to duplicate
+    let mut out = Vec::with_capacity(ops.len());
+    for (idx, op) in ops.iter().enumerate() {
+        clock += op.step_ms as i64;
+        epoch += match op.bump {
+            0 => 1,
+            1 => 2,
+            _ => 0,
+        };
+        let pick = op.pick as usize;
+        let ingest_ms = clock - op.jitter_ms as i64;
+        let archived = op.ingest == 0;
+        let delay = op.delay_ms as i64;
+        // Event time of a plausible reading: behind the ingest time (or behind the clock
+        // for an archived record, which no stale rule protects), often whole seconds.
+        let mut time = if archived {
+            clock - delay
+        } else {
+            ingest_ms - delay
+        };
+        if pick % 3 != 0 {
+            time -= time.rem_euclid(1000);
+        }
+        let valid = fields(time, op.device as i64, &op.values, op.fail);
+        let mut ingest = (!archived).then_some(ingest_ms);
+        let metric = 2 + pick % 6;
+        let payload = match op.kind {
+            // A plausible reading.
+            0..=44 => {
+                earlier.push((time, valid.clone()));
+                json(&valid, ",")
+            }
+            // A duplicate of an earlier reading: same (device, time), sometimes other values,
+            // sometimes other bytes for the same values.
+            45..=56 if !earlier.is_empty() => {
+                let (t, mut f) = earlier[pick % earlier.len()].clone();
+                if pick & 1 == 1 {
+                    for (i, slot) in f[2..8].iter_mut().enumerate() {
+                        slot.1 = valid[2 + i].1.clone();
+                    }
+                    f[8].1 = op.fail.to_string();
+                }
+                // Archived only while the stale rule's horizon would still allow it.
+                if archived && t < clock - MAX_AGE {
+                    ingest = Some(ingest_ms);
+                }
+                json(&f, if pick & 2 == 2 { ", " } else { "," })
+            }
+            45..=56 => json(&valid, ","),
+            // Malformed JSON.
+            57..=60 => {
+                let mut b = json(&valid, ",");
+                match pick % 4 {
+                    0 => b.truncate(pick % b.len()),
+                    1 => b = b"not json at all".to_vec(),
+                    2 => {
+                        let at = 1 + pick % (b.len() - 2);
+                        b[at] = 0xff;
+                    }
+                    _ => b.extend_from_slice(b" trailing"),
+                }
+                b
+            }
+            // A missing or null field.
+            61..=64 => {
+                let mut f = valid;
+                let i = pick % 9;
+                if pick & 16 == 16 {
+                    f[i].1 = "null".into();
+                } else {
+                    f.remove(i);
+                }
+                json(&f, ",")
+            }
+            // A field of the wrong type, or a body that is not an object.
+            65..=68 => {
+                let mut f = valid.clone();
+                match pick % 5 {
+                    0 => f[metric].1 = format!("\"{}\"", f[metric].1),
+                    1 => f[1].1 = format!("\"{}\"", op.device),
+                    2 => f[8].1 = "1".into(),
+                    3 => f[0].1 = (time / 1000).to_string(),
+                    _ => {}
+                }
+                if pick % 5 == 4 {
+                    // The values in the payload struct's field order: JSON, not an object.
+                    let values: Vec<&str> = valid.iter().map(|(_, v)| v.as_str()).collect();
+                    format!("[{}]", values.join(",")).into_bytes()
+                } else {
+                    json(&f, ",")
+                }
+            }
+            // A device outside the fleet.
+            69..=72 => {
+                let mut f = valid;
+                f[1].1 = ["0", "6", "-1", "1000", "4294967297"][pick % 5].into();
+                json(&f, ",")
+            }
+            // An unparseable time.
+            73..=76 => {
+                let mut f = valid;
+                f[0].1 = [
+                    "\"2025-02-30T01:00:00Z\"",
+                    "\"yesterday\"",
+                    "\"2025-07-07 08:00\"",
+                    "\"\"",
+                ][pick % 4]
+                    .into();
+                json(&f, ",")
+            }
+            // Too far in the future of the ingest time.
+            77..=80 => {
+                ingest = Some(ingest_ms);
+                let t = ingest_ms + MAX_FUTURE + 1 + delay;
+                json(&fields(t, op.device as i64, &op.values, op.fail), ",")
+            }
+            // Too far behind the ingest time.
+            81..=84 => {
+                ingest = Some(ingest_ms);
+                let t = ingest_ms - MAX_AGE - 1 - delay % (2 * 3_600_000);
+                json(&fields(t, op.device as i64, &op.values, op.fail), ",")
+            }
+            // A metric outside its range.
+            85..=89 => {
+                let mut f = valid;
+                let (_, hi) = ranges[metric - 2];
+                f[metric].1 = if pick & 8 == 8 {
+                    format!("{}", hi + 0.001 + (pick % 100) as f64)
+                } else {
+                    format!("-{}", 0.001 + (pick % 100) as f64)
+                };
+                json(&f, ",")
+            }
+            // A metric that does not fit a double.
+            90..=94 => {
+                let mut f = valid;
+                f[metric].1 = if pick & 8 == 8 { "1e999" } else { "-1e999" }.into();
+                json(&f, ",")
+            }
+            // Exactly at the allowed limits of the time rules: accepted.
+            _ => {
+                ingest = Some(ingest_ms);
+                let t = if pick & 1 == 1 {
+                    ingest_ms - MAX_AGE
+                } else {
+                    ingest_ms + MAX_FUTURE
+                };
+                let f = fields(t, op.device as i64, &op.values, op.fail);
+                earlier.push((t, f.clone()));
+                json(&f, ",")
+            }
+        };
+        let pos = SourcePos {
+            source: op.source as u32,
+            offset: idx as u64,
+        };
+        out.push((
+            epoch,
+            RawRecord {
+                payload,
+                ingest_ms: ingest,
+                pos,
+            },
+        ));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Running the dataflow
+// ---------------------------------------------------------------------------------------
+
+/// Everything one run of the dataflow produced, gathered from all workers.
+#[derive(Default)]
+struct Raw {
+    hourly: Vec<((DeviceHour, HourStats), isize)>,
+    quality: Vec<(((u32, i64, Outcome), isize), isize)>,
+    batches: Vec<HourBatch>,
+}
+
+/// The final state of a run: the collections accumulated, and every sealed batch.
+#[derive(Debug, PartialEq)]
+struct Final {
+    hourly: BTreeMap<DeviceHour, HourStats>,
+    quality: BTreeMap<(u32, i64, Outcome), i64>,
+    batches: Vec<HourBatch>,
+}
+
+/// Runs the dataflow on `workers` threads. Worker `i` feeds the records whose index is `i`
+/// modulo the worker count; every worker advances through the same epochs. With `lockstep`,
+/// each worker waits until all outputs have caught up with an epoch before feeding the next
+/// (the live pattern: hours seal and late data re-emits them); without, everything is fed
+/// at once (the replay pattern).
+fn run(records: &[(Epoch, RawRecord)], cfg: &FlowConfig, workers: usize, lockstep: bool) -> Final {
+    let records = Arc::new(records.to_vec());
+    let cfg = cfg.clone();
+    let sink = Arc::new(Mutex::new(Raw::default()));
+    let out = sink.clone();
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let (index, peers) = (worker.index(), worker.peers());
+        let mut input: InputHandle<Epoch, CapacityContainerBuilder<Vec<RawRecord>>> =
+            InputHandle::new();
+        let probe = ProbeHandle::new();
+        worker.dataflow::<Epoch, _, _>(|scope| {
+            let outputs = build(scope.input_from(&mut input), &cfg);
+            let s = out.clone();
+            outputs
+                .hourly
+                .inner
+                .inspect(move |(d, _, r)| s.lock().unwrap().hourly.push((*d, *r)))
+                .probe_with(&probe);
+            let s = out.clone();
+            outputs
+                .quality
+                .inner
+                .inspect(move |(d, _, r)| s.lock().unwrap().quality.push((*d, *r)))
+                .probe_with(&probe);
+            let s = out.clone();
+            outputs
+                .sealed
+                .inspect(move |b| s.lock().unwrap().batches.push(b.clone()))
+                .probe_with(&probe);
+        });
+        for (i, (epoch, record)) in records.iter().enumerate() {
+            if *epoch > *input.time() {
+                input.advance_to(*epoch);
+                if lockstep {
+                    worker.step_while(|| probe.less_than(input.time()));
+                }
+            }
+            if i % peers == index {
+                input.send(record.clone());
+            }
+        }
+        input.close();
+        worker.step_while(|| !probe.done());
+    })
+    .expect("timely starts")
+    .join()
+    .into_iter()
+    .for_each(|r| r.expect("a worker panicked"));
+    let raw = std::mem::take(&mut *sink.lock().unwrap());
+    finish(raw)
+}
+
+/// Accumulates the collections' updates; every key must end with exactly one value.
+fn finish(raw: Raw) -> Final {
+    fn accumulate<K: Ord + std::fmt::Debug, V: Ord + Clone + std::fmt::Debug>(
+        updates: Vec<((K, V), isize)>,
+    ) -> BTreeMap<K, V> {
+        let mut acc: BTreeMap<(K, V), isize> = BTreeMap::new();
+        for (d, r) in updates {
+            *acc.entry(d).or_default() += r;
+        }
+        let mut out = BTreeMap::new();
+        for ((k, v), r) in acc {
+            match r {
+                0 => {}
+                1 => assert!(
+                    out.insert(k, v).is_none(),
+                    "a key holds two values at the end"
+                ),
+                _ => panic!("{k:?} = {v:?} accumulates to multiplicity {r}"),
+            }
+        }
+        out
+    }
+    let mut batches = raw.batches;
+    batches.sort_by_key(|b| (b.hour, b.seq));
+    Final {
+        hourly: accumulate(raw.hourly),
+        quality: accumulate(raw.quality)
+            .into_iter()
+            .map(|(k, n)| (k, n as i64))
+            .collect(),
+        batches,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------
+
+/// The source position of the accepted reading of each (device, time): the first by
+/// (epoch, source position) that passes the stateless rules.
+fn winners(records: &[(Epoch, RawRecord)], cfg: &RuleConfig) -> BTreeMap<(u32, i64), SourcePos> {
+    let mut sorted: Vec<&(Epoch, RawRecord)> = records.iter().collect();
+    sorted.sort_by_key(|(e, r)| (*e, r.pos));
+    let mut out = BTreeMap::new();
+    for (_, raw) in sorted {
+        if let Ok(r) = validate(raw.clone(), cfg) {
+            out.entry((r.device, r.time_ms)).or_insert(r.pos);
+        }
+    }
+    out
+}
+
+fn check_collections(fin: &Final, exp: &Expected) -> Result<(), String> {
+    let got: BTreeSet<&DeviceHour> = fin.hourly.keys().collect();
+    let want: BTreeSet<&DeviceHour> = exp.hourly.keys().collect();
+    if got != want {
+        return Err(format!(
+            "hourly keys differ: only in dataflow {:?}, only in oracle {:?}",
+            got.difference(&want).collect::<Vec<_>>(),
+            want.difference(&got).collect::<Vec<_>>()
+        ));
+    }
+    for (key, naive) in &exp.hourly {
+        naive
+            .check(&fin.hourly[key], 1e-9)
+            .map_err(|e| format!("hourly {key:?}: {e}"))?;
+    }
+    if fin.quality != exp.quality {
+        let keys: BTreeSet<_> = fin.quality.keys().chain(exp.quality.keys()).collect();
+        let diff: Vec<String> = keys
+            .into_iter()
+            .filter(|k| fin.quality.get(k) != exp.quality.get(k))
+            .map(|k| {
+                format!(
+                    "{k:?}: dataflow {:?}, oracle {:?}",
+                    fin.quality.get(k),
+                    exp.quality.get(k)
+                )
+            })
+            .collect();
+        return Err(format!("quality counts differ: {diff:#?}"));
+    }
+    Ok(())
+}
+
+fn check_sealed(
+    fin: &Final,
+    exp: &Expected,
+    winners: &BTreeMap<(u32, i64), SourcePos>,
+) -> Result<(), String> {
+    // Per hour: batches numbered 0, 1, 2, … and no hour sealed twice as new.
+    let mut by_hour: BTreeMap<i64, Vec<&HourBatch>> = BTreeMap::new();
+    for b in &fin.batches {
+        by_hour.entry(b.hour).or_default().push(b);
+    }
+    for (hour, batches) in &by_hour {
+        let seqs: Vec<u32> = batches.iter().map(|b| b.seq).collect();
+        if seqs != (0..batches.len() as u32).collect::<Vec<_>>() {
+            return Err(format!("hour {hour}: batch sequence numbers {seqs:?}"));
+        }
+    }
+
+    // Every accepted reading in exactly one batch, of its own hour; no other reading.
+    let mut seen: BTreeMap<(u32, i64), Vec<SourcePos>> = BTreeMap::new();
+    for b in &fin.batches {
+        for r in &b.readings {
+            if r.hour() != b.hour {
+                return Err(format!("reading of hour {} in batch of hour {}", r.hour(), b.hour));
+            }
+            seen.entry((r.device, r.time_ms)).or_default().push(r.pos);
+        }
+    }
+    for (key, pos) in &seen {
+        if pos.len() != 1 {
+            return Err(format!("reading {key:?} sealed {} times", pos.len()));
+        }
+        if winners.get(key) != Some(&pos[0]) {
+            return Err(format!(
+                "reading {key:?} sealed from {:?}, the first accepted is {:?}",
+                pos[0],
+                winners.get(key)
+            ));
+        }
+    }
+    if seen.len() != winners.len() {
+        let missing: Vec<_> = winners.keys().filter(|k| !seen.contains_key(k)).collect();
+        return Err(format!("accepted readings never sealed: {missing:?}"));
+    }
+    let reading_hours: BTreeSet<i64> = winners.keys().map(|(_, t)| hour_of(*t)).collect();
+    if let Some(h) = reading_hours.iter().find(|h| !by_hour.contains_key(h)) {
+        return Err(format!("hour {h} has readings but no batch"));
+    }
+
+    // Every rejection in exactly one batch, of its own hour.
+    let mut rejected: BTreeMap<(u32, i64, Outcome), i64> = BTreeMap::new();
+    for b in &fin.batches {
+        for r in &b.rejections {
+            if r.hour() != b.hour {
+                return Err(format!("rejection of hour {} in batch of hour {}", r.hour(), b.hour));
+            }
+            if r.reason.is_empty() {
+                return Err(format!("rejection without a reason: {r:?}"));
+            }
+            *rejected
+                .entry((r.device, b.hour, Outcome::Rejected(r.rule)))
+                .or_default() += 1;
+        }
+    }
+    let want: BTreeMap<(u32, i64, Outcome), i64> = exp
+        .quality
+        .iter()
+        .filter(|(k, _)| k.2 != Outcome::Valid)
+        .map(|(k, n)| (*k, *n))
+        .collect();
+    if rejected != want {
+        return Err(format!(
+            "sealed rejections {rejected:?} differ from the oracle's {want:?}"
+        ));
+    }
+
+    // The last hourly table and quality table of each hour equal the collections.
+    let mut hourly_tables: BTreeMap<i64, BTreeMap<u32, HourStats>> = BTreeMap::new();
+    let mut quality_tables: BTreeMap<i64, BTreeMap<(u32, Outcome), i64>> = BTreeMap::new();
+    for b in &fin.batches {
+        if let Some(t) = &b.hourly {
+            hourly_tables.insert(b.hour, t.iter().copied().collect());
+        }
+        if let Some(t) = &b.quality {
+            quality_tables.insert(b.hour, t.iter().copied().collect());
+        }
+    }
+    let mut want_hourly: BTreeMap<i64, BTreeMap<u32, HourStats>> = BTreeMap::new();
+    for ((device, hour), s) in &fin.hourly {
+        want_hourly.entry(*hour).or_default().insert(*device, *s);
+    }
+    if hourly_tables != want_hourly {
+        let hours: BTreeSet<&i64> = hourly_tables.keys().chain(want_hourly.keys()).collect();
+        let bad: Vec<&i64> = hours
+            .into_iter()
+            .filter(|h| hourly_tables.get(h) != want_hourly.get(h))
+            .collect();
+        return Err(format!(
+            "last sealed hourly tables differ from the collection in hours {bad:?}"
+        ));
+    }
+    let mut want_quality: BTreeMap<i64, BTreeMap<(u32, Outcome), i64>> = BTreeMap::new();
+    for ((device, hour, outcome), n) in &fin.quality {
+        want_quality
+            .entry(*hour)
+            .or_default()
+            .insert((*device, *outcome), *n);
+    }
+    if quality_tables != want_quality {
+        let hours: BTreeSet<&i64> = quality_tables.keys().chain(want_quality.keys()).collect();
+        let bad: Vec<String> = hours
+            .into_iter()
+            .filter(|h| quality_tables.get(h) != want_quality.get(h))
+            .map(|h| {
+                format!(
+                    "hour {h}: sealed {:?}, collection {:?}",
+                    quality_tables.get(h),
+                    want_quality.get(h)
+                )
+            })
+            .collect();
+        return Err(format!(
+            "last sealed quality tables differ from the collection: {bad:#?}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_run(records: &[(Epoch, RawRecord)], workers: usize, lockstep: bool) -> Result<(), String> {
+    let cfg = flow_config();
+    let fin = run(records, &cfg, workers, lockstep);
+    let exp = expected(records, &cfg.rules);
+    let context = |e: String| format!("{workers} worker(s), lockstep {lockstep}: {e}");
+    check_collections(&fin, &exp).map_err(context)?;
+    check_sealed(&fin, &exp, &winners(records, &cfg.rules)).map_err(context)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dataflow_matches_oracle(ops in proptest::collection::vec(op(), 0..200), lockstep in any::<bool>()) {
+        let records = build_input(&ops);
+        for workers in [1, 2, 4] {
+            if let Err(e) = check_run(&records, workers, lockstep) {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+    }
+}
+
+/// A fixed input, larger than the proptest cases, from proptest's deterministic RNG.
+fn fixed_input(len: usize) -> Vec<(Epoch, RawRecord)> {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let ops = proptest::collection::vec(op(), len)
+        .new_tree(&mut runner)
+        .expect("a value")
+        .current();
+    build_input(&ops)
+}
+
+/// Integral statistics exactly, floating ones to a relative 1e-12: a mean merged in another
+/// order may differ in its last bits.
+fn same_stats(a: &HourStats, b: &HourStats) -> bool {
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(y.abs()).max(1.0);
+    (a.count, a.fails, a.first_ms, a.last_ms) == (b.count, b.fails, b.first_ms, b.last_ms)
+        && a.metrics.iter().zip(b.metrics.iter()).all(|(x, y)| {
+            x.min == y.min && x.max == y.max && close(x.mean, y.mean) && close(x.m2, y.m2)
+        })
+}
+
+#[test]
+fn same_results_at_1_2_and_4_workers() {
+    let records = fixed_input(1500);
+    let cfg = flow_config();
+    let exp = expected(&records, &cfg.rules);
+    assert!(exp.hourly.len() > 20, "the fixed input covers many device-hours");
+    let rejected = exp
+        .quality
+        .iter()
+        .filter(|(k, _)| k.2 != Outcome::Valid)
+        .count();
+    assert!(rejected > 30, "and many rejection kinds and hours");
+    for lockstep in [true, false] {
+        let base = run(&records, &cfg, 1, lockstep);
+        check_collections(&base, &exp).unwrap();
+        check_sealed(&base, &exp, &winners(&records, &cfg.rules)).unwrap();
+        for workers in [2, 4] {
+            let other = run(&records, &cfg, workers, lockstep);
+            assert_eq!(other.quality, base.quality, "{workers} workers");
+            assert_eq!(
+                other.hourly.keys().collect::<Vec<_>>(),
+                base.hourly.keys().collect::<Vec<_>>()
+            );
+            for (k, s) in &base.hourly {
+                assert!(
+                    same_stats(s, &other.hourly[k]),
+                    "{k:?} at {workers} workers: {:?} vs {s:?}",
+                    other.hourly[k]
+                );
+            }
+            // The lake sees the same readings, rejections and batch structure.
+            let shape = |f: &Final| -> Vec<(i64, u32, Vec<(u32, i64, SourcePos)>, usize)> {
+                f.batches
+                    .iter()
+                    .map(|b| {
+                        let r = b.readings.iter().map(|r| (r.device, r.time_ms, r.pos));
+                        (b.hour, b.seq, r.collect(), b.rejections.len())
+                    })
+                    .collect()
+            };
+            if !lockstep {
+                // Without lockstep every hour is sealed once, when the input ends.
+                assert_eq!(shape(&other), shape(&base), "{workers} workers");
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The one typed configuration: embedded defaults, then a TOML file, then `FMSFLOW_*`
+//! environment overrides (`FMSFLOW_ENGINE__WORKERS=4` sets `engine.workers`). Unknown keys
+//! are rejected with the key named, whether they come from the file or the environment.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fmsflow_dataflows::dataflow::FlowConfig;
+use fmsflow_dataflows::RuleConfig;
+use serde::{Deserialize, Deserializer};
+
+/// Errors loading the configuration. Not retryable: fix the file or the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// TOML syntax, unknown key or wrong type.
+    #[error("invalid configuration ({origin}): {message}")]
+    Invalid { origin: String, message: String },
+    /// A value that parses but makes no sense.
+    #[error("invalid configuration: `{field}` {problem}")]
+    Value { field: &'static str, problem: String },
+}
+
+/// A duration written as `250ms`, `10s`, `5m`, `6h` or `1d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// Milliseconds, as the dataflow wants them.
+    pub fn ms(self) -> i64 {
+        self.0.as_millis() as i64
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `6h`, `1d` (also `1.5s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 250ms, 10s, 5m, 6h or 1d"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        u => return Err(format!("unknown duration unit `{u}` in `{s}` (use ms, s, m, h or d)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The device fleet.
+    pub fleet: Fleet,
+    /// Quality rules.
+    pub rules: Rules,
+    /// The dataflow engine.
+    pub engine: Engine,
+    /// The Parquet lake.
+    pub lake: Lake,
+    /// The HTTP poller (the demo's, and later `fmsflow collect`).
+    pub collector: Collector,
+    /// The FMS API simulator.
+    pub sim: Sim,
+}
+
+/// `[fleet]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// Devices are numbered 1..=devices; other ids are `unknown_device`.
+    pub devices: u32,
+}
+
+/// `[rules]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Largest allowed lead of the event time over the ingest time (`future_time`).
+    pub max_future: Dur,
+    /// Largest allowed lag of the event time behind the ingest time (`stale_time`).
+    pub max_age: Dur,
+    /// Inclusive `[min, max]` per metric (`out_of_range`).
+    pub ranges: Ranges,
+}
+
+/// `[rules.ranges]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ranges {
+    /// sensor1 range.
+    pub sensor1: [f64; 2],
+    /// sensor2 range.
+    pub sensor2: [f64; 2],
+    /// sensor3 range.
+    pub sensor3: [f64; 2],
+    /// motor1 range.
+    pub motor1: [f64; 2],
+    /// motor2 range.
+    pub motor2: [f64; 2],
+    /// motor3 range.
+    pub motor3: [f64; 2],
+}
+
+/// `[engine]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Engine {
+    /// Timely worker threads in this process.
+    pub workers: usize,
+    /// Live mode: length of one timely epoch.
+    pub epoch: Dur,
+    /// Replay: records per worker per epoch.
+    pub batch: usize,
+    /// An hour is sealed once the event-time watermark passes its end plus this grace.
+    pub grace: Dur,
+}
+
+/// `[lake]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lake {
+    /// Where the lake lives: `file://path` (relative paths from the working directory).
+    pub url: String,
+    /// Rows per Parquet row group (smaller groups let readers prune by device).
+    pub row_group_rows: usize,
+}
+
+/// `[collector]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Collector {
+    /// Base URL of the FMS API; devices are at `{url}/{id}/`.
+    pub url: String,
+    /// Every device is polled once per interval.
+    pub interval: Dur,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    /// Per-request timeout.
+    pub timeout: Dur,
+    /// Retries after a failed request (with backoff).
+    pub retries: u32,
+}
+
+/// `[sim]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sim {
+    /// Seed of every simulated value.
+    pub seed: u64,
+    /// Fraction of responses that are dirty, spread evenly over every kind of bad record.
+    pub dirty_rate: f64,
+    /// Port the simulator listens on (127.0.0.1).
+    pub port: u16,
+}
+
+/// The embedded defaults, documented in the README.
+pub const DEFAULTS: &str = include_str!("../fmsflow.toml");
+
+impl Config {
+    /// Defaults, then `path` (if any), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let file = match path {
+            Some(p) => Some((
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?,
+            )),
+            None => None,
+        };
+        Config::from_sources(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), &env)
+    }
+
+    /// The layering itself, with explicit inputs (tests use this).
+    pub fn from_sources(file: Option<(&str, &str)>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let invalid = |origin: &str, e: &dyn std::fmt::Display| ConfigError::Invalid { origin: origin.to_string(), message: e.to_string() };
+        let mut value: toml::Table = DEFAULTS.parse().map_err(|e| invalid("embedded defaults", &e))?;
+        if let Some((name, text)) = file {
+            let overlay: toml::Table = text.parse().map_err(|e| invalid(name, &e))?;
+            // Check the file alone first, so an unknown key is reported against the file.
+            merge(&mut value, overlay);
+            Config::deserialize(toml::Value::Table(value.clone())).map_err(|e| invalid(name, &e))?;
+        }
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("FMSFLOW_") else { continue };
+            if rest == "CONFIG" || rest == "LOG" {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let parsed = parse_env_value(v);
+            set_path(&mut value, &path, parsed).map_err(|e| invalid(&format!("environment variable {k}"), &e))?;
+            Config::deserialize(toml::Value::Table(value.clone())).map_err(|e| invalid(&format!("environment variable {k}"), &e))?;
+        }
+        let cfg = Config::deserialize(toml::Value::Table(value)).map_err(|e| invalid("configuration", &e))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |field, problem: &str| Err(ConfigError::Value { field, problem: problem.to_string() });
+        if self.fleet.devices == 0 {
+            return bad("fleet.devices", "must be at least 1");
+        }
+        if self.engine.workers == 0 {
+            return bad("engine.workers", "must be at least 1");
+        }
+        if self.engine.batch == 0 {
+            return bad("engine.batch", "must be at least 1");
+        }
+        if self.engine.epoch.0.is_zero() {
+            return bad("engine.epoch", "must be longer than 0");
+        }
+        if self.collector.concurrency == 0 {
+            return bad("collector.concurrency", "must be at least 1");
+        }
+        if self.collector.interval.0.is_zero() {
+            return bad("collector.interval", "must be longer than 0");
+        }
+        if !(0.0..=1.0).contains(&self.sim.dirty_rate) {
+            return bad("sim.dirty_rate", "must be between 0 and 1");
+        }
+        if self.lake.row_group_rows == 0 {
+            return bad("lake.row_group_rows", "must be at least 1");
+        }
+        for (name, [lo, hi]) in self.rules.ranges.named() {
+            if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                return Err(ConfigError::Value { field: "rules.ranges", problem: format!("{name} must be [min, max] with finite min <= max") });
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule parameters for the dataflow.
+    pub fn rule_config(&self) -> RuleConfig {
+        let r = &self.rules.ranges;
+        RuleConfig {
+            fleet_size: self.fleet.devices,
+            max_future_ms: self.rules.max_future.ms(),
+            max_age_ms: self.rules.max_age.ms(),
+            ranges: [r.sensor1, r.sensor2, r.sensor3, r.motor1, r.motor2, r.motor3].map(|[a, b]| (a, b)),
+        }
+    }
+
+    /// The dataflow parameters.
+    pub fn flow_config(&self) -> FlowConfig {
+        FlowConfig { rules: self.rule_config(), grace_ms: self.engine.grace.ms() }
+    }
+}
+
+impl Ranges {
+    fn named(&self) -> [(&'static str, [f64; 2]); 6] {
+        [
+            ("sensor1", self.sensor1),
+            ("sensor2", self.sensor2),
+            ("sensor3", self.sensor3),
+            ("motor1", self.motor1),
+            ("motor2", self.motor2),
+            ("motor3", self.motor3),
+        ]
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// An environment value as TOML (numbers, booleans, arrays), else as a plain string.
+fn parse_env_value(v: &str) -> toml::Value {
+    match format!("x = {v}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("x").unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Err(_) => toml::Value::String(v.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], v: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), v);
+            Ok(())
+        }
+        [first, rest @ ..] => match table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+            toml::Value::Table(t) => set_path(t, rest, v),
+            _ => Err(format!("`{first}` is not a section")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::from_sources(None, &[]).unwrap();
+        assert_eq!(c.fleet.devices, 100);
+        assert_eq!(c.collector.interval.0, Duration::from_secs(10));
+        assert_eq!(c.lake.url, "file://./fmsflow-lake");
+    }
+
+    #[test]
+    fn file_then_env() {
+        let c = Config::from_sources(Some(("t.toml", "[engine]\nworkers = 3\n")), &env(&[("FMSFLOW_ENGINE__WORKERS", "5"), ("FMSFLOW_RULES__MAX_AGE", "2h")])).unwrap();
+        assert_eq!(c.engine.workers, 5);
+        assert_eq!(c.rules.max_age.0, Duration::from_secs(7200));
+        let c = Config::from_sources(Some(("t.toml", "[engine]\nworkers = 3\n")), &[]).unwrap();
+        assert_eq!(c.engine.workers, 3);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_sources(Some(("t.toml", "[engine]\nwrokers = 3\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("wrokers") && e.contains("t.toml"), "{e}");
+        let e = Config::from_sources(None, &env(&[("FMSFLOW_LAKE__URLL", "x")])).unwrap_err().to_string();
+        assert!(e.contains("urll") && e.contains("FMSFLOW_LAKE__URLL"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = Config::from_sources(Some(("t.toml", "[collector]\ninterval = \"ten seconds\"\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("interval"), "{e}");
+        let e = Config::from_sources(None, &env(&[("FMSFLOW_SIM__DIRTY_RATE", "2")])).unwrap_err().to_string();
+        assert!(e.contains("sim.dirty_rate"), "{e}");
+        let e = Config::from_sources(Some(("t.toml", "[rules.ranges]\nsensor1 = [5.0, 1.0]\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("sensor1"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

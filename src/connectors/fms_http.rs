@@ -1,0 +1,109 @@
+//! Polls the FMS API over HTTP: every device once per interval, polls spread evenly over the
+//! interval with jitter, a bound on requests in flight, a per-request timeout, and retries
+//! with backoff. Failures are counted and logged at most once per few seconds; they never
+//! stop the poller.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fmsflow_dataflows::{RawRecord, SourcePos};
+use tokio::sync::Semaphore;
+
+use crate::clock::Clock;
+use crate::fms::{mix, unit};
+use crate::status::Status;
+
+/// Poller settings.
+#[derive(Clone, Debug)]
+pub struct PollSettings {
+    /// Base URL; devices are at `{base}/{id}/`.
+    pub base: String,
+    /// Devices 1..=devices.
+    pub devices: u32,
+    /// Wall-clock time between two polls of one device.
+    pub interval: Duration,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries after a failure.
+    pub retries: u32,
+}
+
+/// Polls until `stop` is set, handing each response body to `deliver` as a raw record
+/// stamped with the poll time from `clock`.
+pub async fn poll(
+    settings: PollSettings,
+    clock: Clock,
+    status: Arc<Status>,
+    deliver: Arc<dyn Fn(u32, RawRecord) + Send + Sync>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let client = match reqwest::Client::builder().timeout(settings.timeout).pool_max_idle_per_host(settings.concurrency).build() {
+        Ok(c) => c,
+        Err(e) => {
+            status.fail(format!("cannot build the HTTP client: {e}"));
+            return;
+        }
+    };
+    let limit = Arc::new(Semaphore::new(settings.concurrency));
+    let seq = Arc::new(AtomicU64::new(0));
+    let last_log = Arc::new(std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)));
+    let n = settings.devices as u64;
+    let start = tokio::time::Instant::now();
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let round_start = start + settings.interval * round as u32;
+        for d in 1..=settings.devices {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            // Spread polls over the interval, with a little jitter so they never align.
+            let slot = settings.interval.mul_f64(((d as u64 - 1) as f64 + 0.5 * unit(mix(round, d as u64, 3))) / n as f64);
+            tokio::time::sleep_until(round_start + slot).await;
+            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let (client, settings, clock, status, deliver, seq, last_log) =
+                (client.clone(), settings.clone(), clock.clone(), status.clone(), deliver.clone(), seq.clone(), last_log.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let url = format!("{}/{d}/", settings.base.trim_end_matches('/'));
+                let mut backoff = Duration::from_millis(50);
+                for attempt in 0..=settings.retries {
+                    match fetch(&client, &url).await {
+                        Ok(body) => {
+                            let offset = seq.fetch_add(1, Ordering::Relaxed);
+                            let raw = RawRecord { payload: body, ingest_ms: Some(clock.now_ms()), pos: SourcePos { source: 0, offset } };
+                            deliver(d, raw);
+                            return;
+                        }
+                        Err(e) => {
+                            status.poll_errors.fetch_add(1, Ordering::Relaxed);
+                            let mut last = last_log.lock().unwrap_or_else(|e| e.into_inner());
+                            if last.elapsed() > Duration::from_secs(5) {
+                                *last = Instant::now();
+                                tracing::warn!(url = %url, attempt, error = %e, "poll failed (further failures are counted, logged every 5 s)");
+                            }
+                        }
+                    }
+                    if attempt < settings.retries {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            });
+        }
+        round += 1;
+    }
+    // Let requests in flight finish so nothing polled is lost.
+    let _ = limit.acquire_many(settings.concurrency as u32).await;
+}
+
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("HTTP {status}"));
+    }
+    resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+}

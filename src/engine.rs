@@ -1,0 +1,200 @@
+//! `fmsflow run`'s runtime: starts W timely workers in this process, builds the dataflow on
+//! each, feeds it from a source, and attaches the lake sink. Only this driver advances
+//! epochs: by batch when replaying, by wall-clock period when live.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fmsflow_dataflows::dataflow::{Epoch, FlowConfig, HourBatch};
+use fmsflow_dataflows::{build, RawRecord};
+use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::ProbeHandle;
+
+use crate::connectors::file::FileReader;
+use crate::lake::LakeWriter;
+use crate::status::Status;
+
+/// Where the engine's raw records come from.
+pub enum Source {
+    /// NDJSON files, replayed as fast as possible. With at least as many files as workers,
+    /// each worker reads whole files; otherwise every worker reads its share of the lines.
+    Files(Vec<PathBuf>),
+    /// Records in memory (benchmarks, tests), shared out by index.
+    Memory(Arc<Vec<RawRecord>>),
+    /// One channel per worker, fed live; the engine stops when every sender is gone.
+    Live(Vec<Receiver<RawRecord>>),
+}
+
+/// Engine parameters.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// The dataflow's parameters.
+    pub flow: FlowConfig,
+    /// Worker threads.
+    pub workers: usize,
+    /// Replay: records per worker per epoch.
+    pub batch: usize,
+    /// Live: epoch length.
+    pub epoch: Duration,
+}
+
+/// Errors of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Timely could not start its workers.
+    #[error("starting {workers} timely workers failed: {message}")]
+    Start { workers: usize, message: String },
+    /// A source or sink failed; the run stopped.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs the dataflow to completion (end of the files, or all live senders dropped).
+pub fn run(settings: EngineSettings, source: Source, lake: Option<Arc<LakeWriter>>, status: Arc<Status>) -> Result<(), EngineError> {
+    let workers = settings.workers;
+    let (files, memory, receivers) = match source {
+        Source::Files(f) => (Some(f), None, None),
+        Source::Memory(m) => (None, Some(m), None),
+        Source::Live(rx) => (None, None, Some(rx)),
+    };
+    let live = Arc::new(Mutex::new(receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>())));
+    let st = status.clone();
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let probe = ProbeHandle::new();
+        let (st_r, st_j, st_w) = (st.clone(), st.clone(), st.clone());
+        let lake = lake.clone();
+        let flow = settings.flow.clone();
+        let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (handle, raw) = scope.new_input::<RawRecord>();
+            let out = build(raw, &flow);
+            out.readings.inspect_core(move |e| if let Ok((_, rs)) = e { st_r.on_readings(rs) });
+            out.rejections.inspect_core(move |e| if let Ok((_, rs)) = e { st_j.on_rejections(rs) });
+            out.sealed
+                .inspect_core(move |e| {
+                    let Ok((_, batches)) = e else { return };
+                    let batches: &Vec<HourBatch> = batches;
+                    for b in batches {
+                        if b.seq == 0 {
+                            st_w.hours_sealed.fetch_add(1, Relaxed);
+                        } else {
+                            st_w.late_rewrites.fetch_add(1, Relaxed);
+                        }
+                        if let Some(lake) = &lake {
+                            if st_w.error().is_some() {
+                                continue;
+                            }
+                            match lake.write(b) {
+                                Ok(w) => {
+                                    st_w.files_written.fetch_add(w.files, Relaxed);
+                                    st_w.rows_written.fetch_add(w.rows, Relaxed);
+                                }
+                                Err(e) => st_w.fail(format!("writing hour {} to the lake: {e}", b.hour)),
+                            }
+                        }
+                    }
+                })
+                .probe_with(&probe);
+            handle
+        });
+
+        // Received before reading ahead: at most this many epochs in flight.
+        const AHEAD: u64 = 2;
+        let mut epoch: Epoch = 0;
+        let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
+        if let Some(files) = &files {
+            let mine: Vec<(usize, &PathBuf)> = if files.len() >= peers {
+                files.iter().enumerate().filter(|(i, _)| i % peers == index).collect()
+            } else {
+                files.iter().enumerate().collect()
+            };
+            let (sub_index, sub_peers) = if files.len() >= peers { (0, 1) } else { (index, peers) };
+            for (i, path) in mine {
+                let mut reader = match FileReader::open(path, i as u32, sub_index, sub_peers) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        st.fail(e.to_string());
+                        break;
+                    }
+                };
+                loop {
+                    let more = match reader.read_chunk(settings.batch - buf.len(), &mut buf) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            st.fail(e.to_string());
+                            false
+                        }
+                    };
+                    if buf.len() >= settings.batch {
+                        st.received.fetch_add(buf.len() as u64, Relaxed);
+                        input.send_batch(&mut buf);
+                        buf.clear();
+                        epoch += 1;
+                        input.advance_to(epoch);
+                        worker.step_while(|| probe.less_than(&epoch.saturating_sub(AHEAD)));
+                    }
+                    if !more || st.error().is_some() {
+                        break;
+                    }
+                }
+            }
+            st.received.fetch_add(buf.len() as u64, Relaxed);
+            input.send_batch(&mut buf);
+        } else if let Some(records) = &memory {
+            let mut it = records.iter().skip(index).step_by(peers).peekable();
+            while it.peek().is_some() {
+                buf.extend(it.by_ref().take(settings.batch).cloned());
+                st.received.fetch_add(buf.len() as u64, Relaxed);
+                input.send_batch(&mut buf);
+                buf.clear();
+                epoch += 1;
+                input.advance_to(epoch);
+                worker.step_while(|| probe.less_than(&epoch.saturating_sub(AHEAD)));
+            }
+        } else {
+            let rx = live.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|v| v.get_mut(index).and_then(Option::take));
+            let started = Instant::now();
+            let period = settings.epoch;
+            if let Some(rx) = rx {
+                loop {
+                    let now = (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
+                    if now > epoch {
+                        epoch = now;
+                        input.advance_to(epoch);
+                    }
+                    match rx.recv_timeout(Duration::from_millis(5)) {
+                        Ok(r) => {
+                            st.received.fetch_add(1, Relaxed);
+                            input.send(r);
+                            while let Ok(r) = rx.try_recv() {
+                                st.received.fetch_add(1, Relaxed);
+                                input.send(r);
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    worker.step();
+                }
+            } else {
+                // No channel for this worker: keep time moving until the others finish.
+                tracing::debug!(worker = index, "no live input for this worker");
+            }
+        }
+        drop(input);
+        worker.step_while(|| !probe.done());
+    })
+    .map_err(|message| EngineError::Start { workers, message })?;
+    for r in guards.join() {
+        r.map_err(|e| EngineError::Failed(format!("a worker stopped: {e}")))?;
+    }
+    match status.error() {
+        Some(e) => Err(EngineError::Failed(e)),
+        None => Ok(()),
+    }
+}

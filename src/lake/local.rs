@@ -1,0 +1,39 @@
+//! The local-directory backend: write to a hidden temporary file beside the target, fsync,
+//! rename over the target.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use super::{LakeError, Storage};
+
+/// A lake in a local directory.
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// A lake rooted at `root` (created on first write).
+    pub fn new(root: PathBuf) -> Self {
+        LocalStorage { root }
+    }
+}
+
+impl Storage for LocalStorage {
+    fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
+        let path = self.root.join(key);
+        let io = |op, source| LakeError::Io { op, path: path.display().to_string(), source };
+        let dir = path.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("part");
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
+        f.write_all(bytes).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e))
+    }
+
+    fn describe(&self) -> String {
+        format!("local directory {}", self.root.display())
+    }
+}

@@ -1,0 +1,192 @@
+//! Parquet encodings of the lake's four tables. Schemas are documented in
+//! `docs/LAKE.md`; the partition columns `dt` and `hour` live in the path, Hive style.
+//! Times are `TIMESTAMP(MILLIS, UTC)`. Rows arrive ordered by device then time, and row
+//! groups are small enough that min/max statistics let readers prune by device.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use fmsflow_dataflows::rules::Outcome;
+use fmsflow_dataflows::time::HOUR_MS;
+use fmsflow_dataflows::{HourStats, Reading, Rejection, METRICS};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+use super::LakeError;
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+fn ts_builder(n: usize) -> TimestampMillisecondBuilder {
+    TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC")
+}
+
+fn encode(table: &'static str, hour: i64, fields: Vec<Field>, columns: Vec<ArrayRef>, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+    let err = |e: &dyn std::fmt::Display| LakeError::Encode { table, hour, message: e.to_string() };
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_max_row_group_row_count(Some(row_group_rows))
+        .set_created_by("fmsflow".to_string())
+        .build();
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
+    let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props)).map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.close().map_err(|e| err(&e))?;
+    Ok(buf)
+}
+
+/// `readings/`: one row per accepted reading.
+pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+    let n = rows.len();
+    let mut device = Int32Builder::with_capacity(n);
+    let mut time = ts_builder(n);
+    let mut metrics: Vec<Float64Builder> = (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
+    let mut fail = BooleanBuilder::with_capacity(n);
+    let mut ingest = ts_builder(n);
+    let mut source = Int32Builder::with_capacity(n);
+    let mut offset = Int64Builder::with_capacity(n);
+    for r in rows {
+        device.append_value(r.device as i32);
+        time.append_value(r.time_ms);
+        for (b, v) in metrics.iter_mut().zip(r.metrics) {
+            b.append_value(v);
+        }
+        fail.append_value(r.is_fail);
+        ingest.append_option(r.ingest_ms);
+        source.append_value(r.pos.source as i32);
+        offset.append_value(r.pos.offset as i64);
+    }
+    let mut fields = vec![Field::new("device", DataType::Int32, false), Field::new("time", ts(), false)];
+    fields.extend(METRICS.iter().map(|m| Field::new(*m, DataType::Float64, false)));
+    fields.extend([
+        Field::new("is_fail", DataType::Boolean, false),
+        Field::new("ingest_time", ts(), true),
+        Field::new("source", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+    ]);
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(device.finish()), Arc::new(time.finish())];
+    cols.extend(metrics.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    cols.extend([Arc::new(fail.finish()) as ArrayRef, Arc::new(ingest.finish()), Arc::new(source.finish()), Arc::new(offset.finish())]);
+    encode("readings", hour, fields, cols, row_group_rows)
+}
+
+/// `hourly/`: one row per device with readings in the hour.
+pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+    let n = rows.len();
+    let mut device = Int32Builder::with_capacity(n);
+    let mut start = ts_builder(n);
+    let mut count = Int64Builder::with_capacity(n);
+    let mut fails = Int64Builder::with_capacity(n);
+    let mut first = ts_builder(n);
+    let mut last = ts_builder(n);
+    let mut stats: Vec<Float64Builder> = (0..24).map(|_| Float64Builder::with_capacity(n)).collect();
+    for (d, s) in rows {
+        device.append_value(*d as i32);
+        start.append_value(hour * HOUR_MS);
+        count.append_value(s.count as i64);
+        fails.append_value(s.fails as i64);
+        first.append_value(s.first_ms);
+        last.append_value(s.last_ms);
+        for i in 0..6 {
+            let m = &s.metrics[i];
+            stats[i * 4].append_value(m.min);
+            stats[i * 4 + 1].append_value(m.max);
+            stats[i * 4 + 2].append_value(m.mean);
+            stats[i * 4 + 3].append_value(s.stddev(i));
+        }
+    }
+    let mut fields = vec![
+        Field::new("device", DataType::Int32, false),
+        Field::new("hour_start", ts(), false),
+        Field::new("count", DataType::Int64, false),
+        Field::new("fail_count", DataType::Int64, false),
+        Field::new("first_time", ts(), false),
+        Field::new("last_time", ts(), false),
+    ];
+    for m in METRICS {
+        for s in ["min", "max", "mean", "stddev"] {
+            fields.push(Field::new(format!("{m}_{s}"), DataType::Float64, false));
+        }
+    }
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(device.finish()),
+        Arc::new(start.finish()),
+        Arc::new(count.finish()),
+        Arc::new(fails.finish()),
+        Arc::new(first.finish()),
+        Arc::new(last.finish()),
+    ];
+    cols.extend(stats.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    encode("hourly", hour, fields, cols, row_group_rows)
+}
+
+/// `quality/`: one row per (device, outcome) in the hour; outcome `valid` or a rule name.
+pub fn quality(rows: &[((u32, Outcome), i64)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+    let n = rows.len();
+    let mut device = Int32Builder::with_capacity(n);
+    let mut outcome = StringBuilder::with_capacity(n, n * 12);
+    let mut count = Int64Builder::with_capacity(n);
+    for ((d, o), c) in rows {
+        device.append_value(*d as i32);
+        outcome.append_value(o.name());
+        count.append_value(*c);
+    }
+    let fields = vec![
+        Field::new("device", DataType::Int32, false),
+        Field::new("outcome", DataType::Utf8, false),
+        Field::new("count", DataType::Int64, false),
+    ];
+    let cols: Vec<ArrayRef> = vec![Arc::new(device.finish()), Arc::new(outcome.finish()), Arc::new(count.finish())];
+    encode("quality", hour, fields, cols, row_group_rows)
+}
+
+/// `rejects/`: the dead letters: original bytes, rule, reason, source position.
+pub fn rejects(rows: &[Rejection], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+    let n = rows.len();
+    let mut device = Int32Builder::with_capacity(n);
+    let mut rule = StringBuilder::with_capacity(n, n * 12);
+    let mut reason = StringBuilder::with_capacity(n, n * 64);
+    let mut payload = BinaryBuilder::with_capacity(n, n * 200);
+    let mut time = ts_builder(n);
+    let mut ingest = ts_builder(n);
+    let mut source = Int32Builder::with_capacity(n);
+    let mut offset = Int64Builder::with_capacity(n);
+    for r in rows {
+        device.append_value(r.device as i32);
+        rule.append_value(r.rule.name());
+        reason.append_value(&r.reason);
+        payload.append_value(&r.payload);
+        time.append_option(r.time_ms);
+        ingest.append_option(r.ingest_ms);
+        source.append_value(r.pos.source as i32);
+        offset.append_value(r.pos.offset as i64);
+    }
+    let fields = vec![
+        Field::new("device", DataType::Int32, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("payload", DataType::Binary, false),
+        Field::new("event_time", ts(), true),
+        Field::new("ingest_time", ts(), true),
+        Field::new("source", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+    ];
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(device.finish()),
+        Arc::new(rule.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(payload.finish()),
+        Arc::new(time.finish()),
+        Arc::new(ingest.finish()),
+        Arc::new(source.finish()),
+        Arc::new(offset.finish()),
+    ];
+    encode("rejects", hour, fields, cols, row_group_rows)
+}

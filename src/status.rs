@@ -1,0 +1,82 @@
+//! Live counters the engine, the poller and the lake writer update and the demo displays.
+//! Plain atomics: cheap on the hot path, readable from any thread.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use fmsflow_dataflows::{Rejection, Reading, Rule};
+
+/// Pipeline counters.
+#[derive(Default)]
+pub struct Status {
+    /// Raw records handed to the engine.
+    pub received: AtomicU64,
+    /// Readings accepted.
+    pub valid: AtomicU64,
+    /// Records rejected, any rule.
+    pub rejected: AtomicU64,
+    /// Rejections per rule, in `Rule::ALL` order.
+    pub by_rule: [AtomicU64; Rule::ALL.len()],
+    /// Hours sealed and written.
+    pub hours_sealed: AtomicU64,
+    /// Rewrites of already sealed hours caused by late data.
+    pub late_rewrites: AtomicU64,
+    /// Parquet files written.
+    pub files_written: AtomicU64,
+    /// Rows written to Parquet.
+    pub rows_written: AtomicU64,
+    /// Polls that failed (HTTP error, timeout, connection).
+    pub poll_errors: AtomicU64,
+    /// Latest (event time, isFail) per device.
+    latest: Mutex<BTreeMap<u32, (i64, bool)>>,
+    /// The first fatal error of a sink, if any.
+    pub error: Mutex<Option<String>>,
+}
+
+impl Status {
+    /// Counts accepted readings and tracks each device's latest failure state.
+    pub fn on_readings(&self, readings: &[Reading]) {
+        self.valid.fetch_add(readings.len() as u64, Relaxed);
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        for r in readings {
+            let e = latest.entry(r.device).or_insert((i64::MIN, false));
+            if r.time_ms >= e.0 {
+                *e = (r.time_ms, r.is_fail);
+            }
+        }
+    }
+
+    /// Counts rejections by rule.
+    pub fn on_rejections(&self, rejections: &[Rejection]) {
+        self.rejected.fetch_add(rejections.len() as u64, Relaxed);
+        for r in rejections {
+            let i = Rule::ALL.iter().position(|x| *x == r.rule).unwrap_or(0);
+            self.by_rule[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Devices whose latest reading reports a failure.
+    pub fn failing_devices(&self) -> Vec<u32> {
+        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        latest.iter().filter(|(_, (_, f))| *f).map(|(d, _)| *d).collect()
+    }
+
+    /// Rejections per rule name.
+    pub fn rejections_by_rule(&self) -> BTreeMap<&'static str, u64> {
+        Rule::ALL.iter().zip(self.by_rule.iter()).map(|(r, c)| (r.name(), c.load(Relaxed))).collect()
+    }
+
+    /// Records the first fatal error.
+    pub fn fail(&self, message: String) {
+        let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_none() {
+            *e = Some(message);
+        }
+    }
+
+    /// The recorded fatal error, if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
