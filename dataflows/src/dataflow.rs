@@ -238,7 +238,6 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                 }
                 slot.clear();
                 // Against earlier epochs.
-                let mut dup_counts: FastMap<(u32, i64, Outcome), isize> = FastMap::default();
                 let mut max_time = i64::MIN;
                 winners.retain_mut(|r| match deduper.admit(r) {
                     Ok(()) => true,
@@ -257,9 +256,7 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                     let c = cap_t(1);
                     let mut s = h_dup.session(&c);
                     for (r, first) in losers.drain(..) {
-                        let rej = Rejection::duplicate(r, first);
-                        *dup_counts.entry((rej.device, rej.hour(), Outcome::Rejected(rej.rule))).or_default() += 1;
-                        s.give(rej);
+                        s.give(Rejection::duplicate(r, first));
                     }
                 }
                 if !winners.is_empty() {
@@ -272,10 +269,7 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                     for (k, st) in agg.iter() {
                         s.give(((k.0, k.1, Outcome::Valid), t, st.count as isize));
                     }
-                    s.give_iterator(dup_counts.drain().map(|(k, n)| (k, t, n)));
                     h_stats.session(&cap_t(2)).give_iterator(agg.drain().map(|(k, st)| (k, t, st)));
-                } else if !dup_counts.is_empty() {
-                    h_valid.session(&cap_t(3)).give_iterator(dup_counts.drain().map(|(k, n)| (k, t, n)));
                 }
                 deduper.prune();
             }
