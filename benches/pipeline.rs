@@ -1,1 +1,108 @@
-fn main() {}
+//! Replays generated readings through parse → validate → hourly aggregates (→ Parquet) at 1
+//! and 2 workers and prints msgs/s, total and per worker. Run: `cargo bench --bench pipeline`
+//! (or `scripts/bench`). Size with `FMSFLOW_BENCH_HOURS` (default 28 hours × 100 devices ×
+//! 360 readings = 1,008,000 readings).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fmsflow::engine::{self, EngineSettings, Source};
+use fmsflow::gen::{generate, GenSettings};
+use fmsflow::lake::{self, LakeWriter};
+use fmsflow::status::Status;
+use fmsflow_dataflows::dataflow::FlowConfig;
+use fmsflow_dataflows::{validate, RawRecord, RuleConfig, SourcePos};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn records(hours: u32) -> Vec<RawRecord> {
+    let s = GenSettings {
+        devices: 100,
+        hours,
+        interval_s: 10,
+        start_ms: 1_751_846_400_000,
+        seed: 42,
+        dirty_rate: 0.0,
+        late_rate: 0.0,
+        max_late_ms: 0,
+    };
+    let (recs, _) = generate(&s);
+    recs.into_iter()
+        .enumerate()
+        .map(|(i, (ingest, p))| RawRecord {
+            payload: p.into_bytes(),
+            ingest_ms: Some(ingest),
+            pos: SourcePos {
+                source: 0,
+                offset: i as u64,
+            },
+        })
+        .collect()
+}
+
+fn report(what: &str, workers: usize, n: usize, t: Duration) {
+    let rate = n as f64 / t.as_secs_f64();
+    println!("{what:<44} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker", t.as_secs_f64(), rate, rate / workers as f64);
+}
+
+fn main() {
+    let hours: u32 = std::env::var("FMSFLOW_BENCH_HOURS")
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(28);
+    let data = Arc::new(records(hours));
+    let n = data.len();
+    println!("fmsflow pipeline benchmark: {n} generated readings ({hours} hours x 100 devices), {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
+
+    // Parse + validate alone, one thread, no dataflow.
+    let cfg = RuleConfig::default();
+    let start = Instant::now();
+    let mut ok = 0usize;
+    for r in data.iter() {
+        ok += validate(r.clone(), &cfg).is_ok() as usize;
+    }
+    assert_eq!(ok, n);
+    report(
+        "parse+validate (one thread, no dataflow)",
+        1,
+        n,
+        start.elapsed(),
+    );
+
+    for with_lake in [false, true] {
+        for workers in [1usize, 2] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let writer = with_lake.then(|| {
+                Arc::new(LakeWriter::new(
+                    lake::open(&format!("file://{}", dir.path().display())).expect("lake"),
+                    16_384,
+                ))
+            });
+            let status = Arc::new(Status::default());
+            let settings = EngineSettings {
+                flow: FlowConfig::default(),
+                workers,
+                batch: 50_000,
+                epoch: Duration::from_millis(200),
+            };
+            let start = Instant::now();
+            engine::run(
+                settings,
+                Source::Memory(data.clone()),
+                writer,
+                status.clone(),
+            )
+            .expect("engine run");
+            let t = start.elapsed();
+            assert_eq!(status.valid.load(Relaxed) as usize, n);
+            let what = if with_lake {
+                "parse+validate+aggregate+Parquet"
+            } else {
+                "parse+validate+aggregate"
+            };
+            report(what, workers, n, t);
+        }
+    }
+}

@@ -14,17 +14,28 @@ pub struct Clock {
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn wall_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Clock {
     /// The wall clock.
     pub fn real() -> Self {
-        Clock { origin: Instant::now(), start_ms: wall_ms(), speedup: 1.0 }
+        Clock {
+            origin: Instant::now(),
+            start_ms: wall_ms(),
+            speedup: 1.0,
+        }
     }
     /// A compressed clock starting now.
     pub fn fast(speedup: f64) -> Self {
-        Clock { origin: Instant::now(), start_ms: wall_ms(), speedup }
+        Clock {
+            origin: Instant::now(),
+            start_ms: wall_ms(),
+            speedup,
+        }
     }
     /// Current time in ms since the epoch.
     pub fn now_ms(&self) -> i64 {

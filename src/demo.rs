@@ -36,20 +36,39 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         None => Clock::real(),
     };
     let storage = lake::open(&cfg.lake.url)?;
-    eprintln!("fmsflow demo: {} devices, {} workers, lake in {}", cfg.fleet.devices, cfg.engine.workers, storage.describe());
+    eprintln!(
+        "fmsflow demo: {} devices, {} workers, lake in {}",
+        cfg.fleet.devices,
+        cfg.engine.workers,
+        storage.describe()
+    );
     let writer = Arc::new(LakeWriter::new(storage, cfg.lake.row_group_rows));
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
-    let sim = Sim::new(SimSettings { devices: cfg.fleet.devices, seed: cfg.sim.seed, dirty_rate: opts.dirty_rate }, clock.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let sim = Sim::new(
+        SimSettings {
+            devices: cfg.fleet.devices,
+            seed: cfg.sim.seed,
+            dirty_rate: opts.dirty_rate,
+        },
+        clock.clone(),
+    );
     let (sim_stop_tx, sim_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (addr, sim_task) = rt
         .block_on(crate::sim::serve(sim.clone(), 0, async move {
             let _ = sim_stop_rx.await;
         }))
         .context("starting the simulator on 127.0.0.1")?;
-    eprintln!("simulator on http://{addr} (speedup {}x); Ctrl-C stops cleanly", clock.speedup());
+    eprintln!(
+        "simulator on http://{addr} (speedup {}x); Ctrl-C stops cleanly",
+        clock.speedup()
+    );
 
     // One channel per worker; a device always goes to the same worker.
     let workers = cfg.engine.workers;
@@ -60,12 +79,24 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         let _ = txs[device as usize % txs.len()].send(raw);
     });
 
-    let settings = EngineSettings { flow: cfg.flow_config(), workers, batch: cfg.engine.batch, epoch: cfg.engine.epoch.0 };
+    let settings = EngineSettings {
+        flow: cfg.flow_config(),
+        workers,
+        batch: cfg.engine.batch,
+        epoch: cfg.engine.epoch.0,
+    };
     let engine_status = status.clone();
     let engine_writer = writer.clone();
     let engine = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine::run(settings, Source::Live(rxs), Some(engine_writer), engine_status))
+        .spawn(move || {
+            engine::run(
+                settings,
+                Source::Live(rxs),
+                Some(engine_writer),
+                engine_status,
+            )
+        })
         .context("starting the engine thread")?;
 
     let interval = cfg.collector.interval.0.div_f64(clock.speedup());
@@ -77,7 +108,13 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         timeout: cfg.collector.timeout.0,
         retries: cfg.collector.retries,
     };
-    let poller = rt.spawn(poll(poll_settings, clock.clone(), status.clone(), deliver, stop.clone()));
+    let poller = rt.spawn(poll(
+        poll_settings,
+        clock.clone(),
+        status.clone(),
+        deliver,
+        stop.clone(),
+    ));
 
     {
         let stop = stop.clone();
@@ -95,11 +132,18 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     let mut last_print = Instant::now() - Duration::from_secs(60);
     while !stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
-        if opts.duration.is_some_and(|d| started.elapsed() >= d) || status.error().is_some() || engine.is_finished() {
+        if opts.duration.is_some_and(|d| started.elapsed() >= d)
+            || status.error().is_some()
+            || engine.is_finished()
+        {
             stop.store(true, Relaxed);
             break;
         }
-        let every = if tty { Duration::from_secs(1) } else { Duration::from_secs(5) };
+        let every = if tty {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
         if last_print.elapsed() >= every {
             let total = status.valid.load(Relaxed) + status.rejected.load(Relaxed);
             let rate = (total - last.1) as f64 / last.0.elapsed().as_secs_f64();
@@ -117,7 +161,9 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         eprintln!();
     }
     rt.block_on(poller).context("the poller task")?;
-    let result = engine.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    let result = engine
+        .join()
+        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     let _ = sim_stop_tx.send(());
     let _ = rt.block_on(sim_task);
     result?;
@@ -134,17 +180,28 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         status.rows_written.load(Relaxed),
         status.poll_errors.load(Relaxed),
     );
-    eprintln!("simulator served dirty: {:?}", s.dirty.iter().filter(|(_, n)| **n > 0).collect::<Vec<_>>());
+    eprintln!(
+        "simulator served dirty: {:?}",
+        s.dirty.iter().filter(|(_, n)| **n > 0).collect::<Vec<_>>()
+    );
     Ok(())
 }
 
 fn status_line(status: &Status, clock: &Clock, rate: f64) -> String {
     let valid = status.valid.load(Relaxed);
     let total = valid + status.rejected.load(Relaxed);
-    let quality = if total == 0 { 100.0 } else { 100.0 * valid as f64 / total as f64 };
+    let quality = if total == 0 {
+        100.0
+    } else {
+        100.0 * valid as f64 / total as f64
+    };
     let failing = status.failing_devices();
     let shown: Vec<String> = failing.iter().take(8).map(|d| d.to_string()).collect();
-    let more = if failing.len() > 8 { format!(" +{}", failing.len() - 8) } else { String::new() };
+    let more = if failing.len() > 8 {
+        format!(" +{}", failing.len() - 8)
+    } else {
+        String::new()
+    };
     format!(
         "[{}] {rate:>7.0} readings/s | {total} in, quality {quality:.1}% | hours sealed {} | failing devices ({}): {}{more}",
         fmsflow_dataflows::time::format_rfc3339(clock.now_ms() / 1000 * 1000),

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use fmsflow_dataflows::dataflow::{Epoch, FlowConfig, HourBatch};
 use fmsflow_dataflows::{build, RawRecord};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
@@ -54,52 +56,62 @@ pub enum EngineError {
 }
 
 /// Runs the dataflow to completion (end of the files, or all live senders dropped).
-pub fn run(settings: EngineSettings, source: Source, lake: Option<Arc<LakeWriter>>, status: Arc<Status>) -> Result<(), EngineError> {
+pub fn run(
+    settings: EngineSettings,
+    source: Source,
+    lake: Option<Arc<LakeWriter>>,
+    status: Arc<Status>,
+) -> Result<(), EngineError> {
     let workers = settings.workers;
     let (files, memory, receivers) = match source {
         Source::Files(f) => (Some(f), None, None),
         Source::Memory(m) => (None, Some(m), None),
         Source::Live(rx) => (None, None, Some(rx)),
     };
-    let live = Arc::new(Mutex::new(receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>())));
+    let live = Arc::new(Mutex::new(
+        receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>()),
+    ));
     let st = status.clone();
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         let probe = ProbeHandle::new();
-        let (st_r, st_j, st_w) = (st.clone(), st.clone(), st.clone());
-        let lake = lake.clone();
+        let (st_r, st_j) = (st.clone(), st.clone());
+        // Encoding and writing run beside the worker, so fsync waits overlap the dataflow.
+        let (mut to_writer, writer) = match &lake {
+            Some(lake) => {
+                let (tx, handle) = spawn_writer(index, lake.clone(), st.clone());
+                (Some(tx), Some(handle))
+            }
+            None => (None, None),
+        };
         let flow = settings.flow.clone();
         let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
             let (handle, raw) = scope.new_input::<RawRecord>();
             let out = build(raw, &flow);
-            out.readings.inspect_core(move |e| if let Ok((_, rs)) = e { st_r.on_readings(rs) });
-            out.rejections.inspect_core(move |e| if let Ok((_, rs)) = e { st_j.on_rejections(rs) });
-            out.sealed
-                .inspect_core(move |e| {
-                    let Ok((_, batches)) = e else { return };
-                    let batches: &Vec<HourBatch> = batches;
-                    for b in batches {
-                        if b.seq == 0 {
-                            st_w.hours_sealed.fetch_add(1, Relaxed);
-                        } else {
-                            st_w.late_rewrites.fetch_add(1, Relaxed);
-                        }
-                        if let Some(lake) = &lake {
-                            if st_w.error().is_some() {
-                                continue;
-                            }
-                            match lake.write(b) {
-                                Ok(w) => {
-                                    st_w.files_written.fetch_add(w.files, Relaxed);
-                                    st_w.rows_written.fetch_add(w.rows, Relaxed);
-                                }
-                                Err(e) => st_w.fail(format!("writing hour {} to the lake: {e}", b.hour)),
+            out.readings.inspect_core(move |e| {
+                if let Ok((_, rs)) = e {
+                    st_r.on_readings(rs)
+                }
+            });
+            out.rejections.inspect_core(move |e| {
+                if let Ok((_, rs)) = e {
+                    st_j.on_rejections(rs)
+                }
+            });
+            let sealed = out.sealed.probe_with(&probe);
+            if let Some(tx) = to_writer.take() {
+                sealed.sink(Pipeline, "LakeSink", move |(input, _)| {
+                    input.for_each_stamp(|_, data| {
+                        for batch in data {
+                            for b in batch.drain(..) {
+                                // The writer thread is gone only after a fatal error, recorded in status.
+                                let _ = tx.send(b);
                             }
                         }
-                    }
-                })
-                .probe_with(&probe);
+                    });
+                });
+            }
             handle
         });
 
@@ -109,11 +121,19 @@ pub fn run(settings: EngineSettings, source: Source, lake: Option<Arc<LakeWriter
         let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
         if let Some(files) = &files {
             let mine: Vec<(usize, &PathBuf)> = if files.len() >= peers {
-                files.iter().enumerate().filter(|(i, _)| i % peers == index).collect()
+                files
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % peers == index)
+                    .collect()
             } else {
                 files.iter().enumerate().collect()
             };
-            let (sub_index, sub_peers) = if files.len() >= peers { (0, 1) } else { (index, peers) };
+            let (sub_index, sub_peers) = if files.len() >= peers {
+                (0, 1)
+            } else {
+                (index, peers)
+            };
             for (i, path) in mine {
                 let mut reader = match FileReader::open(path, i as u32, sub_index, sub_peers) {
                     Ok(r) => r,
@@ -157,7 +177,11 @@ pub fn run(settings: EngineSettings, source: Source, lake: Option<Arc<LakeWriter
                 worker.step_while(|| probe.less_than(&epoch.saturating_sub(AHEAD)));
             }
         } else {
-            let rx = live.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|v| v.get_mut(index).and_then(Option::take));
+            let rx = live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .and_then(|v| v.get_mut(index).and_then(Option::take));
             let started = Instant::now();
             let period = settings.epoch;
             if let Some(rx) = rx {
@@ -188,6 +212,15 @@ pub fn run(settings: EngineSettings, source: Source, lake: Option<Arc<LakeWriter
         }
         drop(input);
         worker.step_while(|| !probe.done());
+        // Dropping the dataflow's sink closes the writer's channel; wait for the last files.
+        for id in worker.installed_dataflows() {
+            worker.drop_dataflow(id);
+        }
+        if let Some(w) = writer {
+            if w.join().is_err() {
+                st.fail(format!("the lake writer of worker {index} panicked"));
+            }
+        }
     })
     .map_err(|message| EngineError::Start { workers, message })?;
     for r in guards.join() {
@@ -197,4 +230,45 @@ pub fn run(settings: EngineSettings, source: Source, lake: Option<Arc<LakeWriter
         Some(e) => Err(EngineError::Failed(e)),
         None => Ok(()),
     }
+}
+
+/// Batches waiting for the writer at most; beyond this the worker blocks (backpressure).
+const WRITER_QUEUE: usize = 8;
+
+/// Starts the thread that encodes and stores one worker's hour batches.
+fn spawn_writer(
+    index: usize,
+    lake: Arc<LakeWriter>,
+    st: Arc<Status>,
+) -> (
+    std::sync::mpsc::SyncSender<HourBatch>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<HourBatch>(WRITER_QUEUE);
+    let handle = std::thread::Builder::new()
+        .name(format!("lake-writer-{index}"))
+        .spawn(move || {
+            for b in rx {
+                if st.error().is_some() {
+                    continue;
+                }
+                match lake.write(&b) {
+                    Ok(w) => {
+                        if b.hourly.is_some() || b.quality.is_some() {
+                            let counter = if b.seq == 0 {
+                                &st.hours_sealed
+                            } else {
+                                &st.late_rewrites
+                            };
+                            counter.fetch_add(1, Relaxed);
+                        }
+                        st.files_written.fetch_add(w.files, Relaxed);
+                        st.rows_written.fetch_add(w.rows, Relaxed);
+                    }
+                    Err(e) => st.fail(format!("writing hour {} to the lake: {e}", b.hour)),
+                }
+            }
+        })
+        .expect("spawning a lake writer thread");
+    (tx, handle)
 }

@@ -8,7 +8,9 @@ use fmsflow_dataflows::Rule;
 
 /// SplitMix64 finalizer over a combination of inputs: a stateless, reproducible "random".
 pub fn mix(a: u64, b: u64, c: u64) -> u64 {
-    let mut z = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.rotate_left(21) ^ c.rotate_left(42).wrapping_add(0x632B_E59B_D9B4_E019);
+    let mut z = a.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ b.rotate_left(21)
+        ^ c.rotate_left(42).wrapping_add(0x632B_E59B_D9B4_E019);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -22,7 +24,12 @@ pub fn unit(h: u64) -> f64 {
 /// The clean reading of `device` at `time_ms`, as FMS JSON (values rounded to 2 decimals).
 pub fn clean_payload(seed: u64, device: u32, time_ms: i64) -> String {
     let (m, fail) = clean_values(seed, device, time_ms);
-    render(&format_rfc3339(time_ms), &device.to_string(), &m.map(|v| format!("{v:.2}")), if fail { "true" } else { "false" })
+    render(
+        &format_rfc3339(time_ms),
+        &device.to_string(),
+        &m.map(|v| format!("{v:.2}")),
+        if fail { "true" } else { "false" },
+    )
 }
 
 /// The values behind [`clean_payload`].
@@ -34,15 +41,25 @@ pub fn clean_values(seed: u64, device: u32, time_ms: i64) -> ([f64; 6], bool) {
     let cycle = ((time_ms as f64 / day) * std::f64::consts::TAU + phase).sin();
     // Failure episodes: 5-minute windows, ~2% of them, more on a few fragile devices.
     let window = time_ms.div_euclid(300_000) as u64;
-    let fragile = if unit(mix(seed, d, 11)) < 0.1 { 5.0 } else { 1.0 };
+    let fragile = if unit(mix(seed, d, 11)) < 0.1 {
+        5.0
+    } else {
+        1.0
+    };
     let fail = unit(mix(seed ^ 0xFA11, d, window)) < 0.02 * fragile;
     let mut m = [0.0; 6];
     for (i, v) in m.iter_mut().enumerate() {
-        let (lo, hi) = if i < 3 { (60.0, 180.0) } else { (300.0, 2200.0) };
+        let (lo, hi) = if i < 3 {
+            (60.0, 180.0)
+        } else {
+            (300.0, 2200.0)
+        };
         let base = lo + (hi - lo) * unit(mix(seed, d, 100 + i as u64));
         let noise = unit(mix(seed, d ^ ((i as u64) << 40), time_ms as u64)) - 0.5;
         let hot = if fail { 1.12 } else { 1.0 };
-        *v = ((base * (1.0 + 0.05 * cycle + 0.04 * noise) * hot).clamp(lo * 0.5, hi * 1.1) * 100.0).round() / 100.0;
+        *v = ((base * (1.0 + 0.05 * cycle + 0.04 * noise) * hot).clamp(lo * 0.5, hi * 1.1) * 100.0)
+            .round()
+            / 100.0;
     }
     (m, fail)
 }
@@ -57,7 +74,14 @@ fn render(time: &str, device: &str, m: &[String; 6], fail: &str) -> String {
 /// A record that the rule `kind` must reject, made from device `device` at `time_ms`.
 /// `Rule::Duplicate` needs the previous clean payload of the device (`last_clean`); without
 /// one there is nothing to duplicate and `None` is returned.
-pub fn dirty_payload(kind: Rule, seed: u64, device: u32, fleet: u32, time_ms: i64, last_clean: Option<&str>) -> Option<String> {
+pub fn dirty_payload(
+    kind: Rule,
+    seed: u64,
+    device: u32,
+    fleet: u32,
+    time_ms: i64,
+    last_clean: Option<&str>,
+) -> Option<String> {
     let (m, fail) = clean_values(seed, device, time_ms);
     let mut vals = m.map(|v| format!("{v:.2}"));
     let fail = if fail { "true" } else { "false" };
@@ -68,7 +92,9 @@ pub fn dirty_payload(kind: Rule, seed: u64, device: u32, fleet: u32, time_ms: i6
             let full = render(&time, &dev, &vals, fail);
             full[..full.len() / 2].to_string()
         }
-        Rule::MissingField => render(&time, &dev, &vals, fail).replace(&format!("\"sensor2\": {}, ", vals[1]), ""),
+        Rule::MissingField => {
+            render(&time, &dev, &vals, fail).replace(&format!("\"sensor2\": {}, ", vals[1]), "")
+        }
         Rule::WrongType => {
             vals[0] = format!("\"{}\"", vals[0]);
             render(&time, &dev, &vals, fail)
@@ -104,8 +130,14 @@ mod tests {
     use fmsflow_dataflows::{validate, RawRecord, RuleConfig, SourcePos};
 
     fn check(payload: &str, ingest: i64) -> Result<(), Rule> {
-        let raw = RawRecord { payload: payload.as_bytes().to_vec(), ingest_ms: Some(ingest), pos: SourcePos::default() };
-        validate(raw, &RuleConfig::default()).map(|_| ()).map_err(|r| r.rule)
+        let raw = RawRecord {
+            payload: payload.as_bytes().to_vec(),
+            ingest_ms: Some(ingest),
+            pos: SourcePos::default(),
+        };
+        validate(raw, &RuleConfig::default())
+            .map(|_| ())
+            .map_err(|r| r.rule)
     }
 
     #[test]

@@ -67,11 +67,15 @@ impl Sim {
         let n = self.requests[device as usize].fetch_add(1, Ordering::Relaxed);
         // Whole seconds, as the FMS API reports.
         let now = self.clock.now_ms() / 1000 * 1000;
-        let mut last = self.last_clean[device as usize].lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.last_clean[device as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         self.served.fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = dirty_kind(s.seed, device, n, s.dirty_rate) {
-            if let Some(body) = dirty_payload(kind, s.seed, device, s.devices, now, last.as_deref()) {
-                self.dirty[Rule::ALL.iter().position(|r| *r == kind).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+            if let Some(body) = dirty_payload(kind, s.seed, device, s.devices, now, last.as_deref())
+            {
+                self.dirty[Rule::ALL.iter().position(|r| *r == kind).unwrap_or(0)]
+                    .fetch_add(1, Ordering::Relaxed);
                 return body;
             }
         }
@@ -84,7 +88,11 @@ impl Sim {
     pub fn stats(&self) -> SimStats {
         SimStats {
             served: self.served.load(Ordering::Relaxed),
-            dirty: Rule::ALL.iter().zip(self.dirty.iter()).map(|(r, c)| (r.name().to_string(), c.load(Ordering::Relaxed))).collect(),
+            dirty: Rule::ALL
+                .iter()
+                .zip(self.dirty.iter())
+                .map(|(r, c)| (r.name().to_string(), c.load(Ordering::Relaxed)))
+                .collect(),
         }
     }
 
@@ -110,7 +118,14 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
 async fn device(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
     match id.parse::<u32>() {
         Ok(d) if d >= 1 && d <= sim.settings.devices => json(sim.respond(d)),
-        _ => (StatusCode::NOT_FOUND, format!("no device {id:?}; devices are 1..={}\n", sim.settings.devices)).into_response(),
+        _ => (
+            StatusCode::NOT_FOUND,
+            format!(
+                "no device {id:?}; devices are 1..={}\n",
+                sim.settings.devices
+            ),
+        )
+            .into_response(),
     }
 }
 
@@ -123,6 +138,10 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let addr = listener.local_addr()?;
     let app = sim.router();
-    let handle = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
+    let handle = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
     Ok((addr, handle))
 }

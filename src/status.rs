@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use fmsflow_dataflows::{Rejection, Reading, Rule};
+use fmsflow_dataflows::{Reading, Rejection, Rule};
 
 /// Pipeline counters.
 #[derive(Default)]
@@ -59,12 +59,20 @@ impl Status {
     /// Devices whose latest reading reports a failure.
     pub fn failing_devices(&self) -> Vec<u32> {
         let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        latest.iter().filter(|(_, (_, f))| *f).map(|(d, _)| *d).collect()
+        latest
+            .iter()
+            .filter(|(_, (_, f))| *f)
+            .map(|(d, _)| *d)
+            .collect()
     }
 
     /// Rejections per rule name.
     pub fn rejections_by_rule(&self) -> BTreeMap<&'static str, u64> {
-        Rule::ALL.iter().zip(self.by_rule.iter()).map(|(r, c)| (r.name(), c.load(Relaxed))).collect()
+        Rule::ALL
+            .iter()
+            .zip(self.by_rule.iter())
+            .map(|(r, c)| (r.name(), c.load(Relaxed)))
+            .collect()
     }
 
     /// Records the first fatal error.

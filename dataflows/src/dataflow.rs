@@ -78,7 +78,10 @@ pub struct FlowConfig {
 
 impl Default for FlowConfig {
     fn default() -> Self {
-        FlowConfig { rules: RuleConfig::default(), grace_ms: 5 * 60 * 1000 }
+        FlowConfig {
+            rules: RuleConfig::default(),
+            grace_ms: 5 * 60 * 1000,
+        }
     }
 }
 
@@ -116,10 +119,14 @@ pub struct Outputs<'scope> {
 type Quality = ((u32, i64, Outcome), Epoch, isize);
 
 /// Builds the dataflow over a stream of raw records.
-pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfig) -> Outputs<'scope> {
+pub fn build<'scope>(
+    raw: Stream<'scope, Epoch, Vec<RawRecord>>,
+    cfg: &FlowConfig,
+) -> Outputs<'scope> {
     let scope = raw.scope();
     let rules = cfg.rules.clone();
-    let (ok, bad): (Stream<_, Vec<Reading>>, Stream<_, Vec<Rejection>>) = raw.ok_err(move |r: RawRecord| validate(r, &rules));
+    let (ok, bad): (Stream<_, Vec<Reading>>, Stream<_, Vec<Rejection>>) =
+        raw.ok_err(move |r: RawRecord| validate(r, &rules));
 
     let retention = cfg.rules.max_age_ms + HOUR_MS;
     let (readings, dups, hourly_updates, valid_counts, watermarks) = dedup(scope, ok, retention);
@@ -128,7 +135,9 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
     let reject_counts = count_rejections(rejections.clone());
 
     let hourly = hourly_updates.as_collection().count_total();
-    let quality = concat(valid_counts, reject_counts).as_collection().count_total();
+    let quality = concat(valid_counts, reject_counts)
+        .as_collection()
+        .count_total();
 
     let sealed = seal(
         readings.clone(),
@@ -139,16 +148,27 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
         cfg.grace_ms,
         cfg.rules.max_age_ms,
     );
-    Outputs { readings, rejections, hourly, quality, sealed }
+    Outputs {
+        readings,
+        rejections,
+        hourly,
+        quality,
+        sealed,
+    }
 }
 
-fn concat<'scope, D: Clone + 'static>(a: Stream<'scope, Epoch, Vec<D>>, b: Stream<'scope, Epoch, Vec<D>>) -> Stream<'scope, Epoch, Vec<D>> {
+fn concat<'scope, D: Clone + 'static>(
+    a: Stream<'scope, Epoch, Vec<D>>,
+    b: Stream<'scope, Epoch, Vec<D>>,
+) -> Stream<'scope, Epoch, Vec<D>> {
     use timely::dataflow::operators::Concat;
     a.concat(b)
 }
 
 /// Per-epoch counts of rejections by (device, hour, rule), pre-aggregated per worker.
-fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -> Stream<'scope, Epoch, Vec<Quality>> {
+fn count_rejections<'scope>(
+    rejections: Stream<'scope, Epoch, Vec<Rejection>>,
+) -> Stream<'scope, Epoch, Vec<Quality>> {
     use timely::dataflow::operators::generic::Operator;
     rejections.unary(Pipeline, "CountRejections", |_, _| {
         let mut counts: FastMap<(u32, i64, Outcome), isize> = FastMap::default();
@@ -157,11 +177,15 @@ fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -
                 let t = epoch_of(&cap);
                 for batch in data {
                     for r in batch.iter() {
-                        *counts.entry((r.device, r.hour(), Outcome::Rejected(r.rule))).or_default() += 1;
+                        *counts
+                            .entry((r.device, r.hour(), Outcome::Rejected(r.rule)))
+                            .or_default() += 1;
                     }
                 }
                 if let Some(c) = cap.retain_least(output.output_index()) {
-                    output.session(&c).give_iterator(counts.drain().map(|(k, n)| (k, t, n)));
+                    output
+                        .session(&c)
+                        .give_iterator(counts.drain().map(|(k, n)| (k, t, n)));
                 }
             });
         }
@@ -179,7 +203,11 @@ type DedupStreams<'scope> = (
 /// Routes readings to their hour's worker, applies the duplicate rule epoch by epoch (the
 /// first reading of a (device, time) by epoch then source position wins, at any worker
 /// count), and pre-aggregates each epoch's survivors into one update per (device, hour).
-fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Reading>>, retention_ms: i64) -> DedupStreams<'scope> {
+fn dedup<'scope>(
+    scope: Scope<'scope, Epoch>,
+    ok: Stream<'scope, Epoch, Vec<Reading>>,
+    retention_ms: i64,
+) -> DedupStreams<'scope> {
     let mut builder = OperatorBuilder::new("Dedup".to_owned(), scope);
     let mut input = builder.new_input(ok, Exchange::new(|r: &Reading| route_hour(r.hour())));
     let (o_read, s_read) = builder.new_output::<Vec<Reading>>();
@@ -200,6 +228,8 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
         let mut winners: Vec<Reading> = Vec::new();
         let mut slot: FastMap<(u32, i64), usize> = FastMap::default();
         let mut losers: Vec<(Reading, SourcePos)> = Vec::new();
+        let mut doubles: Vec<Reading> = Vec::new();
+        let mut verdicts: Vec<Result<(), SourcePos>> = Vec::new();
         let mut agg: FastMap<DeviceHour, HourStats> = FastMap::default();
         move |frontiers| {
             input.for_each_stamp(|cap, data| {
@@ -209,8 +239,13 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                 }
             });
             let frontier = frontiers[0].frontier();
-            let (mut h_read, mut h_dup, mut h_stats, mut h_valid, mut h_wm) =
-                (o_read.activate(), o_dup.activate(), o_stats.activate(), o_valid.activate(), o_wm.activate());
+            let (mut h_read, mut h_dup, mut h_stats, mut h_valid, mut h_wm) = (
+                o_read.activate(),
+                o_dup.activate(),
+                o_stats.activate(),
+                o_valid.activate(),
+                o_wm.activate(),
+            );
             while let Some(entry) = stash.first_entry() {
                 let t = *entry.key();
                 if frontier.less_equal(&t) {
@@ -222,13 +257,11 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                     match slot.entry((r.device, r.time_ms)) {
                         std::collections::hash_map::Entry::Occupied(e) => {
                             let held = &mut winners[*e.get()];
-                            if r.pos < held.pos {
-                                let first = r.pos;
-                                losers.push((std::mem::replace(held, r), first));
+                            doubles.push(if r.pos < held.pos {
+                                std::mem::replace(held, r)
                             } else {
-                                let first = held.pos;
-                                losers.push((r, first));
-                            }
+                                r
+                            });
                         }
                         std::collections::hash_map::Entry::Vacant(e) => {
                             e.insert(winners.len());
@@ -236,10 +269,19 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                         }
                     }
                 }
+                // Against earlier epochs. Only now is the accepted reading of each (device,
+                // time) known, which every duplicate's reason names (the epoch's winner may
+                // itself be a duplicate of an earlier epoch's reading).
+                verdicts.extend(winners.iter().map(|r| deduper.admit(r)));
+                for r in doubles.drain(..) {
+                    let i = slot[&(r.device, r.time_ms)];
+                    let first = verdicts[i].err().unwrap_or(winners[i].pos);
+                    losers.push((r, first));
+                }
                 slot.clear();
-                // Against earlier epochs.
+                let mut verdict = verdicts.drain(..);
                 let mut max_time = i64::MIN;
-                winners.retain_mut(|r| match deduper.admit(r) {
+                winners.retain_mut(|r| match verdict.next().expect("one verdict per winner") {
                     Ok(()) => true,
                     Err(first) => {
                         losers.push((std::mem::replace(r, Reading::EMPTY), first));
@@ -269,7 +311,9 @@ fn dedup<'scope>(scope: Scope<'scope, Epoch>, ok: Stream<'scope, Epoch, Vec<Read
                     for (k, st) in agg.iter() {
                         s.give(((k.0, k.1, Outcome::Valid), t, st.count as isize));
                     }
-                    h_stats.session(&cap_t(2)).give_iterator(agg.drain().map(|(k, st)| (k, t, st)));
+                    h_stats
+                        .session(&cap_t(2))
+                        .give_iterator(agg.drain().map(|(k, st)| (k, t, st)));
                 }
                 deduper.prune();
             }
@@ -298,7 +342,10 @@ struct HourState {
 
 impl HourState {
     fn dirty(&self) -> bool {
-        !self.readings.is_empty() || !self.rejections.is_empty() || self.hourly_dirty || self.quality_dirty
+        !self.readings.is_empty()
+            || !self.rejections.is_empty()
+            || self.hourly_dirty
+            || self.quality_dirty
     }
 
     fn take_batch(&mut self, hour: i64) -> HourBatch {
@@ -311,8 +358,12 @@ impl HourState {
             seq: self.seq,
             readings,
             rejections,
-            hourly: self.hourly_dirty.then(|| self.hourly.iter().map(|(d, s)| (*d, *s)).collect()),
-            quality: self.quality_dirty.then(|| self.quality.iter().map(|(k, n)| (*k, *n)).collect()),
+            hourly: self
+                .hourly_dirty
+                .then(|| self.hourly.iter().map(|(d, s)| (*d, *s)).collect()),
+            quality: self
+                .quality_dirty
+                .then(|| self.quality.iter().map(|(k, n)| (*k, *n)).collect()),
         };
         self.seq += 1;
         self.hourly_dirty = false;
@@ -338,10 +389,18 @@ fn seal<'scope>(
     let scope = readings.scope();
     let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
     let mut i_read = builder.new_input(readings, Pipeline);
-    let mut i_rej = builder.new_input(rejections, Exchange::new(|r: &Rejection| route_hour(r.hour())));
-    let mut i_hourly = builder.new_input(hourly, Exchange::new(|u: &((DeviceHour, HourStats), Epoch, isize)| route_hour((u.0).0 .1)));
-    let mut i_quality =
-        builder.new_input(quality, Exchange::new(|u: &(((u32, i64, Outcome), isize), Epoch, isize)| route_hour((u.0).0 .1)));
+    let mut i_rej = builder.new_input(
+        rejections,
+        Exchange::new(|r: &Rejection| route_hour(r.hour())),
+    );
+    let mut i_hourly = builder.new_input(
+        hourly,
+        Exchange::new(|u: &((DeviceHour, HourStats), Epoch, isize)| route_hour((u.0).0 .1)),
+    );
+    let mut i_quality = builder.new_input(
+        quality,
+        Exchange::new(|u: &(((u32, i64, Outcome), isize), Epoch, isize)| route_hour((u.0).0 .1)),
+    );
     let mut i_wm = builder.new_input(watermarks, Pipeline);
     let (o_sealed, s_sealed) = builder.new_output::<Vec<HourBatch>>();
     let mut o_sealed = OutputBuilder::from(o_sealed);
@@ -352,7 +411,8 @@ fn seal<'scope>(
         let mut pending_read: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
         let mut pending_rej: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
         let mut pending_hourly: BTreeMap<Epoch, Vec<(DeviceHour, HourStats)>> = BTreeMap::new();
-        let mut pending_quality: BTreeMap<Epoch, Vec<((u32, i64, Outcome), isize)>> = BTreeMap::new();
+        let mut pending_quality: BTreeMap<Epoch, Vec<((u32, i64, Outcome), isize)>> =
+            BTreeMap::new();
         let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
         let mut hours: BTreeMap<i64, HourState> = BTreeMap::new();
         let mut watermark = i64::MIN;
@@ -421,7 +481,11 @@ fn seal<'scope>(
             }
 
             let finished = frontier.is_empty();
-            if let Some(t) = complete.or(if finished { caps.first().map(|c| *c.time()) } else { None }) {
+            if let Some(t) = complete.or(if finished {
+                caps.first().map(|c| *c.time())
+            } else {
+                None
+            }) {
                 let cap = caps[0].delayed(&t);
                 let mut out = o_sealed.activate();
                 let mut session = out.session(&cap);
@@ -432,8 +496,13 @@ fn seal<'scope>(
                         session.give(state.take_batch(*hour));
                     }
                 }
-                // Hours no acceptable late reading can reach any more.
-                hours.retain(|hour, s| !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms));
+                // Hours no acceptable late reading can reach any more. Hour 0 is also where
+                // rejections without any time are counted (`Rejection::hour`): those arrive at
+                // any time, and a dropped hour would restart at seq 0 with partial tables.
+                hours.retain(|hour, s| {
+                    *hour == 0
+                        || !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms)
+                });
             }
             match frontier.iter().min() {
                 Some(f) => caps.iter_mut().for_each(|c| c.downgrade(f)),

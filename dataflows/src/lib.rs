@@ -14,5 +14,5 @@ pub mod time;
 
 pub use dataflow::{build, route_hour, Epoch, Outputs};
 pub use model::{DeviceHour, QualityKey, RawRecord, Reading, SourcePos, METRICS};
-pub use rules::{validate, Rejection, Rule, RuleConfig, Deduper};
+pub use rules::{validate, Deduper, Rejection, Rule, RuleConfig};
 pub use stats::{HourStats, MetricStats};

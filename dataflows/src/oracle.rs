@@ -27,9 +27,14 @@ impl NaiveHour {
     pub fn check(&self, s: &HourStats, rel: f64) -> Result<(), String> {
         let n = self.times.len() as u64;
         if s.count != n || s.fails != self.fails {
-            return Err(format!("count {} vs {n}, fails {} vs {}", s.count, s.fails, self.fails));
+            return Err(format!(
+                "count {} vs {n}, fails {} vs {}",
+                s.count, s.fails, self.fails
+            ));
         }
-        if s.first_ms != *self.times.iter().min().unwrap() || s.last_ms != *self.times.iter().max().unwrap() {
+        if s.first_ms != *self.times.iter().min().unwrap()
+            || s.last_ms != *self.times.iter().max().unwrap()
+        {
             return Err("first/last time differ".into());
         }
         for (i, vals) in self.values.iter().enumerate() {
@@ -38,11 +43,19 @@ impl NaiveHour {
             let mean = vals.iter().sum::<f64>() / n as f64;
             let std = (vals.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64).sqrt();
             let close = |a: f64, b: f64| (a - b).abs() <= rel * a.abs().max(b.abs()).max(1.0);
-            if s.metrics[i].min != min || s.metrics[i].max != max {
-                return Err(format!("metric {i}: min/max {}/{} vs {min}/{max}", s.metrics[i].min, s.metrics[i].max));
+            if s.metrics[i].min_value() != min || s.metrics[i].max_value() != max {
+                return Err(format!(
+                    "metric {i}: min/max {}/{} vs {min}/{max}",
+                    s.metrics[i].min_value(),
+                    s.metrics[i].max_value()
+                ));
             }
-            if !close(s.metrics[i].mean, mean) || !close(s.stddev(i), std) {
-                return Err(format!("metric {i}: mean/std {}/{} vs {mean}/{std}", s.metrics[i].mean, s.stddev(i)));
+            if !close(s.mean(i), mean) || !close(s.stddev(i), std) {
+                return Err(format!(
+                    "metric {i}: mean/std {}/{} vs {mean}/{std}",
+                    s.mean(i),
+                    s.stddev(i)
+                ));
             }
         }
         Ok(())
@@ -70,10 +83,18 @@ pub fn expected(records: &[(Epoch, RawRecord)], cfg: &RuleConfig) -> Expected {
             Ok(r) => {
                 if !seen.insert((r.device, r.time_ms)) {
                     let hour = raw.ingest_ms.unwrap_or(r.time_ms);
-                    *out.quality.entry((r.device, crate::time::hour_of(hour), Outcome::Rejected(crate::Rule::Duplicate))).or_default() += 1;
+                    *out.quality
+                        .entry((
+                            r.device,
+                            crate::time::hour_of(hour),
+                            Outcome::Rejected(crate::Rule::Duplicate),
+                        ))
+                        .or_default() += 1;
                     continue;
                 }
-                *out.quality.entry((r.device, r.hour(), Outcome::Valid)).or_default() += 1;
+                *out.quality
+                    .entry((r.device, r.hour(), Outcome::Valid))
+                    .or_default() += 1;
                 let h = out.hourly.entry(r.key()).or_default();
                 for (i, v) in r.metrics.iter().enumerate() {
                     h.values[i].push(*v);
@@ -81,7 +102,11 @@ pub fn expected(records: &[(Epoch, RawRecord)], cfg: &RuleConfig) -> Expected {
                 h.fails += r.is_fail as u64;
                 h.times.push(r.time_ms);
             }
-            Err(rej) => *out.quality.entry((rej.device, rej.hour(), Outcome::Rejected(rej.rule))).or_default() += 1,
+            Err(rej) => {
+                *out.quality
+                    .entry((rej.device, rej.hour(), Outcome::Rejected(rej.rule)))
+                    .or_default() += 1
+            }
         }
     }
     out

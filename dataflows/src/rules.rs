@@ -113,7 +113,14 @@ impl Default for RuleConfig {
             fleet_size: 100,
             max_future_ms: 5 * 60 * 1000,
             max_age_ms: 6 * HOUR_MS,
-            ranges: [(0.0, 250.0), (0.0, 250.0), (0.0, 250.0), (0.0, 3000.0), (0.0, 3000.0), (0.0, 3000.0)],
+            ranges: [
+                (0.0, 250.0),
+                (0.0, 250.0),
+                (0.0, 250.0),
+                (0.0, 3000.0),
+                (0.0, 3000.0),
+                (0.0, 3000.0),
+            ],
         }
     }
 }
@@ -182,10 +189,40 @@ struct Wire<'a> {
     is_fail: Option<bool>,
 }
 
-fn classify(e: &serde_json::Error) -> Rule {
+/// The payload's fields other than the metrics, decoded exactly as [`Wire`] decodes them while
+/// the metrics' values are skipped unread. Only decoded when a number in the payload does not
+/// fit a double, to tell where that number is.
+#[derive(Deserialize)]
+#[allow(dead_code)] // read only for its errors
+struct WireWithoutMetrics<'a> {
+    #[serde(borrow)]
+    time: Option<Cow<'a, str>>,
+    #[serde(rename = "DeviceId")]
+    device_id: Option<i64>,
+    #[serde(rename = "isFail")]
+    is_fail: Option<bool>,
+}
+
+fn out_of_range(e: &serde_json::Error) -> bool {
+    e.to_string().starts_with("number out of range")
+}
+
+/// The rule of a decoding error. serde_json reports a number that does not fit a double (such
+/// as `1e999`) as "number out of range": that is `non_finite` when the number is a metric's
+/// value, and `wrong_type` in `DeviceId`, `time` or `isFail`, which a decoding that skips the
+/// metrics reports at the same place.
+fn classify(payload: &[u8], e: &serde_json::Error) -> Rule {
     use serde_json::error::Category;
     match e.classify() {
-        _ if e.to_string().starts_with("number out of range") => Rule::NonFinite,
+        _ if out_of_range(e) => match serde_json::from_slice::<WireWithoutMetrics>(payload) {
+            Err(other)
+                if out_of_range(&other)
+                    && (other.line(), other.column()) == (e.line(), e.column()) =>
+            {
+                Rule::WrongType
+            }
+            _ => Rule::NonFinite,
+        },
         Category::Syntax | Category::Eof | Category::Io => Rule::MalformedJson,
         Category::Data => Rule::WrongType,
     }
@@ -196,57 +233,147 @@ fn classify(e: &serde_json::Error) -> Rule {
 /// has seen it.
 pub fn validate(raw: RawRecord, cfg: &RuleConfig) -> Result<Reading, Rejection> {
     match check(&raw, cfg) {
-        Ok((device, time_ms, metrics, is_fail)) => {
-            Ok(Reading { device, time_ms, metrics, is_fail, ingest_ms: raw.ingest_ms, pos: raw.pos, payload: raw.payload })
-        }
-        Err((rule, reason, device, time_ms)) => {
-            Err(Rejection { rule, reason, payload: raw.payload, device, time_ms, ingest_ms: raw.ingest_ms, pos: raw.pos })
-        }
+        Ok((device, time_ms, metrics, is_fail)) => Ok(Reading {
+            device,
+            time_ms,
+            metrics,
+            is_fail,
+            ingest_ms: raw.ingest_ms,
+            pos: raw.pos,
+            payload: raw.payload,
+        }),
+        Err((rule, reason, device, time_ms)) => Err(Rejection {
+            rule,
+            reason,
+            payload: raw.payload,
+            device,
+            time_ms,
+            ingest_ms: raw.ingest_ms,
+            pos: raw.pos,
+        }),
     }
 }
 
 type Checked = Result<(u32, i64, [f64; 6], bool), (Rule, String, u32, Option<i64>)>;
 
 fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
+    // serde would also decode a JSON array into `Wire` (the fields in declaration order): the
+    // payload must be an object.
+    let first = raw
+        .payload
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if let Some(&b) = first.filter(|b| **b != b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(&raw.payload) {
+                Ok(_) => (
+                    Rule::WrongType,
+                    format!(
+                        "payload is JSON but not an object (it starts with `{}`)",
+                        b as char
+                    ),
+                    0,
+                    None,
+                ),
+                Err(e) => (
+                    Rule::MalformedJson,
+                    format!("cannot decode payload: {e}"),
+                    0,
+                    None,
+                ),
+            },
+        );
+    }
     let wire: Wire = match serde_json::from_slice(&raw.payload) {
         Ok(w) => w,
-        Err(e) => return Err((classify(&e), format!("cannot decode payload: {e}"), 0, None)),
+        Err(e) => {
+            return Err((
+                classify(&raw.payload, &e),
+                format!("cannot decode payload: {e}"),
+                0,
+                None,
+            ))
+        }
     };
-    let missing = |field: &str| Err((Rule::MissingField, format!("field `{field}` is missing or null"), 0, None));
-    let Some(device_id) = wire.device_id else { return missing("DeviceId") };
-    let Some(time) = wire.time.as_deref() else { return missing("time") };
-    let metrics = [wire.sensor1, wire.sensor2, wire.sensor3, wire.motor1, wire.motor2, wire.motor3];
+    let missing = |field: &str| {
+        Err((
+            Rule::MissingField,
+            format!("field `{field}` is missing or null"),
+            0,
+            None,
+        ))
+    };
+    let Some(device_id) = wire.device_id else {
+        return missing("DeviceId");
+    };
+    let Some(time) = wire.time.as_deref() else {
+        return missing("time");
+    };
+    let metrics = [
+        wire.sensor1,
+        wire.sensor2,
+        wire.sensor3,
+        wire.motor1,
+        wire.motor2,
+        wire.motor3,
+    ];
     if let Some(i) = metrics.iter().position(Option::is_none) {
         return missing(METRICS[i]);
     }
-    let Some(is_fail) = wire.is_fail else { return missing("isFail") };
+    let Some(is_fail) = wire.is_fail else {
+        return missing("isFail");
+    };
 
     if device_id < 1 || device_id > cfg.fleet_size as i64 {
-        let reason = format!("DeviceId {device_id} is not in the fleet 1..={}", cfg.fleet_size);
+        let reason = format!(
+            "DeviceId {device_id} is not in the fleet 1..={}",
+            cfg.fleet_size
+        );
         return Err((Rule::UnknownDevice, reason, 0, None));
     }
     let device = device_id as u32;
     let Some(time_ms) = parse_rfc3339(time) else {
-        return Err((Rule::BadTime, format!("time {time:?} is not an RFC 3339 timestamp"), device, None));
+        return Err((
+            Rule::BadTime,
+            format!("time {time:?} is not an RFC 3339 timestamp"),
+            device,
+            None,
+        ));
     };
     if let Some(ingest) = raw.ingest_ms {
         if time_ms - ingest > cfg.max_future_ms {
-            let reason = format!("time {time} is {} ms after ingest, more than the allowed {} ms", time_ms - ingest, cfg.max_future_ms);
+            let reason = format!(
+                "time {time} is {} ms after ingest, more than the allowed {} ms",
+                time_ms - ingest,
+                cfg.max_future_ms
+            );
             return Err((Rule::FutureTime, reason, device, Some(time_ms)));
         }
         if ingest - time_ms > cfg.max_age_ms {
-            let reason = format!("time {time} is {} ms before ingest, older than the allowed {} ms", ingest - time_ms, cfg.max_age_ms);
+            let reason = format!(
+                "time {time} is {} ms before ingest, older than the allowed {} ms",
+                ingest - time_ms,
+                cfg.max_age_ms
+            );
             return Err((Rule::StaleTime, reason, device, Some(time_ms)));
         }
     }
     let metrics = metrics.map(|m| m.unwrap_or_default());
     for (i, v) in metrics.iter().enumerate() {
         if !v.is_finite() {
-            return Err((Rule::NonFinite, format!("{} is {v}, not a finite number", METRICS[i]), device, Some(time_ms)));
+            return Err((
+                Rule::NonFinite,
+                format!("{} is {v}, not a finite number", METRICS[i]),
+                device,
+                Some(time_ms),
+            ));
         }
         let (lo, hi) = cfg.ranges[i];
         if *v < lo || *v > hi {
-            let reason = format!("{} is {v}, outside the allowed range [{lo}, {hi}]", METRICS[i]);
+            let reason = format!(
+                "{} is {v}, outside the allowed range [{lo}, {hi}]",
+                METRICS[i]
+            );
             return Err((Rule::OutOfRange, reason, device, Some(time_ms)));
         }
     }
@@ -266,7 +393,11 @@ impl Deduper {
     /// A deduper that forgets an hour once the newest ingest (or event) time seen is more
     /// than `retention_ms` past the hour's end. Use at least the stale rule's `max_age_ms`.
     pub fn new(retention_ms: i64) -> Self {
-        Deduper { seen: HashMap::new(), retention_ms, high_water_ms: i64::MIN }
+        Deduper {
+            seen: HashMap::new(),
+            retention_ms,
+            high_water_ms: i64::MIN,
+        }
     }
 
     /// Records `r` as accepted if it is the first reading for its (device, time); otherwise
@@ -287,7 +418,8 @@ impl Deduper {
     /// Forgets hours that no acceptable reading can belong to any more.
     pub fn prune(&mut self) {
         let (retention, high) = (self.retention_ms, self.high_water_ms);
-        self.seen.retain(|hour, _| (hour + 1) * HOUR_MS + retention >= high);
+        self.seen
+            .retain(|hour, _| (hour + 1) * HOUR_MS + retention >= high);
     }
 
     /// Number of hours remembered.

@@ -2,63 +2,124 @@
 //! reading becomes one `HourStats` and differential adds them with [`Semigroup::plus_equals`],
 //! so every update costs O(1) and no operator ever re-scans an hour's readings.
 //!
-//! Mean and variance merge with Chan et al.'s parallel formula, which stays accurate in any
-//! merge order (and so at any worker count) where sum-of-squares would cancel badly.
-
-use std::cmp::Ordering;
-use std::hash::{Hash, Hasher};
+//! Sums are kept exactly, as integers in units of 10⁻⁹ ([`SCALE`]): addition is then
+//! associative and commutative to the bit, so differential's merges, retractions and the
+//! order in which workers combine partial results can never change a total, and the lake is
+//! bit-identical at any worker count. Mean and variance are derived from the exact sums only
+//! when read (variance as `(n·Σx² − (Σx)²) / n²`, exact in `i128`), so there is no
+//! cancellation either. Values must lie within ±[`MAX_ABS`].
 
 use differential_dataflow::difference::{IsZero, Monoid, Semigroup};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Reading;
 
+/// Fixed-point scale of the exact sums: values are counted in units of 10⁻⁹.
+pub const SCALE: f64 = 1e9;
+/// Largest magnitude a value may have (rule ranges are limited to this).
+pub const MAX_ABS: f64 = 1e7;
+
 /// Running statistics of one metric. Its count is the owning [`HourStats::count`].
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MetricStats {
-    /// Smallest value seen.
-    pub min: f64,
-    /// Largest value seen.
-    pub max: f64,
-    /// Arithmetic mean.
-    pub mean: f64,
-    /// Sum of squared deviations from the mean (M2); variance is `m2 / count`.
-    pub m2: f64,
+    /// Smallest value seen, as ordered bits (see [`MetricStats::min`]).
+    min_bits: i64,
+    /// Largest value seen, as ordered bits.
+    max_bits: i64,
+    /// Σx in units of 10⁻⁹.
+    sum: i128,
+    /// Σx² in units of 10⁻¹⁸.
+    sum_sq: i128,
+}
+
+/// Maps an f64 to an i64 whose integer order is the float's total order.
+fn ordered(v: f64) -> i64 {
+    let b = v.to_bits() as i64;
+    b ^ (((b >> 63) as u64) >> 1) as i64
+}
+
+fn unordered(b: i64) -> f64 {
+    f64::from_bits((b ^ (((b >> 63) as u64) >> 1) as i64) as u64)
 }
 
 impl MetricStats {
-    const EMPTY: MetricStats = MetricStats { min: f64::INFINITY, max: f64::NEG_INFINITY, mean: 0.0, m2: 0.0 };
+    const EMPTY: MetricStats = MetricStats {
+        min_bits: i64::MAX,
+        max_bits: i64::MIN,
+        sum: 0,
+        sum_sq: 0,
+    };
 
-    fn of(v: f64) -> Self {
-        MetricStats { min: v, max: v, mean: v, m2: 0.0 }
-    }
-
-    /// Merges `other` (over `nb` readings) into `self` (over `na` readings).
     #[inline]
-    fn merge(&mut self, na: u64, other: &MetricStats, nb: u64) {
-        if nb == 0 {
-            return;
+    fn of(v: f64) -> Self {
+        let x = (v * SCALE).round() as i64 as i128;
+        let o = ordered(v);
+        MetricStats {
+            min_bits: o,
+            max_bits: o,
+            sum: x,
+            sum_sq: x * x,
         }
-        if na == 0 {
-            *self = *other;
-            return;
-        }
-        let n = (na + nb) as f64;
-        let (na, nb) = (na as f64, nb as f64);
-        let delta = other.mean - self.mean;
-        self.mean += delta * (nb / n);
-        self.m2 += other.m2 + delta * delta * (na * nb / n);
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
     }
 
-    fn key(&self) -> [u64; 4] {
-        [self.min.to_bits(), self.max.to_bits(), self.mean.to_bits(), self.m2.to_bits()]
+    #[inline]
+    fn merge(&mut self, other: &MetricStats) {
+        self.min_bits = self.min_bits.min(other.min_bits);
+        self.max_bits = self.max_bits.max(other.max_bits);
+        self.sum = self.sum.wrapping_add(other.sum);
+        self.sum_sq = self.sum_sq.wrapping_add(other.sum_sq);
+    }
+
+    /// Smallest value (+∞ when empty).
+    pub fn min_value(&self) -> f64 {
+        if self.min_bits == i64::MAX {
+            f64::INFINITY
+        } else {
+            unordered(self.min_bits)
+        }
+    }
+
+    /// Largest value (−∞ when empty).
+    pub fn max_value(&self) -> f64 {
+        if self.max_bits == i64::MIN {
+            f64::NEG_INFINITY
+        } else {
+            unordered(self.max_bits)
+        }
+    }
+
+    /// Mean over `n` readings.
+    pub fn mean(&self, n: u64) -> f64 {
+        if n == 0 {
+            f64::NAN
+        } else {
+            self.sum as f64 / n as f64 / SCALE
+        }
+    }
+
+    /// Population variance over `n` readings.
+    pub fn variance(&self, n: u64) -> f64 {
+        if n == 0 {
+            return f64::NAN;
+        }
+        let n128 = n as i128;
+        let exact = n128
+            .checked_mul(self.sum_sq)
+            .zip(self.sum.checked_mul(self.sum))
+            .and_then(|(a, b)| a.checked_sub(b));
+        match exact {
+            Some(num) => (num.max(0) as f64 / (n as f64 * n as f64)) / (SCALE * SCALE),
+            // Beyond i128 (astronomically many readings): fall back to floating point.
+            None => {
+                let mean = self.sum as f64 / n as f64;
+                ((self.sum_sq as f64 / n as f64 - mean * mean) / (SCALE * SCALE)).max(0.0)
+            }
+        }
     }
 }
 
 /// Statistics of one (device, hour): counts, event-time span, and per-metric statistics.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct HourStats {
     /// Readings accepted.
     pub count: u64,
@@ -85,29 +146,32 @@ impl HourStats {
         }
     }
 
-    /// Adds one reading in place (the same as `plus_equals(&HourStats::of(r))`, cheaper).
+    /// Adds one reading in place.
     #[inline]
     pub fn add(&mut self, r: &Reading) {
         self.plus_equals(&HourStats::of(r));
     }
 
-    /// Population standard deviation of metric `i`.
-    pub fn stddev(&self, i: usize) -> f64 {
-        if self.count == 0 {
-            f64::NAN
-        } else {
-            (self.metrics[i].m2 / self.count as f64).max(0.0).sqrt()
-        }
+    /// Mean of metric `i`.
+    pub fn mean(&self, i: usize) -> f64 {
+        self.metrics[i].mean(self.count)
     }
 
-    fn order_key(&self) -> (u64, u64, i64, i64, [[u64; 4]; 6]) {
-        (self.count, self.fails, self.first_ms, self.last_ms, self.metrics.map(|m| m.key()))
+    /// Population standard deviation of metric `i`.
+    pub fn stddev(&self, i: usize) -> f64 {
+        self.metrics[i].variance(self.count).sqrt()
     }
 }
 
 impl Default for HourStats {
     fn default() -> Self {
-        HourStats { count: 0, fails: 0, first_ms: i64::MAX, last_ms: i64::MIN, metrics: [MetricStats::EMPTY; 6] }
+        HourStats {
+            count: 0,
+            fails: 0,
+            first_ms: i64::MAX,
+            last_ms: i64::MIN,
+            metrics: [MetricStats::EMPTY; 6],
+        }
     }
 }
 
@@ -121,9 +185,8 @@ impl IsZero for HourStats {
 impl Semigroup for HourStats {
     #[inline]
     fn plus_equals(&mut self, rhs: &Self) {
-        let (na, nb) = (self.count, rhs.count);
         for (a, b) in self.metrics.iter_mut().zip(rhs.metrics.iter()) {
-            a.merge(na, b, nb);
+            a.merge(b);
         }
         self.count += rhs.count;
         self.fails += rhs.fails;
@@ -138,36 +201,21 @@ impl Monoid for HourStats {
     }
 }
 
-// Differential sorts data and diffs; floats get a total order through their bit patterns.
-impl PartialEq for HourStats {
-    fn eq(&self, other: &Self) -> bool {
-        self.order_key() == other.order_key()
-    }
-}
-impl Eq for HourStats {}
-impl PartialOrd for HourStats {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for HourStats {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.order_key().cmp(&other.order_key())
-    }
-}
-impl Hash for HourStats {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.order_key().hash(state)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::SourcePos;
 
     fn reading(t: i64, v: f64, fail: bool) -> Reading {
-        Reading { device: 1, time_ms: t, metrics: [v; 6], is_fail: fail, ingest_ms: None, pos: SourcePos::default(), payload: Vec::new() }
+        Reading {
+            device: 1,
+            time_ms: t,
+            metrics: [v; 6],
+            is_fail: fail,
+            ingest_ms: None,
+            pos: SourcePos::default(),
+            payload: Vec::new(),
+        }
     }
 
     #[test]
@@ -177,7 +225,11 @@ mod tests {
         let mut right = HourStats::default();
         for (i, v) in vals.iter().enumerate() {
             let r = reading(i as i64 * 1000, *v, i == 2);
-            if i % 2 == 0 { left.add(&r) } else { right.add(&r) }
+            if i % 2 == 0 {
+                left.add(&r)
+            } else {
+                right.add(&r)
+            }
         }
         left.plus_equals(&right);
         let mean = vals.iter().sum::<f64>() / 5.0;
@@ -185,8 +237,11 @@ mod tests {
         assert_eq!(left.count, 5);
         assert_eq!(left.fails, 1);
         assert_eq!((left.first_ms, left.last_ms), (0, 4000));
-        assert_eq!((left.metrics[0].min, left.metrics[0].max), (-2.0, 11.25));
-        assert!((left.metrics[3].mean - mean).abs() < 1e-12);
+        assert_eq!(
+            (left.metrics[0].min_value(), left.metrics[0].max_value()),
+            (-2.0, 11.25)
+        );
+        assert!((left.mean(3) - mean).abs() < 1e-12);
         assert!((left.stddev(5) - var.sqrt()).abs() < 1e-12);
     }
 
@@ -200,5 +255,54 @@ mod tests {
         z.plus_equals(&b);
         assert_eq!(z, b);
         assert!(HourStats::zero().is_zero());
+    }
+
+    #[test]
+    fn addition_is_exactly_associative() {
+        let rs: Vec<Reading> = [0.1, 0.2, 0.3, 1e-9, 123.456789, 2999.99]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| reading(i as i64, *v, false))
+            .collect();
+        let s: Vec<HourStats> = rs.iter().map(HourStats::of).collect();
+        let mut left = s[0];
+        for x in &s[1..] {
+            left.plus_equals(x);
+        }
+        let mut right = s[5];
+        for x in s[..5].iter().rev() {
+            right.plus_equals(x);
+        }
+        assert_eq!(left, right);
+    }
+
+    #[test]
+    fn ordered_bits_round_trip_and_order() {
+        let vals = [
+            f64::NEG_INFINITY,
+            -3.5,
+            -0.0,
+            0.0,
+            1e-300,
+            2.0,
+            f64::INFINITY,
+        ];
+        for w in vals.windows(2) {
+            assert!(ordered(w[0]) <= ordered(w[1]));
+        }
+        for v in vals {
+            assert_eq!(unordered(ordered(v)).to_bits(), v.to_bits());
+        }
+    }
+
+    #[test]
+    fn variance_has_no_cancellation() {
+        // Large mean, tiny spread: sum-of-squares in f64 would lose every digit.
+        let rs: Vec<Reading> = (0..1000)
+            .map(|i| reading(i, 2999.0 + (i % 2) as f64 * 0.002, false))
+            .collect();
+        let mut s = HourStats::default();
+        rs.iter().for_each(|r| s.add(r));
+        assert!((s.stddev(0) - 0.001).abs() < 1e-12, "{}", s.stddev(0));
     }
 }

@@ -1,7 +1,14 @@
 use fmsflow_dataflows::*;
 fn v(p: &str) -> String {
-    let r = RawRecord { payload: p.as_bytes().to_vec(), ingest_ms: None, pos: SourcePos::default() };
-    match validate(r, &RuleConfig::default()) { Ok(r) => format!("OK {:?}", (r.device, r.time_ms, r.metrics)), Err(e) => format!("ERR {:?} {}", e.rule, e.reason) }
+    let r = RawRecord {
+        payload: p.as_bytes().to_vec(),
+        ingest_ms: None,
+        pos: SourcePos::default(),
+    };
+    match validate(r, &RuleConfig::default()) {
+        Ok(r) => format!("OK {:?}", (r.device, r.time_ms, r.metrics)),
+        Err(e) => format!("ERR {:?} {}", e.rule, e.reason),
+    }
 }
 #[test]
 fn explore() {
@@ -25,7 +32,17 @@ fn explore() {
       "{\"time\":\"2025-07-07T08:21:29Z\",\"DeviceId\":1,\"sensor1\":1,\"sensor2\":2,\"sensor3\":3,\"motor1\":4,\"motor2\":5,\"motor3\":6,\"isFail\":false}\n",
       r#"{"time":"2025-07-07T08:21:29\u005a","DeviceId":1,"sensor1":1,"sensor2":2,"sensor3":3,"motor1":4,"motor2":5,"motor3":6,"isFail":false}"#,
     ] { println!("{:.60} => {}", p, v(p)); }
-    let mut b = good.as_bytes().to_vec(); b[10] = 0xff;
-    let r = RawRecord { payload: b, ingest_ms: None, pos: SourcePos::default() };
-    println!("{:?}", validate(r, &RuleConfig::default()).err().map(|e| (e.rule, e.reason)));
+    let mut b = good.as_bytes().to_vec();
+    b[10] = 0xff;
+    let r = RawRecord {
+        payload: b,
+        ingest_ms: None,
+        pos: SourcePos::default(),
+    };
+    println!(
+        "{:?}",
+        validate(r, &RuleConfig::default())
+            .err()
+            .map(|e| (e.rule, e.reason))
+    );
 }

@@ -20,13 +20,19 @@ pub enum FileSourceError {
     NoMatch(String),
     /// A file could not be read.
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Expands a path or glob into a sorted list of files (the order fixes source ids).
 pub fn expand(pattern: &str) -> Result<Vec<PathBuf>, FileSourceError> {
     let mut files: Vec<PathBuf> = glob::glob(pattern)
-        .map_err(|e| FileSourceError::Pattern { pattern: pattern.to_string(), message: e.to_string() })?
+        .map_err(|e| FileSourceError::Pattern {
+            pattern: pattern.to_string(),
+            message: e.to_string(),
+        })?
         .filter_map(Result::ok)
         .filter(|p| p.is_file())
         .collect();
@@ -41,7 +47,9 @@ pub fn expand(pattern: &str) -> Result<Vec<PathBuf>, FileSourceError> {
 pub fn split_line(line: &[u8]) -> (Option<i64>, &[u8]) {
     let digits = line.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits > 0 && digits <= 18 && line.get(digits) == Some(&b' ') {
-        let ingest = std::str::from_utf8(&line[..digits]).ok().and_then(|s| s.parse().ok());
+        let ingest = std::str::from_utf8(&line[..digits])
+            .ok()
+            .and_then(|s| s.parse().ok());
         if ingest.is_some() {
             return (ingest, &line[digits + 1..]);
         }
@@ -63,8 +71,16 @@ pub struct FileReader {
 
 impl FileReader {
     /// Opens `path` as source `source`.
-    pub fn open(path: &Path, source: u32, index: usize, peers: usize) -> Result<Self, FileSourceError> {
-        let f = File::open(path).map_err(|e| FileSourceError::Read { path: path.display().to_string(), source: e })?;
+    pub fn open(
+        path: &Path,
+        source: u32,
+        index: usize,
+        peers: usize,
+    ) -> Result<Self, FileSourceError> {
+        let f = File::open(path).map_err(|e| FileSourceError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         Ok(FileReader {
             reader: BufReader::with_capacity(1 << 20, f),
             path: path.display().to_string(),
@@ -77,11 +93,20 @@ impl FileReader {
     }
 
     /// Appends up to `max` records to `out`; returns false at the end of the file.
-    pub fn read_chunk(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<bool, FileSourceError> {
+    pub fn read_chunk(
+        &mut self,
+        max: usize,
+        out: &mut Vec<RawRecord>,
+    ) -> Result<bool, FileSourceError> {
         let mut taken = 0;
         while taken < max {
             self.buf.clear();
-            let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| FileSourceError::Read { path: self.path.clone(), source: e })?;
+            let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| {
+                FileSourceError::Read {
+                    path: self.path.clone(),
+                    source: e,
+                }
+            })?;
             if n == 0 {
                 return Ok(false);
             }
@@ -98,7 +123,14 @@ impl FileReader {
                 continue;
             }
             let (ingest_ms, payload) = split_line(l);
-            out.push(RawRecord { payload: payload.to_vec(), ingest_ms, pos: SourcePos { source: self.source, offset: line } });
+            out.push(RawRecord {
+                payload: payload.to_vec(),
+                ingest_ms,
+                pos: SourcePos {
+                    source: self.source,
+                    offset: line,
+                },
+            });
             taken += 1;
         }
         Ok(true)
@@ -111,7 +143,10 @@ mod tests {
 
     #[test]
     fn splits_ingest_prefix() {
-        assert_eq!(split_line(b"1751876489000 {\"a\":1}"), (Some(1_751_876_489_000), &b"{\"a\":1}"[..]));
+        assert_eq!(
+            split_line(b"1751876489000 {\"a\":1}"),
+            (Some(1_751_876_489_000), &b"{\"a\":1}"[..])
+        );
         assert_eq!(split_line(b"{\"a\":1}"), (None, &b"{\"a\":1}"[..]));
         assert_eq!(split_line(b"123abc"), (None, &b"123abc"[..]));
     }
@@ -126,9 +161,20 @@ mod tests {
             let mut r = FileReader::open(&p, 7, i, 2).unwrap();
             while r.read_chunk(1, &mut all).unwrap() {}
         }
-        let mut got: Vec<_> = all.iter().map(|r| (r.pos.offset, r.ingest_ms, r.payload.clone())).collect();
+        let mut got: Vec<_> = all
+            .iter()
+            .map(|r| (r.pos.offset, r.ingest_ms, r.payload.clone()))
+            .collect();
         got.sort();
-        assert_eq!(got, vec![(0, Some(1), b"a".to_vec()), (1, Some(2), b"b".to_vec()), (3, Some(3), b"c".to_vec()), (4, Some(4), b"d".to_vec())]);
+        assert_eq!(
+            got,
+            vec![
+                (0, Some(1), b"a".to_vec()),
+                (1, Some(2), b"b".to_vec()),
+                (3, Some(3), b"c".to_vec()),
+                (4, Some(4), b"d".to_vec())
+            ]
+        );
         assert!(all.iter().all(|r| r.pos.source == 7));
     }
 }

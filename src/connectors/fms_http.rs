@@ -40,7 +40,11 @@ pub async fn poll(
     deliver: Arc<dyn Fn(u32, RawRecord) + Send + Sync>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let client = match reqwest::Client::builder().timeout(settings.timeout).pool_max_idle_per_host(settings.concurrency).build() {
+    let client = match reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .pool_max_idle_per_host(settings.concurrency)
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             status.fail(format!("cannot build the HTTP client: {e}"));
@@ -49,7 +53,9 @@ pub async fn poll(
     };
     let limit = Arc::new(Semaphore::new(settings.concurrency));
     let seq = Arc::new(AtomicU64::new(0));
-    let last_log = Arc::new(std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)));
+    let last_log = Arc::new(std::sync::Mutex::new(
+        Instant::now() - Duration::from_secs(60),
+    ));
     let n = settings.devices as u64;
     let start = tokio::time::Instant::now();
     let mut round = 0u64;
@@ -60,11 +66,22 @@ pub async fn poll(
                 break;
             }
             // Spread polls over the interval, with a little jitter so they never align.
-            let slot = settings.interval.mul_f64(((d as u64 - 1) as f64 + 0.5 * unit(mix(round, d as u64, 3))) / n as f64);
+            let slot = settings
+                .interval
+                .mul_f64(((d as u64 - 1) as f64 + 0.5 * unit(mix(round, d as u64, 3))) / n as f64);
             tokio::time::sleep_until(round_start + slot).await;
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
-            let (client, settings, clock, status, deliver, seq, last_log) =
-                (client.clone(), settings.clone(), clock.clone(), status.clone(), deliver.clone(), seq.clone(), last_log.clone());
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (client, settings, clock, status, deliver, seq, last_log) = (
+                client.clone(),
+                settings.clone(),
+                clock.clone(),
+                status.clone(),
+                deliver.clone(),
+                seq.clone(),
+                last_log.clone(),
+            );
             tokio::spawn(async move {
                 let _permit = permit;
                 let url = format!("{}/{d}/", settings.base.trim_end_matches('/'));
@@ -73,7 +90,11 @@ pub async fn poll(
                     match fetch(&client, &url).await {
                         Ok(body) => {
                             let offset = seq.fetch_add(1, Ordering::Relaxed);
-                            let raw = RawRecord { payload: body, ingest_ms: Some(clock.now_ms()), pos: SourcePos { source: 0, offset } };
+                            let raw = RawRecord {
+                                payload: body,
+                                ingest_ms: Some(clock.now_ms()),
+                                pos: SourcePos { source: 0, offset },
+                            };
                             deliver(d, raw);
                             return;
                         }
@@ -105,5 +126,8 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
     if !status.is_success() {
         return Err(format!("HTTP {status}"));
     }
-    resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+    resp.bytes()
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string())
 }

@@ -21,12 +21,17 @@ impl LocalStorage {
 impl Storage for LocalStorage {
     fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
         let path = self.root.join(key);
-        let io = |op, source| LakeError::Io { op, path: path.display().to_string(), source };
+        let io = |op, source| LakeError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        };
         let dir = path.parent().unwrap_or(&self.root);
         std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("part");
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
+        let mut f =
+            std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
         f.write_all(bytes).map_err(|e| io("writing", e))?;
         f.sync_all().map_err(|e| io("syncing", e))?;
         drop(f);

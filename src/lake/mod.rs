@@ -24,10 +24,18 @@ pub enum LakeError {
     Url { url: String, problem: String },
     /// An I/O operation on the storage failed.
     #[error("{op} `{path}` failed: {source}")]
-    Io { op: &'static str, path: String, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     /// Encoding Parquet failed (a bug, not an environment problem).
     #[error("encoding {table} for hour {hour} as Parquet failed: {message}")]
-    Encode { table: &'static str, hour: i64, message: String },
+    Encode {
+        table: &'static str,
+        hour: i64,
+        message: String,
+    },
 }
 
 impl LakeError {
@@ -47,11 +55,20 @@ pub trait Storage: Send + Sync {
 
 /// Opens the storage a lake URL names.
 pub fn open(url: &str) -> Result<Arc<dyn Storage>, LakeError> {
-    let err = |problem: &str| LakeError::Url { url: url.to_string(), problem: problem.to_string() };
+    let err = |problem: &str| LakeError::Url {
+        url: url.to_string(),
+        problem: problem.to_string(),
+    };
     match url.split_once("://") {
-        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into()))),
-        Some(("file", _)) => Err(err("needs a path, e.g. file://./fmsflow-lake or file:///data/lake")),
-        Some(("s3" | "hdfs", _)) => Err(err("this build writes only file:// lakes; S3 and HDFS backends are not available yet")),
+        Some(("file", path)) if !path.is_empty() => {
+            Ok(Arc::new(local::LocalStorage::new(path.into())))
+        }
+        Some(("file", _)) => Err(err(
+            "needs a path, e.g. file://./fmsflow-lake or file:///data/lake",
+        )),
+        Some(("s3" | "hdfs", _)) => Err(err(
+            "this build writes only file:// lakes; S3 and HDFS backends are not available yet",
+        )),
         Some((scheme, _)) => Err(err(&format!("unknown scheme `{scheme}`; use file://"))),
         None => Err(err("is not a URL; use file://<path>")),
     }
@@ -75,7 +92,10 @@ pub struct LakeWriter {
 impl LakeWriter {
     /// A writer over `storage`.
     pub fn new(storage: Arc<dyn Storage>, row_group_rows: usize) -> Self {
-        LakeWriter { storage, row_group_rows }
+        LakeWriter {
+            storage,
+            row_group_rows,
+        }
     }
 
     /// The partition directory of `hour` in `table`.
@@ -89,7 +109,11 @@ impl LakeWriter {
     pub fn write(&self, b: &HourBatch) -> Result<Written, LakeError> {
         let mut w = Written::default();
         let rg = self.row_group_rows;
-        let mut put = |table: &'static str, part: u32, bytes: Vec<u8>, rows: usize| -> Result<(), LakeError> {
+        let mut put = |table: &'static str,
+                       part: u32,
+                       bytes: Vec<u8>,
+                       rows: usize|
+         -> Result<(), LakeError> {
             let key = format!("{}/part-{part:05}.parquet", Self::dir(table, b.hour));
             self.storage.put_atomic(&key, &bytes)?;
             w.files += 1;
@@ -97,10 +121,20 @@ impl LakeWriter {
             Ok(())
         };
         if !b.readings.is_empty() {
-            put("readings", b.seq, parquet::readings(&b.readings, b.hour, rg)?, b.readings.len())?;
+            put(
+                "readings",
+                b.seq,
+                parquet::readings(&b.readings, b.hour, rg)?,
+                b.readings.len(),
+            )?;
         }
         if !b.rejections.is_empty() {
-            put("rejects", b.seq, parquet::rejects(&b.rejections, b.hour, rg)?, b.rejections.len())?;
+            put(
+                "rejects",
+                b.seq,
+                parquet::rejects(&b.rejections, b.hour, rg)?,
+                b.rejections.len(),
+            )?;
         }
         if let Some(h) = &b.hourly {
             put("hourly", 0, parquet::hourly(h, b.hour, rg)?, h.len())?;

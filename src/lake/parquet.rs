@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::{BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMillisecondBuilder,
+};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use fmsflow_dataflows::rules::Outcome;
@@ -25,12 +28,24 @@ fn ts_builder(n: usize) -> TimestampMillisecondBuilder {
     TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC")
 }
 
-fn encode(table: &'static str, hour: i64, fields: Vec<Field>, columns: Vec<ArrayRef>, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
-    let err = |e: &dyn std::fmt::Display| LakeError::Encode { table, hour, message: e.to_string() };
+fn encode(
+    table: &'static str,
+    hour: i64,
+    fields: Vec<Field>,
+    columns: Vec<ArrayRef>,
+    row_group_rows: usize,
+) -> Result<Vec<u8>, LakeError> {
+    let err = |e: &dyn std::fmt::Display| LakeError::Encode {
+        table,
+        hour,
+        message: e.to_string(),
+    };
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
+        // Sensor values rarely repeat: dictionaries cost time and save nothing.
+        .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_max_row_group_row_count(Some(row_group_rows))
         .set_created_by("fmsflow".to_string())
@@ -47,7 +62,8 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut time = ts_builder(n);
-    let mut metrics: Vec<Float64Builder> = (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
+    let mut metrics: Vec<Float64Builder> =
+        (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
     let mut fail = BooleanBuilder::with_capacity(n);
     let mut ingest = ts_builder(n);
     let mut source = Int32Builder::with_capacity(n);
@@ -63,8 +79,15 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
         source.append_value(r.pos.source as i32);
         offset.append_value(r.pos.offset as i64);
     }
-    let mut fields = vec![Field::new("device", DataType::Int32, false), Field::new("time", ts(), false)];
-    fields.extend(METRICS.iter().map(|m| Field::new(*m, DataType::Float64, false)));
+    let mut fields = vec![
+        Field::new("device", DataType::Int32, false),
+        Field::new("time", ts(), false),
+    ];
+    fields.extend(
+        METRICS
+            .iter()
+            .map(|m| Field::new(*m, DataType::Float64, false)),
+    );
     fields.extend([
         Field::new("is_fail", DataType::Boolean, false),
         Field::new("ingest_time", ts(), true),
@@ -73,12 +96,21 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
     ]);
     let mut cols: Vec<ArrayRef> = vec![Arc::new(device.finish()), Arc::new(time.finish())];
     cols.extend(metrics.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-    cols.extend([Arc::new(fail.finish()) as ArrayRef, Arc::new(ingest.finish()), Arc::new(source.finish()), Arc::new(offset.finish())]);
+    cols.extend([
+        Arc::new(fail.finish()) as ArrayRef,
+        Arc::new(ingest.finish()),
+        Arc::new(source.finish()),
+        Arc::new(offset.finish()),
+    ]);
     encode("readings", hour, fields, cols, row_group_rows)
 }
 
 /// `hourly/`: one row per device with readings in the hour.
-pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+pub fn hourly(
+    rows: &[(u32, HourStats)],
+    hour: i64,
+    row_group_rows: usize,
+) -> Result<Vec<u8>, LakeError> {
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut start = ts_builder(n);
@@ -86,7 +118,8 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
     let mut fails = Int64Builder::with_capacity(n);
     let mut first = ts_builder(n);
     let mut last = ts_builder(n);
-    let mut stats: Vec<Float64Builder> = (0..24).map(|_| Float64Builder::with_capacity(n)).collect();
+    let mut stats: Vec<Float64Builder> =
+        (0..24).map(|_| Float64Builder::with_capacity(n)).collect();
     for (d, s) in rows {
         device.append_value(*d as i32);
         start.append_value(hour * HOUR_MS);
@@ -96,9 +129,9 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
         last.append_value(s.last_ms);
         for i in 0..6 {
             let m = &s.metrics[i];
-            stats[i * 4].append_value(m.min);
-            stats[i * 4 + 1].append_value(m.max);
-            stats[i * 4 + 2].append_value(m.mean);
+            stats[i * 4].append_value(m.min_value());
+            stats[i * 4 + 1].append_value(m.max_value());
+            stats[i * 4 + 2].append_value(s.mean(i));
             stats[i * 4 + 3].append_value(s.stddev(i));
         }
     }
@@ -128,7 +161,11 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
 }
 
 /// `quality/`: one row per (device, outcome) in the hour; outcome `valid` or a rule name.
-pub fn quality(rows: &[((u32, Outcome), i64)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+pub fn quality(
+    rows: &[((u32, Outcome), i64)],
+    hour: i64,
+    row_group_rows: usize,
+) -> Result<Vec<u8>, LakeError> {
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut outcome = StringBuilder::with_capacity(n, n * 12);
@@ -143,7 +180,11 @@ pub fn quality(rows: &[((u32, Outcome), i64)], hour: i64, row_group_rows: usize)
         Field::new("outcome", DataType::Utf8, false),
         Field::new("count", DataType::Int64, false),
     ];
-    let cols: Vec<ArrayRef> = vec![Arc::new(device.finish()), Arc::new(outcome.finish()), Arc::new(count.finish())];
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(device.finish()),
+        Arc::new(outcome.finish()),
+        Arc::new(count.finish()),
+    ];
     encode("quality", hour, fields, cols, row_group_rows)
 }
 

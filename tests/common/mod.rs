@@ -1,0 +1,52 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The `fmsflow` binary cargo built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fmsflow"))
+}
+
+/// The Python that has pyarrow and duckdb: `FMSFLOW_PYTHON` (set by `scripts/test`), else
+/// `python3`. Fails loudly when the packages are missing.
+pub fn python() -> String {
+    let py = std::env::var("FMSFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import duckdb, pyarrow"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{py} cannot import duckdb and pyarrow: run the tests with `bash scripts/test`, which installs them");
+    py
+}
+
+/// Reads a lake with DuckDB and pyarrow (tests/read_lake.py) and returns its JSON summary.
+pub fn read_lake(dir: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/read_lake.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(dir)
+        .output()
+        .expect("running read_lake.py");
+    assert!(
+        out.status.success(),
+        "read_lake.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("read_lake.py prints JSON")
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
