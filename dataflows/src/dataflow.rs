@@ -117,6 +117,12 @@ pub struct Outputs<'scope> {
 }
 
 type Quality = ((u32, i64, Outcome), Epoch, isize);
+/// A quality count as a record of the `quality` collection.
+type QualityCount = ((u32, i64, Outcome), isize);
+/// An update of the `hourly` collection.
+type HourlyUpdate = ((DeviceHour, HourStats), Epoch, isize);
+/// An update of the `quality` collection.
+type QualityUpdate = (QualityCount, Epoch, isize);
 
 /// Builds the dataflow over a stream of raw records.
 pub fn build<'scope>(
@@ -380,8 +386,8 @@ impl HourState {
 fn seal<'scope>(
     readings: Stream<'scope, Epoch, Vec<Reading>>,
     rejections: Stream<'scope, Epoch, Vec<Rejection>>,
-    hourly: Stream<'scope, Epoch, Vec<((DeviceHour, HourStats), Epoch, isize)>>,
-    quality: Stream<'scope, Epoch, Vec<(((u32, i64, Outcome), isize), Epoch, isize)>>,
+    hourly: Stream<'scope, Epoch, Vec<HourlyUpdate>>,
+    quality: Stream<'scope, Epoch, Vec<QualityUpdate>>,
     watermarks: Stream<'scope, Epoch, Vec<i64>>,
     grace_ms: i64,
     max_age_ms: i64,
@@ -395,11 +401,11 @@ fn seal<'scope>(
     );
     let mut i_hourly = builder.new_input(
         hourly,
-        Exchange::new(|u: &((DeviceHour, HourStats), Epoch, isize)| route_hour((u.0).0 .1)),
+        Exchange::new(|u: &HourlyUpdate| route_hour((u.0).0 .1)),
     );
     let mut i_quality = builder.new_input(
         quality,
-        Exchange::new(|u: &(((u32, i64, Outcome), isize), Epoch, isize)| route_hour((u.0).0 .1)),
+        Exchange::new(|u: &QualityUpdate| route_hour((u.0).0 .1)),
     );
     let mut i_wm = builder.new_input(watermarks, Pipeline);
     let (o_sealed, s_sealed) = builder.new_output::<Vec<HourBatch>>();
@@ -411,8 +417,7 @@ fn seal<'scope>(
         let mut pending_read: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
         let mut pending_rej: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
         let mut pending_hourly: BTreeMap<Epoch, Vec<(DeviceHour, HourStats)>> = BTreeMap::new();
-        let mut pending_quality: BTreeMap<Epoch, Vec<((u32, i64, Outcome), isize)>> =
-            BTreeMap::new();
+        let mut pending_quality: BTreeMap<Epoch, Vec<QualityCount>> = BTreeMap::new();
         let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
         let mut hours: BTreeMap<i64, HourState> = BTreeMap::new();
         let mut watermark = i64::MIN;

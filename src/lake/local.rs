@@ -38,6 +38,15 @@ impl Storage for LocalStorage {
         std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e))
     }
 
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
+        let path = self.root.join(key);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LakeError::Io { op: "reading", path: path.display().to_string(), source }),
+        }
+    }
+
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }

@@ -49,6 +49,8 @@ impl LakeError {
 pub trait Storage: Send + Sync {
     /// Writes `bytes` at `key` so that readers see either the old object or the whole new one.
     fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError>;
+    /// Reads the object at `key`, if there is one.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError>;
     /// A human description (for logs).
     fn describe(&self) -> String;
 }
