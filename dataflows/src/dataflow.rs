@@ -60,11 +60,19 @@ impl Hasher for FxHasher {
 /// A `HashMap` with [`FxHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// The one key function that decides which worker owns an hour: its readings, dedup state,
-/// and lake files all live there.
+/// Which worker owns an hour's aggregate tables (`hourly`, `quality`) in the lake.
 #[inline]
 pub fn route_hour(hour: i64) -> u64 {
     (hour as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
+}
+
+/// Which worker deduplicates and pre-aggregates a (device, hour): every reading of a key
+/// meets every other there, and a replay's hour spreads over all workers.
+#[inline]
+pub fn route_device_hour(device: u32, hour: i64) -> u64 {
+    ((hour as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (device as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+        >> 32
 }
 
 /// Dataflow parameters beyond the rules.
@@ -92,11 +100,19 @@ pub struct HourBatch {
     pub hour: i64,
     /// 0 for the batch that seals the hour, then 1, 2, … for each later change.
     pub seq: u32,
-    /// Readings accepted since the previous batch of this hour, ordered by device, time.
+    /// The worker that wrote the batch: appended tables get one part per worker.
+    pub worker: usize,
+    /// The hour was reopened after its state was dropped (data later than the retention):
+    /// `hourly` and `quality` hold only the keys that changed, to merge into the files.
+    pub partial: bool,
+    /// Readings accepted at this worker since its previous batch of this hour, ordered by
+    /// device, time.
     pub readings: Vec<Reading>,
-    /// Rejections counted in this hour since the previous batch, ordered by device, rule.
+    /// Rejections made at this worker and counted in this hour since its previous batch,
+    /// ordered by device, rule.
     pub rejections: Vec<Rejection>,
-    /// The hour's full current aggregates by device, when changed since the previous batch.
+    /// At the hour's owner: its full current aggregates by device, when changed since the
+    /// previous batch.
     pub hourly: Option<Vec<(u32, HourStats)>>,
     /// The hour's full current quality counts by (device, outcome), when changed.
     pub quality: Option<Vec<((u32, Outcome), i64)>>,
@@ -104,7 +120,7 @@ pub struct HourBatch {
 
 /// The streams and collections a built dataflow exposes.
 pub struct Outputs<'scope> {
-    /// Accepted readings, at the worker that owns their hour.
+    /// Accepted readings, at the worker that owns their (device, hour).
     pub readings: Stream<'scope, Epoch, Vec<Reading>>,
     /// Every rejection, by any rule.
     pub rejections: Stream<'scope, Epoch, Vec<Rejection>>,
@@ -112,7 +128,8 @@ pub struct Outputs<'scope> {
     pub hourly: VecCollection<'scope, Epoch, (DeviceHour, HourStats), isize>,
     /// The current quality counts: one `((device, hour, outcome), count)` record per key.
     pub quality: VecCollection<'scope, Epoch, ((u32, i64, Outcome), isize), isize>,
-    /// Hours ready for the lake, at the worker that owns the hour.
+    /// Hours ready for the lake: each worker's readings and rejections, and at the hour's
+    /// owner its tables.
     pub sealed: Stream<'scope, Epoch, Vec<HourBatch>>,
 }
 
@@ -215,7 +232,10 @@ fn dedup<'scope>(
     retention_ms: i64,
 ) -> DedupStreams<'scope> {
     let mut builder = OperatorBuilder::new("Dedup".to_owned(), scope);
-    let mut input = builder.new_input(ok, Exchange::new(|r: &Reading| route_hour(r.hour())));
+    let mut input = builder.new_input(
+        ok,
+        Exchange::new(|r: &Reading| route_device_hour(r.device, r.hour())),
+    );
     let (o_read, s_read) = builder.new_output::<Vec<Reading>>();
     let (o_dup, s_dup) = builder.new_output::<Vec<Rejection>>();
     let (o_stats, s_stats) = builder.new_output::<Vec<(DeviceHour, Epoch, HourStats)>>();
@@ -338,6 +358,7 @@ fn dedup<'scope>(
 struct HourState {
     sealed: bool,
     seq: u32,
+    partial: bool,
     readings: Vec<Reading>,
     rejections: Vec<Rejection>,
     hourly: BTreeMap<u32, HourStats>,
@@ -354,7 +375,7 @@ impl HourState {
             || self.quality_dirty
     }
 
-    fn take_batch(&mut self, hour: i64) -> HourBatch {
+    fn take_batch(&mut self, hour: i64, worker: usize) -> HourBatch {
         let mut readings = std::mem::take(&mut self.readings);
         readings.sort_unstable_by_key(|r| (r.device, r.time_ms, r.pos));
         let mut rejections = std::mem::take(&mut self.rejections);
@@ -362,6 +383,8 @@ impl HourState {
         let batch = HourBatch {
             hour,
             seq: self.seq,
+            worker,
+            partial: self.partial,
             readings,
             rejections,
             hourly: self
@@ -378,10 +401,13 @@ impl HourState {
     }
 }
 
-/// Gathers each hour's readings, rejections, aggregates and quality counts at the hour's
-/// owner, and emits an [`HourBatch`] when the event-time watermark (the largest accepted
-/// event time so far, over all workers) passes the hour's end plus `grace_ms`, and again
-/// whenever late data changes a sealed hour. When the input ends every hour is emitted.
+/// Gathers each hour's readings and rejections where they were made, and its aggregates and
+/// quality counts at the hour's owner, and emits [`HourBatch`]es when the event-time
+/// watermark (the largest accepted event time so far, over all workers, so every worker
+/// decides alike) passes the hour's end plus `grace_ms`, and again whenever late data changes
+/// a sealed hour. When the input ends every hour is emitted. An hour's state is dropped once
+/// no reading within `max_age_ms` of its ingest time can reach it; if one still does (only
+/// records without an ingest time can), the hour is reopened as a partial batch.
 #[allow(clippy::too_many_arguments)]
 fn seal<'scope>(
     readings: Stream<'scope, Epoch, Vec<Reading>>,
@@ -395,10 +421,7 @@ fn seal<'scope>(
     let scope = readings.scope();
     let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
     let mut i_read = builder.new_input(readings, Pipeline);
-    let mut i_rej = builder.new_input(
-        rejections,
-        Exchange::new(|r: &Rejection| route_hour(r.hour())),
-    );
+    let mut i_rej = builder.new_input(rejections, Pipeline);
     let mut i_hourly = builder.new_input(
         hourly,
         Exchange::new(|u: &HourlyUpdate| route_hour((u.0).0 .1)),
@@ -420,6 +443,9 @@ fn seal<'scope>(
         let mut pending_quality: BTreeMap<Epoch, Vec<QualityCount>> = BTreeMap::new();
         let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
         let mut hours: BTreeMap<i64, HourState> = BTreeMap::new();
+        // Next batch number of hours whose state was dropped.
+        let mut dropped: BTreeMap<i64, u32> = BTreeMap::new();
+        let worker = scope.index();
         let mut watermark = i64::MIN;
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
@@ -455,19 +481,19 @@ fn seal<'scope>(
             for (t, v) in split_done(&mut pending_read, done) {
                 complete = complete.max(Some(t));
                 for r in v {
-                    hours.entry(r.hour()).or_default().readings.push(r);
+                    state(&mut hours, &dropped, r.hour()).readings.push(r);
                 }
             }
             for (t, v) in split_done(&mut pending_rej, done) {
                 complete = complete.max(Some(t));
                 for r in v {
-                    hours.entry(r.hour()).or_default().rejections.push(r);
+                    state(&mut hours, &dropped, r.hour()).rejections.push(r);
                 }
             }
             for (t, v) in split_done(&mut pending_hourly, done) {
                 complete = complete.max(Some(t));
                 for ((device, hour), stats) in v {
-                    let h = hours.entry(hour).or_default();
+                    let h = state(&mut hours, &dropped, hour);
                     h.hourly.insert(device, stats);
                     h.hourly_dirty = true;
                 }
@@ -475,7 +501,7 @@ fn seal<'scope>(
             for (t, v) in split_done(&mut pending_quality, done) {
                 complete = complete.max(Some(t));
                 for ((device, hour, outcome), n) in v {
-                    let h = hours.entry(hour).or_default();
+                    let h = state(&mut hours, &dropped, hour);
                     h.quality.insert((device, outcome), n as i64);
                     h.quality_dirty = true;
                 }
@@ -498,15 +524,17 @@ fn seal<'scope>(
                     let sealable = finished || watermark >= (hour + 1) * HOUR_MS + grace_ms;
                     if sealable && (!state.sealed || state.dirty()) {
                         state.sealed = true;
-                        session.give(state.take_batch(*hour));
+                        session.give(state.take_batch(*hour, worker));
                     }
                 }
-                // Hours no acceptable late reading can reach any more. Hour 0 is also where
-                // rejections without any time are counted (`Rejection::hour`): those arrive at
-                // any time, and a dropped hour would restart at seq 0 with partial tables.
+                // Hours no acceptable late reading can reach any more.
                 hours.retain(|hour, s| {
-                    *hour == 0
-                        || !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms)
+                    let keep =
+                        !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms);
+                    if !keep {
+                        dropped.insert(*hour, s.seq);
+                    }
+                    keep
                 });
             }
             match frontier.iter().min() {
@@ -516,6 +544,24 @@ fn seal<'scope>(
         }
     });
     s_sealed
+}
+
+/// The state of `hour`, reopened as partial if it was dropped before.
+fn state<'a>(
+    hours: &'a mut BTreeMap<i64, HourState>,
+    dropped: &BTreeMap<i64, u32>,
+    hour: i64,
+) -> &'a mut HourState {
+    hours
+        .entry(hour)
+        .or_insert_with(|| match dropped.get(&hour) {
+            Some(&seq) => HourState {
+                seq,
+                partial: true,
+                ..HourState::default()
+            },
+            None => HourState::default(),
+        })
 }
 
 /// The epoch of an input message (epochs are totally ordered, so a stamp has one least time).

@@ -341,18 +341,18 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
         ));
     };
     if let Some(ingest) = raw.ingest_ms {
-        if time_ms - ingest > cfg.max_future_ms {
+        if time_ms.saturating_sub(ingest) > cfg.max_future_ms {
             let reason = format!(
                 "time {time} is {} ms after ingest, more than the allowed {} ms",
-                time_ms - ingest,
+                time_ms.saturating_sub(ingest),
                 cfg.max_future_ms
             );
             return Err((Rule::FutureTime, reason, device, Some(time_ms)));
         }
-        if ingest - time_ms > cfg.max_age_ms {
+        if ingest.saturating_sub(time_ms) > cfg.max_age_ms {
             let reason = format!(
                 "time {time} is {} ms before ingest, older than the allowed {} ms",
-                ingest - time_ms,
+                ingest.saturating_sub(time_ms),
                 cfg.max_age_ms
             );
             return Err((Rule::StaleTime, reason, device, Some(time_ms)));
@@ -384,7 +384,7 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
 /// while a reading for that hour can still pass the stale rule.
 #[derive(Debug)]
 pub struct Deduper {
-    seen: HashMap<i64, HashMap<(u32, i64), SourcePos>>,
+    seen: HashMap<i64, crate::dataflow::FastMap<(u32, i64), SourcePos>>,
     retention_ms: i64,
     high_water_ms: i64,
 }

@@ -414,7 +414,7 @@ fn finish(raw: Raw) -> Final {
         out
     }
     let mut batches = raw.batches;
-    batches.sort_by_key(|b| (b.hour, b.seq));
+    batches.sort_by_key(|b| (b.hour, b.seq, b.worker));
     Final {
         hourly: accumulate(raw.hourly),
         quality: accumulate(raw.quality)
@@ -481,15 +481,18 @@ fn check_sealed(
     exp: &Expected,
     winners: &BTreeMap<(u32, i64), SourcePos>,
 ) -> Result<(), String> {
-    // Per hour: batches numbered 0, 1, 2, … and no hour sealed twice as new.
+    // Per hour and worker: batches numbered 0, 1, 2, … and no hour sealed twice as new.
     let mut by_hour: BTreeMap<i64, Vec<&HourBatch>> = BTreeMap::new();
+    let mut by_worker: BTreeMap<(i64, usize), Vec<u32>> = BTreeMap::new();
     for b in &fin.batches {
         by_hour.entry(b.hour).or_default().push(b);
+        by_worker.entry((b.hour, b.worker)).or_default().push(b.seq);
     }
-    for (hour, batches) in &by_hour {
-        let seqs: Vec<u32> = batches.iter().map(|b| b.seq).collect();
-        if seqs != (0..batches.len() as u32).collect::<Vec<_>>() {
-            return Err(format!("hour {hour}: batch sequence numbers {seqs:?}"));
+    for ((hour, worker), seqs) in &by_worker {
+        if *seqs != (0..seqs.len() as u32).collect::<Vec<_>>() {
+            return Err(format!(
+                "hour {hour}, worker {worker}: batch sequence numbers {seqs:?}"
+            ));
         }
     }
 
@@ -564,10 +567,10 @@ fn check_sealed(
     let mut quality_tables: BTreeMap<i64, BTreeMap<(u32, Outcome), i64>> = BTreeMap::new();
     for b in &fin.batches {
         if let Some(t) = &b.hourly {
-            hourly_tables.insert(b.hour, t.iter().copied().collect());
+            apply(hourly_tables.entry(b.hour).or_default(), t, b.partial);
         }
         if let Some(t) = &b.quality {
-            quality_tables.insert(b.hour, t.iter().copied().collect());
+            apply(quality_tables.entry(b.hour).or_default(), t, b.partial);
         }
     }
     let mut want_hourly: BTreeMap<i64, BTreeMap<u32, HourStats>> = BTreeMap::new();
@@ -647,11 +650,42 @@ fn fixed_input(len: usize) -> Vec<(Epoch, RawRecord)> {
 
 /// Everything an hour's lake files are made of, merged over its batches: the readings and
 /// rejections of all batches, the last hourly and quality tables.
+/// Each hour's sequence of table versions (hourly, quality, partial) as sealed.
+type TableVersions = BTreeMap<
+    i64,
+    Vec<(
+        Option<Vec<(u32, HourStats)>>,
+        Option<Vec<((u32, Outcome), i64)>>,
+        bool,
+    )>,
+>;
+
+fn tables(f: &Final) -> TableVersions {
+    let mut out: TableVersions = BTreeMap::new();
+    for b in &f.batches {
+        if b.hourly.is_some() || b.quality.is_some() {
+            out.entry(b.hour)
+                .or_default()
+                .push((b.hourly.clone(), b.quality.clone(), b.partial));
+        }
+    }
+    out
+}
+
+/// Applies a batch's table as the lake writer does: a partial table updates the keys it
+/// holds, a full one replaces the file.
+fn apply<K: Ord + Copy, V: Copy>(file: &mut BTreeMap<K, V>, table: &[(K, V)], partial: bool) {
+    if !partial {
+        file.clear();
+    }
+    file.extend(table.iter().copied());
+}
+
 type HourContent = (
     Vec<(u32, i64, SourcePos)>,
     Vec<(u32, Rule, SourcePos, String)>,
-    Option<Vec<(u32, HourStats)>>,
-    Option<Vec<((u32, Outcome), i64)>>,
+    BTreeMap<u32, HourStats>,
+    BTreeMap<(u32, Outcome), i64>,
 );
 
 fn merged(f: &Final) -> BTreeMap<i64, HourContent> {
@@ -664,11 +698,11 @@ fn merged(f: &Final) -> BTreeMap<i64, HourContent> {
                 .iter()
                 .map(|r| (r.device, r.rule, r.pos, r.reason.clone())),
         );
-        if b.hourly.is_some() {
-            h.2.clone_from(&b.hourly);
+        if let Some(t) = &b.hourly {
+            apply(&mut h.2, t, b.partial);
         }
-        if b.quality.is_some() {
-            h.3.clone_from(&b.quality);
+        if let Some(t) = &b.quality {
+            apply(&mut h.3, t, b.partial);
         }
     }
     for h in out.values_mut() {
@@ -704,10 +738,14 @@ fn same_results_at_1_2_and_4_workers() {
                 "{context}: lake content differs"
             );
             if lockstep {
-                // Each epoch completes before the next starts: the same batches, in the same
-                // order of seals and re-seals. (Without lockstep, when an hour seals depends
-                // on how far each worker got, so only the merged content is fixed.)
-                assert!(other.batches == base.batches, "{context}: batches differ");
+                // Each epoch completes before the next starts: the same table versions, in
+                // the same order of seals and re-seals. (Without lockstep, when an hour seals
+                // depends on how far each worker got, so only the merged content is fixed.
+                // Readings and rejections are split by worker, so only their union is.)
+                assert!(
+                    tables(&other) == tables(&base),
+                    "{context}: table versions differ"
+                );
             }
         }
     }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use super::{LakeError, Storage};
 
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A lake in a local directory.
 pub struct LocalStorage {
     root: PathBuf,
@@ -29,7 +31,9 @@ impl Storage for LocalStorage {
         let dir = path.parent().unwrap_or(&self.root);
         std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("part");
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // Unique per process and write, so concurrent writers never share a temporary file.
+        let n = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
         let mut f =
             std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
         f.write_all(bytes).map_err(|e| io("writing", e))?;
@@ -43,7 +47,11 @@ impl Storage for LocalStorage {
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(LakeError::Io { op: "reading", path: path.display().to_string(), source }),
+            Err(source) => Err(LakeError::Io {
+                op: "reading",
+                path: path.display().to_string(),
+                source,
+            }),
         }
     }
 

@@ -2,9 +2,9 @@
 //! (`file://` now; `s3://` and `hdfs://` come with the storage work) behind one small trait.
 //!
 //! Layout (Hive style, readable as-is by DuckDB, Spark, Athena):
-//! `{readings,hourly,quality,rejects}/dt=YYYY-MM-DD/hour=HH/part-NNNNN.parquet`.
-//! `readings/` and `rejects/` get a new part per batch (part 0 when the hour seals, then one
-//! per late change); `hourly/` and `quality/` hold one file per hour, replaced whole when late
+//! `{readings,hourly,quality,rejects}/dt=YYYY-MM-DD/hour=HH/part-*.parquet`.
+//! `readings/` and `rejects/` get a new part per batch and worker (`part-SSSSS-wWWW`: part 0
+//! when the hour seals, then one per late change); `hourly/` and `quality/` hold one file per hour, replaced whole when late
 //! data changes the hour. Every file is written under a hidden temporary name and renamed,
 //! so a reader never sees half a file.
 
@@ -111,38 +111,59 @@ impl LakeWriter {
     pub fn write(&self, b: &HourBatch) -> Result<Written, LakeError> {
         let mut w = Written::default();
         let rg = self.row_group_rows;
-        let mut put = |table: &'static str,
-                       part: u32,
-                       bytes: Vec<u8>,
-                       rows: usize|
-         -> Result<(), LakeError> {
-            let key = format!("{}/part-{part:05}.parquet", Self::dir(table, b.hour));
-            self.storage.put_atomic(&key, &bytes)?;
+        let storage = &self.storage;
+        let mut put = |key: String, bytes: Vec<u8>, rows: usize| -> Result<(), LakeError> {
+            storage.put_atomic(&key, &bytes)?;
             w.files += 1;
             w.rows += rows as u64;
             Ok(())
         };
+        // Appended tables: a new part per batch, named by sequence and worker.
+        let part = format!("part-{:05}-w{:03}.parquet", b.seq, b.worker);
         if !b.readings.is_empty() {
+            let bytes = parquet::readings(&b.readings, b.hour, rg)?;
             put(
-                "readings",
-                b.seq,
-                parquet::readings(&b.readings, b.hour, rg)?,
+                format!("{}/{part}", Self::dir("readings", b.hour)),
+                bytes,
                 b.readings.len(),
             )?;
         }
         if !b.rejections.is_empty() {
+            let bytes = parquet::rejects(&b.rejections, b.hour, rg)?;
             put(
-                "rejects",
-                b.seq,
-                parquet::rejects(&b.rejections, b.hour, rg)?,
+                format!("{}/{part}", Self::dir("rejects", b.hour)),
+                bytes,
                 b.rejections.len(),
             )?;
         }
+        // Replaced tables: one file per hour. A partial batch (an hour reopened after its
+        // state was dropped) carries only the keys that changed: merge them into the file.
         if let Some(h) = &b.hourly {
-            put("hourly", 0, parquet::hourly(h, b.hour, rg)?, h.len())?;
+            let key = format!("{}/part-00000.parquet", Self::dir("hourly", b.hour));
+            let mut bytes = parquet::hourly(h, b.hour, rg)?;
+            if b.partial {
+                if let Some(old) = storage.get(&key)? {
+                    bytes = parquet::merge(&old, &bytes, "hourly", b.hour, rg, &["device"])?;
+                }
+            }
+            put(key, bytes, h.len())?;
         }
         if let Some(q) = &b.quality {
-            put("quality", 0, parquet::quality(q, b.hour, rg)?, q.len())?;
+            let key = format!("{}/part-00000.parquet", Self::dir("quality", b.hour));
+            let mut bytes = parquet::quality(q, b.hour, rg)?;
+            if b.partial {
+                if let Some(old) = storage.get(&key)? {
+                    bytes = parquet::merge(
+                        &old,
+                        &bytes,
+                        "quality",
+                        b.hour,
+                        rg,
+                        &["device", "outcome"],
+                    )?;
+                }
+            }
+            put(key, bytes, q.len())?;
         }
         Ok(w)
     }

@@ -234,27 +234,54 @@ pub fn rejects(rows: &[Rejection], hour: i64, row_group_rows: usize) -> Result<V
 
 /// Merges a file with an update of some of its rows: rows of `old` whose key columns match a
 /// row of `new` are replaced; the result is ordered by the key columns.
-pub fn merge(old: &[u8], new: &[u8], table: &'static str, hour: i64, row_group_rows: usize, key: &[&str]) -> Result<Vec<u8>, LakeError> {
+pub fn merge(
+    old: &[u8],
+    new: &[u8],
+    table: &'static str,
+    hour: i64,
+    row_group_rows: usize,
+    key: &[&str],
+) -> Result<Vec<u8>, LakeError> {
     use arrow_array::cast::AsArray;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let err = |e: &dyn std::fmt::Display| LakeError::Encode { table, hour, message: format!("merging with the existing file: {e}") };
+    let err = |e: &dyn std::fmt::Display| LakeError::Encode {
+        table,
+        hour,
+        message: format!("merging with the existing file: {e}"),
+    };
     let read = |bytes: &[u8]| -> Result<Vec<RecordBatch>, LakeError> {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes)).map_err(|e| err(&e))?.build().map_err(|e| err(&e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
+            .map_err(|e| err(&e))?
+            .build()
+            .map_err(|e| err(&e))?;
         reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
     };
     let (old, new) = (read(old)?, read(new)?);
-    let Some(schema) = new.first().map(|b| b.schema()) else { return Err(err(&"the update is empty")) };
+    let Some(schema) = new.first().map(|b| b.schema()) else {
+        return Err(err(&"the update is empty"));
+    };
     // Keys: the device, then (for quality) the outcome.
     let key_of = |b: &RecordBatch, i: usize| -> Result<(i32, String), LakeError> {
-        let col = |name: &str| b.column_by_name(name).ok_or_else(|| err(&format!("no column {name}")));
-        let device = col(key[0])?.as_primitive_opt::<arrow_array::types::Int32Type>().ok_or_else(|| err(&"device is not Int32"))?.value(i);
+        let col = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| err(&format!("no column {name}")))
+        };
+        let device = col(key[0])?
+            .as_primitive_opt::<arrow_array::types::Int32Type>()
+            .ok_or_else(|| err(&"device is not Int32"))?
+            .value(i);
         let rest = match key.get(1) {
-            Some(name) => col(name)?.as_string_opt::<i32>().ok_or_else(|| err(&format!("{name} is not Utf8")))?.value(i).to_string(),
+            Some(name) => col(name)?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| err(&format!("{name} is not Utf8")))?
+                .value(i)
+                .to_string(),
             None => String::new(),
         };
         Ok((device, rest))
     };
-    let mut rows: std::collections::BTreeMap<(i32, String), (usize, usize)> = std::collections::BTreeMap::new();
+    let mut rows: std::collections::BTreeMap<(i32, String), (usize, usize)> =
+        std::collections::BTreeMap::new();
     let all: Vec<RecordBatch> = old.into_iter().chain(new).collect();
     // Later batches (the update) win.
     for (bi, b) in all.iter().enumerate() {
@@ -265,7 +292,8 @@ pub fn merge(old: &[u8], new: &[u8], table: &'static str, hour: i64, row_group_r
     let indices: Vec<(usize, usize)> = rows.into_values().collect();
     let columns = (0..schema.fields().len())
         .map(|c| {
-            let arrays: Vec<&dyn arrow_array::Array> = all.iter().map(|b| b.column(c).as_ref()).collect();
+            let arrays: Vec<&dyn arrow_array::Array> =
+                all.iter().map(|b| b.column(c).as_ref()).collect();
             arrow_select::interleave::interleave(&arrays, &indices).map_err(|e| err(&e))
         })
         .collect::<Result<Vec<ArrayRef>, LakeError>>()?;
@@ -281,12 +309,23 @@ mod tests {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     fn stats(device: u32, v: f64) -> (u32, HourStats) {
-        let r = Reading { device, time_ms: 1000, metrics: [v; 6], is_fail: false, ingest_ms: None, pos: SourcePos::default(), payload: Vec::new() };
+        let r = Reading {
+            device,
+            time_ms: 1000,
+            metrics: [v; 6],
+            is_fail: false,
+            ingest_ms: None,
+            pos: SourcePos::default(),
+            payload: Vec::new(),
+        };
         (device, HourStats::of(&r))
     }
 
     fn rows(bytes: Vec<u8>) -> RecordBatch {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap().build().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .unwrap()
+            .build()
+            .unwrap();
         let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
         arrow_select::concat::concat_batches(&batches[0].schema(), &batches).unwrap()
     }
@@ -296,18 +335,42 @@ mod tests {
         let old = hourly(&[stats(1, 1.0), stats(2, 2.0), stats(10, 10.0)], 5, 100).unwrap();
         let new = hourly(&[stats(2, 20.0), stats(4, 4.0)], 5, 100).unwrap();
         let b = rows(merge(&old, &new, "hourly", 5, 100, &["device"]).unwrap());
-        let devices: Vec<i32> = b.column_by_name("device").unwrap().as_primitive::<arrow_array::types::Int32Type>().values().to_vec();
+        let devices: Vec<i32> = b
+            .column_by_name("device")
+            .unwrap()
+            .as_primitive::<arrow_array::types::Int32Type>()
+            .values()
+            .to_vec();
         assert_eq!(devices, vec![1, 2, 4, 10]);
-        let means: Vec<f64> = b.column_by_name("sensor1_mean").unwrap().as_primitive::<arrow_array::types::Float64Type>().values().to_vec();
+        let means: Vec<f64> = b
+            .column_by_name("sensor1_mean")
+            .unwrap()
+            .as_primitive::<arrow_array::types::Float64Type>()
+            .values()
+            .to_vec();
         assert_eq!(means, vec![1.0, 20.0, 4.0, 10.0]);
     }
 
     #[test]
     fn merge_quality_by_device_and_outcome() {
-        let old = quality(&[((1, Outcome::Valid), 5), ((1, Outcome::Rejected(Rule::Duplicate)), 1), ((2, Outcome::Valid), 3)], 5, 100).unwrap();
+        let old = quality(
+            &[
+                ((1, Outcome::Valid), 5),
+                ((1, Outcome::Rejected(Rule::Duplicate)), 1),
+                ((2, Outcome::Valid), 3),
+            ],
+            5,
+            100,
+        )
+        .unwrap();
         let new = quality(&[((1, Outcome::Rejected(Rule::Duplicate)), 2)], 5, 100).unwrap();
         let b = rows(merge(&old, &new, "quality", 5, 100, &["device", "outcome"]).unwrap());
-        let counts: Vec<i64> = b.column_by_name("count").unwrap().as_primitive::<arrow_array::types::Int64Type>().values().to_vec();
+        let counts: Vec<i64> = b
+            .column_by_name("count")
+            .unwrap()
+            .as_primitive::<arrow_array::types::Int64Type>()
+            .values()
+            .to_vec();
         assert_eq!(counts, vec![2, 5, 3]);
     }
 }
