@@ -56,11 +56,14 @@ fn main() {
     let n = data.len();
     println!("fmsflow pipeline benchmark: {n} generated readings ({hours} hours x 100 devices), {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
 
+    // FMSFLOW_BENCH_ONLY=aggregate-1 (or parquet-2, ...) runs one case, for profiling.
+    let only = std::env::var("FMSFLOW_BENCH_ONLY").ok();
+
     // Parse + validate alone, one thread, no dataflow.
     let cfg = RuleConfig::default();
     let start = Instant::now();
-    let mut ok = 0usize;
-    for r in data.iter() {
+    let mut ok = if only.is_some() { n } else { 0 };
+    for r in data.iter().filter(|_| only.is_none()) {
         ok += validate(r.clone(), &cfg).is_ok() as usize;
     }
     assert_eq!(ok, n);
@@ -73,6 +76,13 @@ fn main() {
 
     for with_lake in [false, true] {
         for workers in [1usize, 2] {
+            let case = format!(
+                "{}-{workers}",
+                if with_lake { "parquet" } else { "aggregate" }
+            );
+            if only.as_ref().is_some_and(|o| *o != case) {
+                continue;
+            }
             let dir = tempfile::tempdir().expect("temp dir");
             let writer = with_lake.then(|| {
                 Arc::new(LakeWriter::new(

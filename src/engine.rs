@@ -89,28 +89,32 @@ pub fn run(
         let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
             let (handle, raw) = scope.new_input::<RawRecord>();
             let out = build(raw, &flow);
-            out.readings.inspect_core(move |e| {
+            out.readings.clone().inspect_core(move |e| {
                 if let Ok((_, rs)) = e {
                     st_r.on_readings(rs)
                 }
             });
-            out.rejections.inspect_core(move |e| {
+            out.rejections.clone().inspect_core(move |e| {
                 if let Ok((_, rs)) = e {
                     st_j.on_rejections(rs)
                 }
             });
-            let sealed = out.sealed.probe_with(&probe);
+            // Without a lake nothing needs sealing: the aggregates are the output.
+            out.hourly.clone().inner.probe_with(&probe);
+            out.quality.clone().inner.probe_with(&probe);
             if let Some(tx) = to_writer.take() {
-                sealed.sink(Pipeline, "LakeSink", move |(input, _)| {
-                    input.for_each_stamp(|_, data| {
-                        for batch in data {
-                            for b in batch.drain(..) {
-                                // The writer thread is gone only after a fatal error, recorded in status.
-                                let _ = tx.send(b);
+                out.sealed()
+                    .probe_with(&probe)
+                    .sink(Pipeline, "LakeSink", move |(input, _)| {
+                        input.for_each_stamp(|_, data| {
+                            for batch in data {
+                                for b in batch.drain(..) {
+                                    // The writer thread is gone only after a fatal error, recorded in status.
+                                    let _ = tx.send(b);
+                                }
                             }
-                        }
+                        });
                     });
-                });
             }
             handle
         });

@@ -128,9 +128,26 @@ pub struct Outputs<'scope> {
     pub hourly: VecCollection<'scope, Epoch, (DeviceHour, HourStats), isize>,
     /// The current quality counts: one `((device, hour, outcome), count)` record per key.
     pub quality: VecCollection<'scope, Epoch, ((u32, i64, Outcome), isize), isize>,
+    /// Each worker's largest accepted event time per epoch, sent to every worker.
+    pub watermarks: Stream<'scope, Epoch, Vec<i64>>,
+    grace_ms: i64,
+    max_age_ms: i64,
+}
+
+impl<'scope> Outputs<'scope> {
     /// Hours ready for the lake: each worker's readings and rejections, and at the hour's
-    /// owner its tables.
-    pub sealed: Stream<'scope, Epoch, Vec<HourBatch>>,
+    /// owner its tables. Built only when asked for (a sink needs it; the aggregates do not).
+    pub fn sealed(&self) -> Stream<'scope, Epoch, Vec<HourBatch>> {
+        seal(
+            self.readings.clone(),
+            self.rejections.clone(),
+            self.hourly.clone().inner,
+            self.quality.clone().inner,
+            self.watermarks.clone(),
+            self.grace_ms,
+            self.max_age_ms,
+        )
+    }
 }
 
 type Quality = ((u32, i64, Outcome), Epoch, isize);
@@ -162,21 +179,14 @@ pub fn build<'scope>(
         .as_collection()
         .count_total();
 
-    let sealed = seal(
-        readings.clone(),
-        rejections.clone(),
-        hourly.clone().inner,
-        quality.clone().inner,
-        watermarks.broadcast(),
-        cfg.grace_ms,
-        cfg.rules.max_age_ms,
-    );
     Outputs {
         readings,
         rejections,
         hourly,
         quality,
-        sealed,
+        watermarks: watermarks.broadcast(),
+        grace_ms: cfg.grace_ms,
+        max_age_ms: cfg.rules.max_age_ms,
     }
 }
 
@@ -252,10 +262,7 @@ fn dedup<'scope>(
         let mut stash: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
         let mut deduper = crate::rules::Deduper::new(retention_ms);
         let mut winners: Vec<Reading> = Vec::new();
-        let mut slot: FastMap<(u32, i64), usize> = FastMap::default();
         let mut losers: Vec<(Reading, SourcePos)> = Vec::new();
-        let mut doubles: Vec<Reading> = Vec::new();
-        let mut verdicts: Vec<Result<(), SourcePos>> = Vec::new();
         let mut agg: FastMap<DeviceHour, HourStats> = FastMap::default();
         move |frontiers| {
             input.for_each_stamp(|cap, data| {
@@ -278,42 +285,8 @@ fn dedup<'scope>(
                     break;
                 }
                 let epoch = entry.remove();
-                // Within the epoch, the smallest source position of a (device, time) wins.
-                for r in epoch {
-                    match slot.entry((r.device, r.time_ms)) {
-                        std::collections::hash_map::Entry::Occupied(e) => {
-                            let held = &mut winners[*e.get()];
-                            doubles.push(if r.pos < held.pos {
-                                std::mem::replace(held, r)
-                            } else {
-                                r
-                            });
-                        }
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(winners.len());
-                            winners.push(r);
-                        }
-                    }
-                }
-                // Against earlier epochs. Only now is the accepted reading of each (device,
-                // time) known, which every duplicate's reason names (the epoch's winner may
-                // itself be a duplicate of an earlier epoch's reading).
-                verdicts.extend(winners.iter().map(|r| deduper.admit(r)));
-                for r in doubles.drain(..) {
-                    let i = slot[&(r.device, r.time_ms)];
-                    let first = verdicts[i].err().unwrap_or(winners[i].pos);
-                    losers.push((r, first));
-                }
-                slot.clear();
-                let mut verdict = verdicts.drain(..);
+                deduper.epoch(epoch, &mut winners, &mut losers);
                 let mut max_time = i64::MIN;
-                winners.retain_mut(|r| match verdict.next().expect("one verdict per winner") {
-                    Ok(()) => true,
-                    Err(first) => {
-                        losers.push((std::mem::replace(r, Reading::EMPTY), first));
-                        false
-                    }
-                });
                 for r in winners.iter_mut() {
                     r.payload = Vec::new();
                     agg.entry(r.key()).or_default().add(r);
@@ -341,7 +314,6 @@ fn dedup<'scope>(
                         .session(&cap_t(2))
                         .give_iterator(agg.drain().map(|(k, st)| (k, t, st)));
                 }
-                deduper.prune();
             }
             // Hold capabilities only as far back as the input frontier.
             match frontier.iter().min() {
@@ -359,7 +331,8 @@ struct HourState {
     sealed: bool,
     seq: u32,
     partial: bool,
-    readings: Vec<Reading>,
+    /// Chunks of readings as they completed (usually one epoch's worth each).
+    readings: Vec<Vec<Reading>>,
     rejections: Vec<Rejection>,
     hourly: BTreeMap<u32, HourStats>,
     hourly_dirty: bool,
@@ -376,8 +349,7 @@ impl HourState {
     }
 
     fn take_batch(&mut self, hour: i64, worker: usize) -> HourBatch {
-        let mut readings = std::mem::take(&mut self.readings);
-        readings.sort_unstable_by_key(|r| (r.device, r.time_ms, r.pos));
+        let readings = sort_readings(std::mem::take(&mut self.readings));
         let mut rejections = std::mem::take(&mut self.rejections);
         rejections.sort_by_key(|r| (r.device, r.rule, r.pos));
         let batch = HourBatch {
@@ -480,8 +452,8 @@ fn seal<'scope>(
             let mut complete = None;
             for (t, v) in split_done(&mut pending_read, done) {
                 complete = complete.max(Some(t));
-                for r in v {
-                    state(&mut hours, &dropped, r.hour()).readings.push(r);
+                for (hour, chunk) in split_by_hour(v) {
+                    state(&mut hours, &dropped, hour).readings.push(chunk);
                 }
             }
             for (t, v) in split_done(&mut pending_rej, done) {
@@ -544,6 +516,44 @@ fn seal<'scope>(
         }
     });
     s_sealed
+}
+
+/// Splits readings by hour; a chunk of one hour (the usual case) is passed on as it is.
+fn split_by_hour(v: Vec<Reading>) -> Vec<(i64, Vec<Reading>)> {
+    match v.first().map(Reading::hour) {
+        None => Vec::new(),
+        Some(h) if v.iter().all(|r| r.hour() == h) => vec![(h, v)],
+        Some(_) => {
+            let mut by: BTreeMap<i64, Vec<Reading>> = BTreeMap::new();
+            for r in v {
+                by.entry(r.hour()).or_default().push(r);
+            }
+            by.into_iter().collect()
+        }
+    }
+}
+
+/// Joins chunks into one vector ordered by device, time, source position. Sorts small keys
+/// and moves each reading once, rather than swapping whole readings while sorting.
+fn sort_readings(chunks: Vec<Vec<Reading>>) -> Vec<Reading> {
+    let n = chunks.iter().map(Vec::len).sum();
+    let mut flat = Vec::with_capacity(n);
+    for mut c in chunks {
+        flat.append(&mut c);
+    }
+    let mut keys: Vec<(u32, i64, SourcePos, u32)> = flat
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.device, r.time_ms, r.pos, i as u32))
+        .collect();
+    keys.sort_unstable();
+    if keys.iter().enumerate().all(|(i, k)| k.3 as usize == i) {
+        return flat;
+    }
+    let mut slots: Vec<Option<Reading>> = flat.into_iter().map(Some).collect();
+    keys.iter()
+        .filter_map(|k| slots[k.3 as usize].take())
+        .collect()
 }
 
 /// The state of `hour`, reopened as partial if it was dropped before.

@@ -6,7 +6,6 @@
 //! Rule names are stable: they appear in the lake, in the dead-letter output and in metrics.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -380,13 +379,24 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     Ok((device, time_ms, metrics, is_fail))
 }
 
-/// The `duplicate` rule's memory: which (device, time) pairs were accepted, per hour, kept
-/// while a reading for that hour can still pass the stale rule.
+/// The `duplicate` rule's memory: which (device, time) pairs were accepted, kept while a
+/// reading of that time can still pass the stale rule. One hash lookup per reading.
 #[derive(Debug)]
 pub struct Deduper {
-    seen: HashMap<i64, crate::dataflow::FastMap<(u32, i64), SourcePos>>,
+    seen: crate::dataflow::FastMap<(u32, i64), Seen>,
     retention_ms: i64,
     high_water_ms: i64,
+    /// Event times below this have been forgotten.
+    pruned_below_ms: i64,
+    next_epoch: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    epoch: u64,
+    pos: SourcePos,
+    /// Index in the epoch's winners, while `epoch` is the current one.
+    slot: u32,
 }
 
 impl Deduper {
@@ -394,36 +404,90 @@ impl Deduper {
     /// than `retention_ms` past the hour's end. Use at least the stale rule's `max_age_ms`.
     pub fn new(retention_ms: i64) -> Self {
         Deduper {
-            seen: HashMap::new(),
+            seen: Default::default(),
             retention_ms,
             high_water_ms: i64::MIN,
+            pruned_below_ms: i64::MIN,
+            next_epoch: 0,
         }
     }
 
-    /// Records `r` as accepted if it is the first reading for its (device, time); otherwise
-    /// returns the source position of the first one.
-    #[inline]
-    pub fn admit(&mut self, r: &Reading) -> Result<(), SourcePos> {
-        self.high_water_ms = self.high_water_ms.max(r.ingest_ms.unwrap_or(r.time_ms));
-        let hour = self.seen.entry(r.hour()).or_default();
-        match hour.entry((r.device, r.time_ms)) {
-            std::collections::hash_map::Entry::Occupied(e) => Err(*e.get()),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(r.pos);
-                Ok(())
+    /// Applies the rule to one epoch's readings, in any order: of the readings of a (device,
+    /// time), the one of the earliest epoch, then the smallest source position, is accepted
+    /// (pushed to `winners`); every other is pushed to `losers` with the source position of
+    /// the accepted one.
+    pub fn epoch(
+        &mut self,
+        readings: Vec<Reading>,
+        winners: &mut Vec<Reading>,
+        losers: &mut Vec<(Reading, SourcePos)>,
+    ) {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let base = winners.len();
+        let mut doubles = Vec::new();
+        for r in readings {
+            self.high_water_ms = self.high_water_ms.max(r.ingest_ms.unwrap_or(r.time_ms));
+            match self.seen.entry((r.device, r.time_ms)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Seen {
+                        epoch,
+                        pos: r.pos,
+                        slot: (winners.len() - base) as u32,
+                    });
+                    winners.push(r);
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let s = e.get_mut();
+                    if s.epoch == epoch && r.pos < s.pos {
+                        s.pos = r.pos;
+                        doubles.push(std::mem::replace(&mut winners[base + s.slot as usize], r));
+                    } else {
+                        doubles.push(r);
+                    }
+                }
             }
         }
+        // Only now is the accepted reading of every (device, time) known.
+        for d in doubles {
+            let first = self.seen[&(d.device, d.time_ms)].pos;
+            losers.push((d, first));
+        }
+        self.prune();
     }
 
-    /// Forgets hours that no acceptable reading can belong to any more.
-    pub fn prune(&mut self) {
-        let (retention, high) = (self.retention_ms, self.high_water_ms);
-        self.seen
-            .retain(|hour, _| (hour + 1) * HOUR_MS + retention >= high);
+    /// One reading as an epoch of its own: `Err` with the accepted reading's position if it
+    /// is a duplicate.
+    pub fn admit(&mut self, r: &Reading) -> Result<(), SourcePos> {
+        let (mut winners, mut losers) = (Vec::new(), Vec::new());
+        self.epoch(vec![r.clone()], &mut winners, &mut losers);
+        match losers.pop() {
+            Some((_, first)) => Err(first),
+            None => Ok(()),
+        }
     }
 
-    /// Number of hours remembered.
-    pub fn hours(&self) -> usize {
+    /// Forgets readings no acceptable reading can duplicate any more: those of hours that
+    /// ended more than the retention before the newest time seen. Runs (a full scan) only
+    /// when that boundary crosses into a new hour.
+    fn prune(&mut self) {
+        let Some(limit) = self.high_water_ms.checked_sub(self.retention_ms) else {
+            return;
+        };
+        let below = limit.div_euclid(HOUR_MS) * HOUR_MS;
+        if below > self.pruned_below_ms {
+            self.pruned_below_ms = below;
+            self.seen.retain(|k, _| k.1 >= below);
+        }
+    }
+
+    /// Number of (device, time) pairs remembered.
+    pub fn len(&self) -> usize {
         self.seen.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
     }
 }

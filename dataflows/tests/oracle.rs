@@ -363,7 +363,7 @@ fn run(records: &[(Epoch, RawRecord)], cfg: &FlowConfig, workers: usize, lockste
                 .probe_with(&probe);
             let s = out.clone();
             outputs
-                .sealed
+                .sealed()
                 .inspect(move |b| s.lock().unwrap().batches.push(b.clone()))
                 .probe_with(&probe);
         });
