@@ -349,6 +349,7 @@ fn run(records: &[(Epoch, RawRecord)], cfg: &FlowConfig, workers: usize, lockste
         let probe = ProbeHandle::new();
         worker.dataflow::<Epoch, _, _>(|scope| {
             let outputs = build(scope.input_from(&mut input), &cfg);
+            let sealed = outputs.sealed();
             let s = out.clone();
             outputs
                 .hourly
@@ -362,8 +363,7 @@ fn run(records: &[(Epoch, RawRecord)], cfg: &FlowConfig, workers: usize, lockste
                 .inspect(move |(d, _, r)| s.lock().unwrap().quality.push((*d, *r)))
                 .probe_with(&probe);
             let s = out.clone();
-            outputs
-                .sealed()
+            sealed
                 .inspect(move |b| s.lock().unwrap().batches.push(b.clone()))
                 .probe_with(&probe);
         });
