@@ -6,6 +6,7 @@
 //! Rule names are stable: they appear in the lake, in the dead-letter output and in metrics.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -379,11 +380,13 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     Ok((device, time_ms, metrics, is_fail))
 }
 
-/// The `duplicate` rule's memory: which (device, time) pairs were accepted, kept while a
-/// reading of that time can still pass the stale rule. One hash lookup per reading.
+/// The `duplicate` rule's memory: the accepted event times of each device, in order, kept
+/// while a reading of that time can still pass the stale rule. Readings mostly arrive in
+/// time order per device, so the usual check is one comparison with the device's newest
+/// time; a late reading costs a binary search.
 #[derive(Debug)]
 pub struct Deduper {
-    seen: crate::dataflow::FastMap<(u32, i64), Seen>,
+    devices: crate::dataflow::FastMap<u32, VecDeque<Seen>>,
     retention_ms: i64,
     high_water_ms: i64,
     /// Event times below this have been forgotten.
@@ -393,6 +396,7 @@ pub struct Deduper {
 
 #[derive(Debug, Clone, Copy)]
 struct Seen {
+    time_ms: i64,
     epoch: u64,
     pos: SourcePos,
     /// Index in the epoch's winners, while `epoch` is the current one.
@@ -404,7 +408,7 @@ impl Deduper {
     /// than `retention_ms` past the hour's end. Use at least the stale rule's `max_age_ms`.
     pub fn new(retention_ms: i64) -> Self {
         Deduper {
-            seen: Default::default(),
+            devices: Default::default(),
             retention_ms,
             high_water_ms: i64::MIN,
             pruned_below_ms: i64::MIN,
@@ -428,29 +432,45 @@ impl Deduper {
         let mut doubles = Vec::new();
         for r in readings {
             self.high_water_ms = self.high_water_ms.max(r.ingest_ms.unwrap_or(r.time_ms));
-            match self.seen.entry((r.device, r.time_ms)) {
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(Seen {
-                        epoch,
-                        pos: r.pos,
-                        slot: (winners.len() - base) as u32,
-                    });
-                    winners.push(r);
-                }
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let s = e.get_mut();
-                    if s.epoch == epoch && r.pos < s.pos {
-                        s.pos = r.pos;
-                        doubles.push(std::mem::replace(&mut winners[base + s.slot as usize], r));
-                    } else {
-                        doubles.push(r);
+            let times = self.devices.entry(r.device).or_default();
+            let seen = Seen {
+                time_ms: r.time_ms,
+                epoch,
+                pos: r.pos,
+                slot: (winners.len() - base) as u32,
+            };
+            match times.back() {
+                Some(last) if last.time_ms >= r.time_ms => match times
+                    .binary_search_by_key(&r.time_ms, |s| s.time_ms)
+                {
+                    Ok(i) => {
+                        let s = &mut times[i];
+                        if s.epoch == epoch && r.pos < s.pos {
+                            s.pos = r.pos;
+                            doubles
+                                .push(std::mem::replace(&mut winners[base + s.slot as usize], r));
+                        } else {
+                            doubles.push(r);
+                        }
+                        continue;
                     }
-                }
+                    Err(i) => times.insert(i, seen),
+                },
+                _ => times.push_back(seen),
             }
+            winners.push(r);
         }
         // Only now is the accepted reading of every (device, time) known.
         for d in doubles {
-            let first = self.seen[&(d.device, d.time_ms)].pos;
+            let first = self
+                .devices
+                .get(&d.device)
+                .and_then(|t| {
+                    t.binary_search_by_key(&d.time_ms, |s| s.time_ms)
+                        .ok()
+                        .map(|i| t[i].pos)
+                })
+                .unwrap_or(d.pos);
             losers.push((d, first));
         }
         self.prune();
@@ -468,8 +488,8 @@ impl Deduper {
     }
 
     /// Forgets readings no acceptable reading can duplicate any more: those of hours that
-    /// ended more than the retention before the newest time seen. Runs (a full scan) only
-    /// when that boundary crosses into a new hour.
+    /// ended more than the retention before the newest time seen. Runs only when that
+    /// boundary crosses into a new hour.
     fn prune(&mut self) {
         let Some(limit) = self.high_water_ms.checked_sub(self.retention_ms) else {
             return;
@@ -477,17 +497,83 @@ impl Deduper {
         let below = limit.div_euclid(HOUR_MS) * HOUR_MS;
         if below > self.pruned_below_ms {
             self.pruned_below_ms = below;
-            self.seen.retain(|k, _| k.1 >= below);
+            self.devices.retain(|_, times| {
+                while times.front().is_some_and(|s| s.time_ms < below) {
+                    times.pop_front();
+                }
+                !times.is_empty()
+            });
         }
     }
 
     /// Number of (device, time) pairs remembered.
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.devices.values().map(VecDeque::len).sum()
     }
 
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.devices.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod dedup_tests {
+    use super::*;
+
+    fn r(device: u32, time_ms: i64, offset: u64) -> Reading {
+        Reading {
+            device,
+            time_ms,
+            pos: SourcePos { source: 0, offset },
+            ingest_ms: Some(time_ms),
+            ..Reading::EMPTY
+        }
+    }
+
+    fn run(d: &mut Deduper, epoch: Vec<Reading>) -> (Vec<u64>, Vec<(u64, u64)>) {
+        let (mut w, mut l) = (Vec::new(), Vec::new());
+        d.epoch(epoch, &mut w, &mut l);
+        let mut w: Vec<u64> = w.iter().map(|r| r.pos.offset).collect();
+        let mut l: Vec<(u64, u64)> = l.iter().map(|(r, f)| (r.pos.offset, f.offset)).collect();
+        w.sort();
+        l.sort();
+        (w, l)
+    }
+
+    #[test]
+    fn first_by_epoch_then_position() {
+        let mut d = Deduper::new(HOUR_MS);
+        // Same epoch: the smallest offset wins whatever the order; late times slot in.
+        let (w, l) = run(
+            &mut d,
+            vec![
+                r(1, 5000, 9),
+                r(1, 1000, 3),
+                r(1, 5000, 4),
+                r(2, 5000, 7),
+                r(1, 3000, 1),
+                r(1, 5000, 6),
+            ],
+        );
+        assert_eq!(w, vec![1, 3, 4, 7]);
+        assert_eq!(l, vec![(6, 4), (9, 4)]);
+        // A later epoch never wins, even with a smaller offset.
+        let (w, l) = run(&mut d, vec![r(1, 3000, 0), r(1, 4000, 2), r(2, 6000, 8)]);
+        assert_eq!(w, vec![2, 8]);
+        assert_eq!(l, vec![(0, 1)]);
+        assert_eq!(d.len(), 6);
+    }
+
+    #[test]
+    fn forgets_hours_past_retention() {
+        let mut d = Deduper::new(HOUR_MS);
+        run(&mut d, vec![r(1, 1000, 0), r(2, HOUR_MS / 2, 1)]);
+        assert_eq!(d.len(), 2);
+        run(&mut d, vec![r(1, 3 * HOUR_MS + 10, 2)]);
+        // Newest 3h: hours before 2h are forgotten, so device 1's first reading could be
+        // accepted again (it would be stale by then).
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.admit(&r(1, 1000, 5)), Ok(()));
     }
 }
