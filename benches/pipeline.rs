@@ -44,7 +44,12 @@ fn records(hours: u32) -> Vec<RawRecord> {
 
 fn report(what: &str, workers: usize, n: usize, t: Duration) {
     let rate = n as f64 / t.as_secs_f64();
-    println!("{what:<44} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker", t.as_secs_f64(), rate, rate / workers as f64);
+    println!(
+        "{what:<44} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker",
+        t.as_secs_f64(),
+        rate,
+        rate / workers as f64
+    );
 }
 
 fn main() {
@@ -54,7 +59,10 @@ fn main() {
         .unwrap_or(28);
     let data = Arc::new(records(hours));
     let n = data.len();
-    println!("fmsflow pipeline benchmark: {n} generated readings ({hours} hours x 100 devices), {} cores", std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1));
+    println!(
+        "fmsflow pipeline benchmark: {n} generated readings ({hours} hours x 100 devices), {} cores",
+        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
+    );
 
     // FMSFLOW_BENCH_ONLY=aggregate-1 (or parquet-2, ...) runs one case, for profiling.
     let only = std::env::var("FMSFLOW_BENCH_ONLY").ok();
@@ -67,19 +75,21 @@ fn main() {
         ok += validate(r.clone(), &cfg).is_ok() as usize;
     }
     assert_eq!(ok, n);
-    report(
-        "parse+validate (one thread, no dataflow)",
-        1,
-        n,
-        start.elapsed(),
-    );
+    report("parse+validate (one thread, no dataflow)", 1, n, start.elapsed());
+
+    // The comparison: the naive recomputation the oracle tests use (keeps every value).
+    if only.is_none() {
+        let epochs: Vec<(u64, RawRecord)> = data.iter().map(|r| (0, r.clone())).collect();
+        let start = Instant::now();
+        let exp = fmsflow_dataflows::oracle::expected(&epochs, &cfg);
+        let t = start.elapsed();
+        assert_eq!(exp.hourly.len(), 100 * hours as usize);
+        report("naive recomputation (one thread, comparison)", 1, n, t);
+    }
 
     for with_lake in [false, true] {
         for workers in [1usize, 2] {
-            let case = format!(
-                "{}-{workers}",
-                if with_lake { "parquet" } else { "aggregate" }
-            );
+            let case = format!("{}-{workers}", if with_lake { "parquet" } else { "aggregate" });
             if only.as_ref().is_some_and(|o| *o != case) {
                 continue;
             }
@@ -98,13 +108,7 @@ fn main() {
                 epoch: Duration::from_millis(200),
             };
             let start = Instant::now();
-            engine::run(
-                settings,
-                Source::Memory(data.clone()),
-                writer,
-                status.clone(),
-            )
-            .expect("engine run");
+            engine::run(settings, Source::Memory(data.clone()), writer, status.clone()).expect("engine run");
             let t = start.elapsed();
             assert_eq!(status.valid.load(Relaxed) as usize, n);
             let what = if with_lake {

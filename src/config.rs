@@ -14,19 +14,13 @@ use serde::{Deserialize, Deserializer};
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     /// TOML syntax, unknown key or wrong type.
     #[error("invalid configuration ({origin}): {message}")]
     Invalid { origin: String, message: String },
     /// A value that parses but makes no sense.
     #[error("invalid configuration: `{field}` {problem}")]
-    Value {
-        field: &'static str,
-        problem: String,
-    },
+    Value { field: &'static str, problem: String },
 }
 
 /// A duration written as `250ms`, `10s`, `5m`, `6h` or `1d`.
@@ -43,9 +37,7 @@ impl Dur {
 /// Parses `250ms`, `10s`, `5m`, `6h`, `1d` (also `1.5s`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -56,11 +48,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86_400.0,
-        u => {
-            return Err(format!(
-                "unknown duration unit `{u}` in `{s}` (use ms, s, m, h or d)"
-            ))
-        }
+        u => return Err(format!("unknown duration unit `{u}` in `{s}` (use ms, s, m, h or d)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a non-negative duration"));
@@ -71,9 +59,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
     }
 }
 
@@ -206,23 +192,17 @@ impl Config {
     }
 
     /// The layering itself, with explicit inputs (tests use this).
-    pub fn from_sources(
-        file: Option<(&str, &str)>,
-        env: &[(String, String)],
-    ) -> Result<Config, ConfigError> {
+    pub fn from_sources(file: Option<(&str, &str)>, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let invalid = |origin: &str, e: &dyn std::fmt::Display| ConfigError::Invalid {
             origin: origin.to_string(),
             message: e.to_string(),
         };
-        let mut value: toml::Table = DEFAULTS
-            .parse()
-            .map_err(|e| invalid("embedded defaults", &e))?;
+        let mut value: toml::Table = DEFAULTS.parse().map_err(|e| invalid("embedded defaults", &e))?;
         if let Some((name, text)) = file {
             let overlay: toml::Table = text.parse().map_err(|e| invalid(name, &e))?;
             // Check the file alone first, so an unknown key is reported against the file.
             merge(&mut value, overlay);
-            Config::deserialize(toml::Value::Table(value.clone()))
-                .map_err(|e| invalid(name, &e))?;
+            Config::deserialize(toml::Value::Table(value.clone())).map_err(|e| invalid(name, &e))?;
         }
         for (k, v) in env {
             // Only FMSFLOW_<SECTION>__<KEY> names a setting; FMSFLOW_CONFIG, FMSFLOW_LOG and
@@ -232,13 +212,11 @@ impl Config {
             };
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
             let parsed = parse_env_value(v);
-            set_path(&mut value, &path, parsed)
-                .map_err(|e| invalid(&format!("environment variable {k}"), &e))?;
+            set_path(&mut value, &path, parsed).map_err(|e| invalid(&format!("environment variable {k}"), &e))?;
             Config::deserialize(toml::Value::Table(value.clone()))
                 .map_err(|e| invalid(&format!("environment variable {k}"), &e))?;
         }
-        let cfg = Config::deserialize(toml::Value::Table(value))
-            .map_err(|e| invalid("configuration", &e))?;
+        let cfg = Config::deserialize(toml::Value::Table(value)).map_err(|e| invalid("configuration", &e))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -276,13 +254,10 @@ impl Config {
         }
         for (name, [lo, hi]) in self.rules.ranges.named() {
             let max = fmsflow_dataflows::stats::MAX_ABS;
-            if !(lo.is_finite() && hi.is_finite() && lo <= hi && lo.abs() <= max && hi.abs() <= max)
-            {
+            if !(lo.is_finite() && hi.is_finite() && lo <= hi && lo.abs() <= max && hi.abs() <= max) {
                 return Err(ConfigError::Value {
                     field: "rules.ranges",
-                    problem: format!(
-                        "{name} must be [min, max] with min <= max, both within ±{max}"
-                    ),
+                    problem: format!("{name} must be [min, max] with min <= max, both within ±{max}"),
                 });
             }
         }
@@ -296,10 +271,7 @@ impl Config {
             fleet_size: self.fleet.devices,
             max_future_ms: self.rules.max_future.ms(),
             max_age_ms: self.rules.max_age.ms(),
-            ranges: [
-                r.sensor1, r.sensor2, r.sensor3, r.motor1, r.motor2, r.motor3,
-            ]
-            .map(|[a, b]| (a, b)),
+            ranges: [r.sensor1, r.sensor2, r.sensor3, r.motor1, r.motor2, r.motor3].map(|[a, b]| (a, b)),
         }
     }
 
@@ -339,9 +311,7 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 /// An environment value as TOML (numbers, booleans, arrays), else as a plain string.
 fn parse_env_value(v: &str) -> toml::Value {
     match format!("x = {v}").parse::<toml::Table>() {
-        Ok(mut t) => t
-            .remove("x")
-            .unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Ok(mut t) => t.remove("x").unwrap_or_else(|| toml::Value::String(v.to_string())),
         Err(_) => toml::Value::String(v.to_string()),
     }
 }
@@ -368,10 +338,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
@@ -386,10 +353,7 @@ mod tests {
     fn file_then_env() {
         let c = Config::from_sources(
             Some(("t.toml", "[engine]\nworkers = 3\n")),
-            &env(&[
-                ("FMSFLOW_ENGINE__WORKERS", "5"),
-                ("FMSFLOW_RULES__MAX_AGE", "2h"),
-            ]),
+            &env(&[("FMSFLOW_ENGINE__WORKERS", "5"), ("FMSFLOW_RULES__MAX_AGE", "2h")]),
         )
         .unwrap();
         assert_eq!(c.engine.workers, 5);
@@ -407,40 +371,27 @@ mod tests {
         let e = Config::from_sources(None, &env(&[("FMSFLOW_LAKE__URLL", "x")]))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("urll") && e.contains("FMSFLOW_LAKE__URLL"),
-            "{e}"
-        );
+        assert!(e.contains("urll") && e.contains("FMSFLOW_LAKE__URLL"), "{e}");
         let e = Config::from_sources(None, &env(&[("FMSFLOW_LAEK__URL", "x")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("laek"), "{e}");
-        assert!(Config::from_sources(
-            None,
-            &env(&[("FMSFLOW_LOG", "debug"), ("FMSFLOW_PYTHON", "python3")])
-        )
-        .is_ok());
+        assert!(Config::from_sources(None, &env(&[("FMSFLOW_LOG", "debug"), ("FMSFLOW_PYTHON", "python3")])).is_ok());
     }
 
     #[test]
     fn bad_values_name_the_field() {
-        let e = Config::from_sources(
-            Some(("t.toml", "[collector]\ninterval = \"ten seconds\"\n")),
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let e = Config::from_sources(Some(("t.toml", "[collector]\ninterval = \"ten seconds\"\n")), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("interval"), "{e}");
         let e = Config::from_sources(None, &env(&[("FMSFLOW_SIM__DIRTY_RATE", "2")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("sim.dirty_rate"), "{e}");
-        let e = Config::from_sources(
-            Some(("t.toml", "[rules.ranges]\nsensor1 = [5.0, 1.0]\n")),
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let e = Config::from_sources(Some(("t.toml", "[rules.ranges]\nsensor1 = [5.0, 1.0]\n")), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sensor1"), "{e}");
     }
 

@@ -89,14 +89,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     let engine_writer = writer.clone();
     let engine = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || {
-            engine::run(
-                settings,
-                Source::Live(rxs),
-                Some(engine_writer),
-                engine_status,
-            )
-        })
+        .spawn(move || engine::run(settings, Source::Live(rxs), Some(engine_writer), engine_status))
         .context("starting the engine thread")?;
 
     let interval = cfg.collector.interval.0.div_f64(clock.speedup());
@@ -132,10 +125,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     let mut last_print = Instant::now() - Duration::from_secs(60);
     while !stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
-        if opts.duration.is_some_and(|d| started.elapsed() >= d)
-            || status.error().is_some()
-            || engine.is_finished()
-        {
+        if opts.duration.is_some_and(|d| started.elapsed() >= d) || status.error().is_some() || engine.is_finished() {
             stop.store(true, Relaxed);
             break;
         }

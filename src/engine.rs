@@ -125,19 +125,11 @@ pub fn run(
         let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
         if let Some(files) = &files {
             let mine: Vec<(usize, &PathBuf)> = if files.len() >= peers {
-                files
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| i % peers == index)
-                    .collect()
+                files.iter().enumerate().filter(|(i, _)| i % peers == index).collect()
             } else {
                 files.iter().enumerate().collect()
             };
-            let (sub_index, sub_peers) = if files.len() >= peers {
-                (0, 1)
-            } else {
-                (index, peers)
-            };
+            let (sub_index, sub_peers) = if files.len() >= peers { (0, 1) } else { (index, peers) };
             for (i, path) in mine {
                 let mut reader = match FileReader::open(path, i as u32, sub_index, sub_peers) {
                     Ok(r) => r,
@@ -244,10 +236,7 @@ fn spawn_writer(
     index: usize,
     lake: Arc<LakeWriter>,
     st: Arc<Status>,
-) -> (
-    std::sync::mpsc::SyncSender<HourBatch>,
-    std::thread::JoinHandle<()>,
-) {
+) -> (std::sync::mpsc::SyncSender<HourBatch>, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<HourBatch>(WRITER_QUEUE);
     let handle = std::thread::Builder::new()
         .name(format!("lake-writer-{index}"))

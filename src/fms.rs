@@ -41,25 +41,15 @@ pub fn clean_values(seed: u64, device: u32, time_ms: i64) -> ([f64; 6], bool) {
     let cycle = ((time_ms as f64 / day) * std::f64::consts::TAU + phase).sin();
     // Failure episodes: 5-minute windows, ~2% of them, more on a few fragile devices.
     let window = time_ms.div_euclid(300_000) as u64;
-    let fragile = if unit(mix(seed, d, 11)) < 0.1 {
-        5.0
-    } else {
-        1.0
-    };
+    let fragile = if unit(mix(seed, d, 11)) < 0.1 { 5.0 } else { 1.0 };
     let fail = unit(mix(seed ^ 0xFA11, d, window)) < 0.02 * fragile;
     let mut m = [0.0; 6];
     for (i, v) in m.iter_mut().enumerate() {
-        let (lo, hi) = if i < 3 {
-            (60.0, 180.0)
-        } else {
-            (300.0, 2200.0)
-        };
+        let (lo, hi) = if i < 3 { (60.0, 180.0) } else { (300.0, 2200.0) };
         let base = lo + (hi - lo) * unit(mix(seed, d, 100 + i as u64));
         let noise = unit(mix(seed, d ^ ((i as u64) << 40), time_ms as u64)) - 0.5;
         let hot = if fail { 1.12 } else { 1.0 };
-        *v = ((base * (1.0 + 0.05 * cycle + 0.04 * noise) * hot).clamp(lo * 0.5, hi * 1.1) * 100.0)
-            .round()
-            / 100.0;
+        *v = ((base * (1.0 + 0.05 * cycle + 0.04 * noise) * hot).clamp(lo * 0.5, hi * 1.1) * 100.0).round() / 100.0;
     }
     (m, fail)
 }
@@ -92,9 +82,7 @@ pub fn dirty_payload(
             let full = render(&time, &dev, &vals, fail);
             full[..full.len() / 2].to_string()
         }
-        Rule::MissingField => {
-            render(&time, &dev, &vals, fail).replace(&format!("\"sensor2\": {}, ", vals[1]), "")
-        }
+        Rule::MissingField => render(&time, &dev, &vals, fail).replace(&format!("\"sensor2\": {}, ", vals[1]), ""),
         Rule::WrongType => {
             vals[0] = format!("\"{}\"", vals[0]);
             render(&time, &dev, &vals, fail)
@@ -135,9 +123,7 @@ mod tests {
             ingest_ms: Some(ingest),
             pos: SourcePos::default(),
         };
-        validate(raw, &RuleConfig::default())
-            .map(|_| ())
-            .map_err(|r| r.rule)
+        validate(raw, &RuleConfig::default()).map(|_| ()).map_err(|r| r.rule)
     }
 
     #[test]

@@ -49,17 +49,10 @@ pub fn generate(s: &GenSettings) -> Generated {
                 late = true;
             }
             let payload = match dirty_kind(s.seed, d, tick, s.dirty_rate) {
-                Some(kind) => dirty_payload(
-                    kind,
-                    s.seed,
-                    d,
-                    s.devices,
-                    time,
-                    last_clean[d as usize].as_deref(),
-                )
-                .inspect(|_| {
-                    *dirty.entry(kind.name()).or_default() += 1;
-                }),
+                Some(kind) => dirty_payload(kind, s.seed, d, s.devices, time, last_clean[d as usize].as_deref())
+                    .inspect(|_| {
+                        *dirty.entry(kind.name()).or_default() += 1;
+                    }),
                 None => None,
             };
             let payload = payload.unwrap_or_else(|| {

@@ -106,10 +106,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FMSFLOW_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FMSFLOW_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = real_main() {
@@ -185,11 +182,7 @@ fn real_main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Run {
-            source,
-            lake,
-            workers,
-        } => {
+        Command::Run { source, lake, workers } => {
             if let Some(l) = lake {
                 cfg.lake.url = l;
             }
@@ -221,8 +214,7 @@ fn real_main() -> anyhow::Result<()> {
                 max_late_ms: 30 * 60 * 1000,
             };
             let (records, dirty) = gen::generate(&s);
-            let f = std::fs::File::create(&out)
-                .with_context(|| format!("creating {}", out.display()))?;
+            let f = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
             let mut w = std::io::BufWriter::new(f);
             for (ingest, payload) in &records {
                 writeln!(w, "{ingest} {payload}")?;
@@ -261,9 +253,7 @@ fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let st = status.clone();
-    let handle = std::thread::spawn(move || {
-        engine::run(settings, engine::Source::Files(files), Some(writer), st)
-    });
+    let handle = std::thread::spawn(move || engine::run(settings, engine::Source::Files(files), Some(writer), st));
     while !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if started.elapsed().as_millis() % 2000 < 100 {

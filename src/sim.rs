@@ -72,10 +72,8 @@ impl Sim {
             .unwrap_or_else(|e| e.into_inner());
         self.served.fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = dirty_kind(s.seed, device, n, s.dirty_rate) {
-            if let Some(body) = dirty_payload(kind, s.seed, device, s.devices, now, last.as_deref())
-            {
-                self.dirty[Rule::ALL.iter().position(|r| *r == kind).unwrap_or(0)]
-                    .fetch_add(1, Ordering::Relaxed);
+            if let Some(body) = dirty_payload(kind, s.seed, device, s.devices, now, last.as_deref()) {
+                self.dirty[Rule::ALL.iter().position(|r| *r == kind).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
                 return body;
             }
         }
@@ -120,10 +118,7 @@ async fn device(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response
         Ok(d) if d >= 1 && d <= sim.settings.devices => json(sim.respond(d)),
         _ => (
             StatusCode::NOT_FOUND,
-            format!(
-                "no device {id:?}; devices are 1..={}\n",
-                sim.settings.devices
-            ),
+            format!("no device {id:?}; devices are 1..={}\n", sim.settings.devices),
         )
             .into_response(),
     }
@@ -138,10 +133,6 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let addr = listener.local_addr()?;
     let app = sim.router();
-    let handle = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let handle = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     Ok((addr, handle))
 }

@@ -59,11 +59,7 @@ impl Status {
     /// Devices whose latest reading reports a failure.
     pub fn failing_devices(&self) -> Vec<u32> {
         let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        latest
-            .iter()
-            .filter(|(_, (_, f))| *f)
-            .map(|(d, _)| *d)
-            .collect()
+        latest.iter().filter(|(_, (_, f))| *f).map(|(d, _)| *d).collect()
     }
 
     /// Rejections per rule name.

@@ -9,9 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use arrow_array::{
-    Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-};
+use arrow_array::{Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use fmsflow::gen::{generate, GenSettings};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -19,10 +17,7 @@ fn read_table(lake: &Path, table: &str) -> Vec<RecordBatch> {
     let mut out = Vec::new();
     for entry in glob::glob(&format!("{}/{table}/**/*.parquet", lake.display())).unwrap() {
         let f = File::open(entry.unwrap()).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap()
-            .build()
-            .unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
         out.extend(reader.map(|b| b.unwrap()));
     }
     out
@@ -128,19 +123,13 @@ fn replay_lands_every_row_once_at_any_worker_count() {
         assert!(rows.windows(2).all(|w| w[0] != w[1]), "no reading twice");
         let rej = rejects_by_rule(&lake);
         let want: BTreeMap<String, u64> = dirty.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        assert_eq!(
-            rej, want,
-            "every dirty record in the dead letters under its rule"
-        );
+        assert_eq!(rej, want, "every dirty record in the dead letters under its rule");
         let hourly = hourly_counts(&lake);
         assert_eq!(hourly.values().sum::<i64>() as usize, rows.len());
         assert_eq!(hourly.len(), 30 * 5, "one hourly row per device and hour");
         lakes.push((rows, rej, hourly));
     }
-    assert!(
-        lakes[0] == lakes[1],
-        "the lake does not depend on the worker count"
-    );
+    assert!(lakes[0] == lakes[1], "the lake does not depend on the worker count");
 }
 
 #[test]

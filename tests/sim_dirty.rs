@@ -20,10 +20,7 @@ const DEVICES: u32 = 25;
 
 async fn get(client: &reqwest::Client, url: String) -> (u16, Vec<u8>) {
     let r = client.get(url).send().await.expect("the simulator answers");
-    (
-        r.status().as_u16(),
-        r.bytes().await.expect("a body").to_vec(),
-    )
+    (r.status().as_u16(), r.bytes().await.expect("a body").to_vec())
 }
 
 #[test]
@@ -51,12 +48,7 @@ fn every_dirty_record_is_caught_by_its_rule() {
         let client = reqwest::Client::new();
         assert_eq!(get(&client, format!("http://{addr}/health")).await.0, 200);
         assert_eq!(get(&client, format!("http://{addr}/0/")).await.0, 404);
-        assert_eq!(
-            get(&client, format!("http://{addr}/{}/", DEVICES + 1))
-                .await
-                .0,
-            404
-        );
+        assert_eq!(get(&client, format!("http://{addr}/{}/", DEVICES + 1)).await.0, 404);
         assert_eq!(get(&client, format!("http://{addr}/abc/")).await.0, 404);
         let mut out = Vec::new();
         let mut second = clock.now_ms() / 1000;

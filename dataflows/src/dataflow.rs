@@ -70,9 +70,7 @@ pub fn route_hour(hour: i64) -> u64 {
 /// meets every other there, and a replay's hour spreads over all workers.
 #[inline]
 pub fn route_device_hour(device: u32, hour: i64) -> u64 {
-    ((hour as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (device as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
-        >> 32
+    ((hour as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (device as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) >> 32
 }
 
 /// Dataflow parameters beyond the rules.
@@ -159,10 +157,7 @@ type HourlyUpdate = ((DeviceHour, HourStats), Epoch, isize);
 type QualityUpdate = (QualityCount, Epoch, isize);
 
 /// Builds the dataflow over a stream of raw records.
-pub fn build<'scope>(
-    raw: Stream<'scope, Epoch, Vec<RawRecord>>,
-    cfg: &FlowConfig,
-) -> Outputs<'scope> {
+pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfig) -> Outputs<'scope> {
     let scope = raw.scope();
     let rules = cfg.rules.clone();
     let (ok, bad): (Stream<_, Vec<Reading>>, Stream<_, Vec<Rejection>>) =
@@ -175,9 +170,7 @@ pub fn build<'scope>(
     let reject_counts = count_rejections(rejections.clone());
 
     let hourly = hourly_updates.as_collection().count_total();
-    let quality = concat(valid_counts, reject_counts)
-        .as_collection()
-        .count_total();
+    let quality = concat(valid_counts, reject_counts).as_collection().count_total();
 
     Outputs {
         readings,
@@ -199,9 +192,7 @@ fn concat<'scope, D: Clone + 'static>(
 }
 
 /// Per-epoch counts of rejections by (device, hour, rule), pre-aggregated per worker.
-fn count_rejections<'scope>(
-    rejections: Stream<'scope, Epoch, Vec<Rejection>>,
-) -> Stream<'scope, Epoch, Vec<Quality>> {
+fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -> Stream<'scope, Epoch, Vec<Quality>> {
     use timely::dataflow::operators::generic::Operator;
     rejections.unary(Pipeline, "CountRejections", |_, _| {
         let mut counts: FastMap<(u32, i64, Outcome), isize> = FastMap::default();
@@ -216,9 +207,7 @@ fn count_rejections<'scope>(
                     }
                 }
                 if let Some(c) = cap.retain_least(output.output_index()) {
-                    output
-                        .session(&c)
-                        .give_iterator(counts.drain().map(|(k, n)| (k, t, n)));
+                    output.session(&c).give_iterator(counts.drain().map(|(k, n)| (k, t, n)));
                 }
             });
         }
@@ -242,10 +231,7 @@ fn dedup<'scope>(
     retention_ms: i64,
 ) -> DedupStreams<'scope> {
     let mut builder = OperatorBuilder::new("Dedup".to_owned(), scope);
-    let mut input = builder.new_input(
-        ok,
-        Exchange::new(|r: &Reading| route_device_hour(r.device, r.hour())),
-    );
+    let mut input = builder.new_input(ok, Exchange::new(|r: &Reading| route_device_hour(r.device, r.hour())));
     let (o_read, s_read) = builder.new_output::<Vec<Reading>>();
     let (o_dup, s_dup) = builder.new_output::<Vec<Rejection>>();
     let (o_stats, s_stats) = builder.new_output::<Vec<(DeviceHour, Epoch, HourStats)>>();
@@ -342,10 +328,7 @@ struct HourState {
 
 impl HourState {
     fn dirty(&self) -> bool {
-        !self.readings.is_empty()
-            || !self.rejections.is_empty()
-            || self.hourly_dirty
-            || self.quality_dirty
+        !self.readings.is_empty() || !self.rejections.is_empty() || self.hourly_dirty || self.quality_dirty
     }
 
     fn take_batch(&mut self, hour: i64, worker: usize) -> HourBatch {
@@ -394,14 +377,8 @@ fn seal<'scope>(
     let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
     let mut i_read = builder.new_input(readings, Pipeline);
     let mut i_rej = builder.new_input(rejections, Pipeline);
-    let mut i_hourly = builder.new_input(
-        hourly,
-        Exchange::new(|u: &HourlyUpdate| route_hour((u.0).0 .1)),
-    );
-    let mut i_quality = builder.new_input(
-        quality,
-        Exchange::new(|u: &QualityUpdate| route_hour((u.0).0 .1)),
-    );
+    let mut i_hourly = builder.new_input(hourly, Exchange::new(|u: &HourlyUpdate| route_hour((u.0).0 .1)));
+    let mut i_quality = builder.new_input(quality, Exchange::new(|u: &QualityUpdate| route_hour((u.0).0 .1)));
     let mut i_wm = builder.new_input(watermarks, Pipeline);
     let (o_sealed, s_sealed) = builder.new_output::<Vec<HourBatch>>();
     let mut o_sealed = OutputBuilder::from(o_sealed);
@@ -501,8 +478,7 @@ fn seal<'scope>(
                 }
                 // Hours no acceptable late reading can reach any more.
                 hours.retain(|hour, s| {
-                    let keep =
-                        !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms);
+                    let keep = !(s.sealed && watermark > (hour + 2) * HOUR_MS + grace_ms + max_age_ms);
                     if !keep {
                         dropped.insert(*hour, s.seq);
                     }
@@ -551,27 +527,19 @@ fn sort_readings(chunks: Vec<Vec<Reading>>) -> Vec<Reading> {
         return flat;
     }
     let mut slots: Vec<Option<Reading>> = flat.into_iter().map(Some).collect();
-    keys.iter()
-        .filter_map(|k| slots[k.3 as usize].take())
-        .collect()
+    keys.iter().filter_map(|k| slots[k.3 as usize].take()).collect()
 }
 
 /// The state of `hour`, reopened as partial if it was dropped before.
-fn state<'a>(
-    hours: &'a mut BTreeMap<i64, HourState>,
-    dropped: &BTreeMap<i64, u32>,
-    hour: i64,
-) -> &'a mut HourState {
-    hours
-        .entry(hour)
-        .or_insert_with(|| match dropped.get(&hour) {
-            Some(&seq) => HourState {
-                seq,
-                partial: true,
-                ..HourState::default()
-            },
-            None => HourState::default(),
-        })
+fn state<'a>(hours: &'a mut BTreeMap<i64, HourState>, dropped: &BTreeMap<i64, u32>, hour: i64) -> &'a mut HourState {
+    hours.entry(hour).or_insert_with(|| match dropped.get(&hour) {
+        Some(&seq) => HourState {
+            seq,
+            partial: true,
+            ..HourState::default()
+        },
+        None => HourState::default(),
+    })
 }
 
 /// The epoch of an input message (epochs are totally ordered, so a stamp has one least time).

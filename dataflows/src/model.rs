@@ -5,15 +5,11 @@ use serde::{Deserialize, Serialize};
 
 /// The six measured metrics, in the order they are stored in [`Reading::metrics`] and in
 /// [`crate::HourStats::metrics`]. These are also the FMS payload's field names.
-pub const METRICS: [&str; 6] = [
-    "sensor1", "sensor2", "sensor3", "motor1", "motor2", "motor3",
-];
+pub const METRICS: [&str; 6] = ["sensor1", "sensor2", "sensor3", "motor1", "motor2", "motor3"];
 
 /// Where a raw record came from: a source (file index, Kafka partition, poller) and its
 /// offset within it. Also the tie-breaker that makes "first of two duplicates" deterministic.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SourcePos {
     /// Source id: a file index, a Kafka partition, or a poller id.
     pub source: u32,
@@ -63,10 +59,7 @@ impl Reading {
         metrics: [0.0; 6],
         is_fail: false,
         ingest_ms: None,
-        pos: SourcePos {
-            source: 0,
-            offset: 0,
-        },
+        pos: SourcePos { source: 0, offset: 0 },
         payload: Vec::new(),
     };
     /// The hour index (hours since the epoch) of the event time.

@@ -27,14 +27,9 @@ impl NaiveHour {
     pub fn check(&self, s: &HourStats, rel: f64) -> Result<(), String> {
         let n = self.times.len() as u64;
         if s.count != n || s.fails != self.fails {
-            return Err(format!(
-                "count {} vs {n}, fails {} vs {}",
-                s.count, s.fails, self.fails
-            ));
+            return Err(format!("count {} vs {n}, fails {} vs {}", s.count, s.fails, self.fails));
         }
-        if s.first_ms != *self.times.iter().min().unwrap()
-            || s.last_ms != *self.times.iter().max().unwrap()
-        {
+        if s.first_ms != *self.times.iter().min().unwrap() || s.last_ms != *self.times.iter().max().unwrap() {
             return Err("first/last time differ".into());
         }
         for (i, vals) in self.values.iter().enumerate() {
@@ -92,9 +87,7 @@ pub fn expected(records: &[(Epoch, RawRecord)], cfg: &RuleConfig) -> Expected {
                         .or_default() += 1;
                     continue;
                 }
-                *out.quality
-                    .entry((r.device, r.hour(), Outcome::Valid))
-                    .or_default() += 1;
+                *out.quality.entry((r.device, r.hour(), Outcome::Valid)).or_default() += 1;
                 let h = out.hourly.entry(r.key()).or_default();
                 for (i, v) in r.metrics.iter().enumerate() {
                     h.values[i].push(*v);

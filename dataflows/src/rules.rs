@@ -215,10 +215,7 @@ fn classify(payload: &[u8], e: &serde_json::Error) -> Rule {
     use serde_json::error::Category;
     match e.classify() {
         _ if out_of_range(e) => match serde_json::from_slice::<WireWithoutMetrics>(payload) {
-            Err(other)
-                if out_of_range(&other)
-                    && (other.line(), other.column()) == (e.line(), e.column()) =>
-            {
+            Err(other) if out_of_range(&other) && (other.line(), other.column()) == (e.line(), e.column()) => {
                 Rule::WrongType
             }
             _ => Rule::NonFinite,
@@ -259,30 +256,17 @@ type Checked = Result<(u32, i64, [f64; 6], bool), (Rule, String, u32, Option<i64
 fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     // serde would also decode a JSON array into `Wire` (the fields in declaration order): the
     // payload must be an object.
-    let first = raw
-        .payload
-        .iter()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    let first = raw.payload.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
     if let Some(&b) = first.filter(|b| **b != b'{') {
-        return Err(
-            match serde_json::from_slice::<serde::de::IgnoredAny>(&raw.payload) {
-                Ok(_) => (
-                    Rule::WrongType,
-                    format!(
-                        "payload is JSON but not an object (it starts with `{}`)",
-                        b as char
-                    ),
-                    0,
-                    None,
-                ),
-                Err(e) => (
-                    Rule::MalformedJson,
-                    format!("cannot decode payload: {e}"),
-                    0,
-                    None,
-                ),
-            },
-        );
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(&raw.payload) {
+            Ok(_) => (
+                Rule::WrongType,
+                format!("payload is JSON but not an object (it starts with `{}`)", b as char),
+                0,
+                None,
+            ),
+            Err(e) => (Rule::MalformedJson, format!("cannot decode payload: {e}"), 0, None),
+        });
     }
     let wire: Wire = match serde_json::from_slice(&raw.payload) {
         Ok(w) => w,
@@ -325,10 +309,7 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     };
 
     if device_id < 1 || device_id > cfg.fleet_size as i64 {
-        let reason = format!(
-            "DeviceId {device_id} is not in the fleet 1..={}",
-            cfg.fleet_size
-        );
+        let reason = format!("DeviceId {device_id} is not in the fleet 1..={}", cfg.fleet_size);
         return Err((Rule::UnknownDevice, reason, 0, None));
     }
     let device = device_id as u32;
@@ -370,10 +351,7 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
         }
         let (lo, hi) = cfg.ranges[i];
         if *v < lo || *v > hi {
-            let reason = format!(
-                "{} is {v}, outside the allowed range [{lo}, {hi}]",
-                METRICS[i]
-            );
+            let reason = format!("{} is {v}, outside the allowed range [{lo}, {hi}]", METRICS[i]);
             return Err((Rule::OutOfRange, reason, device, Some(time_ms)));
         }
     }
@@ -440,22 +418,21 @@ impl Deduper {
                 slot: (winners.len() - base) as u32,
             };
             match times.back() {
-                Some(last) if last.time_ms >= r.time_ms => match times
-                    .binary_search_by_key(&r.time_ms, |s| s.time_ms)
-                {
-                    Ok(i) => {
-                        let s = &mut times[i];
-                        if s.epoch == epoch && r.pos < s.pos {
-                            s.pos = r.pos;
-                            doubles
-                                .push(std::mem::replace(&mut winners[base + s.slot as usize], r));
-                        } else {
-                            doubles.push(r);
+                Some(last) if last.time_ms >= r.time_ms => {
+                    match times.binary_search_by_key(&r.time_ms, |s| s.time_ms) {
+                        Ok(i) => {
+                            let s = &mut times[i];
+                            if s.epoch == epoch && r.pos < s.pos {
+                                s.pos = r.pos;
+                                doubles.push(std::mem::replace(&mut winners[base + s.slot as usize], r));
+                            } else {
+                                doubles.push(r);
+                            }
+                            continue;
                         }
-                        continue;
+                        Err(i) => times.insert(i, seen),
                     }
-                    Err(i) => times.insert(i, seen),
-                },
+                }
                 _ => times.push_back(seen),
             }
             winners.push(r);
@@ -465,11 +442,7 @@ impl Deduper {
             let first = self
                 .devices
                 .get(&d.device)
-                .and_then(|t| {
-                    t.binary_search_by_key(&d.time_ms, |s| s.time_ms)
-                        .ok()
-                        .map(|i| t[i].pos)
-                })
+                .and_then(|t| t.binary_search_by_key(&d.time_ms, |s| s.time_ms).ok().map(|i| t[i].pos))
                 .unwrap_or(d.pos);
             losers.push((d, first));
         }

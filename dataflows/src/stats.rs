@@ -272,10 +272,7 @@ mod tests {
     fn add_equals_plus_equals_of() {
         let mut a = HourStats::default();
         let mut b = HourStats::default();
-        for (i, v) in [3.25, -0.5, 1e-9, 2999.999_999_999, -7.0]
-            .iter()
-            .enumerate()
-        {
+        for (i, v) in [3.25, -0.5, 1e-9, 2_999.999_999_999, -7.0].iter().enumerate() {
             let r = reading(i as i64 * 7, *v, i % 2 == 0);
             a.add(&r);
             b.plus_equals(&HourStats::of(&r));
@@ -316,15 +313,7 @@ mod tests {
 
     #[test]
     fn ordered_bits_round_trip_and_order() {
-        let vals = [
-            f64::NEG_INFINITY,
-            -3.5,
-            -0.0,
-            0.0,
-            1e-300,
-            2.0,
-            f64::INFINITY,
-        ];
+        let vals = [f64::NEG_INFINITY, -3.5, -0.0, 0.0, 1e-300, 2.0, f64::INFINITY];
         for w in vals.windows(2) {
             assert!(ordered(w[0]) <= ordered(w[1]));
         }

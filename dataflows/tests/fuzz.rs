@@ -126,10 +126,7 @@ fn ingest() -> impl Strategy<Value = Option<i64>> {
 /// Validates `payload` and checks the properties every outcome must have.
 fn check(payload: Vec<u8>, ingest_ms: Option<i64>) -> Result<(), TestCaseError> {
     let cfg = RuleConfig::default();
-    let pos = SourcePos {
-        source: 3,
-        offset: 77,
-    };
+    let pos = SourcePos { source: 3, offset: 77 };
     let raw = RawRecord {
         payload: payload.clone(),
         ingest_ms,
@@ -139,23 +136,11 @@ fn check(payload: Vec<u8>, ingest_ms: Option<i64>) -> Result<(), TestCaseError> 
     prop_assert_eq!(&validate(raw, &cfg), &outcome, "validate is deterministic");
     match outcome {
         Ok(r) => {
-            prop_assert_eq!(
-                &r.payload,
-                &payload,
-                "a reading keeps the bytes until dedup"
-            );
+            prop_assert_eq!(&r.payload, &payload, "a reading keeps the bytes until dedup");
             prop_assert_eq!((r.ingest_ms, r.pos), (ingest_ms, pos));
-            prop_assert!(
-                (1..=cfg.fleet_size).contains(&r.device),
-                "device {}",
-                r.device
-            );
+            prop_assert!((1..=cfg.fleet_size).contains(&r.device), "device {}", r.device);
             for (v, (lo, hi)) in r.metrics.iter().zip(cfg.ranges.iter()) {
-                prop_assert!(
-                    v.is_finite() && *lo <= *v && *v <= *hi,
-                    "metric {} accepted",
-                    v
-                );
+                prop_assert!(v.is_finite() && *lo <= *v && *v <= *hi, "metric {} accepted", v);
             }
             if let Some(i) = ingest_ms {
                 prop_assert!(r.time_ms - i <= cfg.max_future_ms && i - r.time_ms <= cfg.max_age_ms);
@@ -167,17 +152,9 @@ fn check(payload: Vec<u8>, ingest_ms: Option<i64>) -> Result<(), TestCaseError> 
                 "a rejection by {:?} without a reason",
                 rej.rule
             );
-            prop_assert_eq!(
-                &rej.payload,
-                &payload,
-                "a rejection keeps the exact original bytes"
-            );
+            prop_assert_eq!(&rej.payload, &payload, "a rejection keeps the exact original bytes");
             prop_assert_eq!((rej.ingest_ms, rej.pos), (ingest_ms, pos));
-            prop_assert_ne!(
-                rej.rule,
-                Rule::Duplicate,
-                "only the Deduper finds duplicates"
-            );
+            prop_assert_ne!(rej.rule, Rule::Duplicate, "only the Deduper finds duplicates");
             prop_assert!(
                 rej.device == 0 || (1..=cfg.fleet_size).contains(&rej.device),
                 "a rejection's device is 0 or in the fleet, not {}",

@@ -60,8 +60,7 @@ fn parse(text: &[u8]) -> Result<Vec<Case>, String> {
         if line.iter().all(u8::is_ascii_whitespace) || line.starts_with(b"#") {
             continue;
         }
-        let text = std::str::from_utf8(line)
-            .map_err(|e| at(format!("not UTF-8 ({e}): use pass-hex/fail-hex")))?;
+        let text = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8 ({e}): use pass-hex/fail-hex")))?;
         if let Some(reason) = text.strip_prefix("reason: ") {
             match cases.last_mut() {
                 Some(c) if !c.pass && c.reason.is_none() => c.reason = Some(reason.to_string()),
@@ -124,8 +123,7 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
     let text = std::fs::read(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     let cases = parse(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     let cfg = RuleConfig::default();
-    let mut deduper =
-        (rule == Some(Rule::Duplicate)).then(|| Deduper::new(cfg.max_age_ms + HOUR_MS));
+    let mut deduper = (rule == Some(Rule::Duplicate)).then(|| Deduper::new(cfg.max_age_ms + HOUR_MS));
     let mut errors = Vec::new();
     for (k, case) in cases.iter().enumerate() {
         let at = format!("{}:{}", path.display(), case.line);
@@ -138,14 +136,13 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
             ingest_ms: case.ingest_ms,
             pos,
         };
-        let outcome: Result<(), Rejection> =
-            validate(raw, &cfg).and_then(|reading| match deduper.as_mut() {
-                Some(d) => match d.admit(&reading) {
-                    Ok(()) => Ok(()),
-                    Err(first) => Err(Rejection::duplicate(reading, first)),
-                },
-                None => Ok(()),
-            });
+        let outcome: Result<(), Rejection> = validate(raw, &cfg).and_then(|reading| match deduper.as_mut() {
+            Some(d) => match d.admit(&reading) {
+                Ok(()) => Ok(()),
+                Err(first) => Err(Rejection::duplicate(reading, first)),
+            },
+            None => Ok(()),
+        });
         match (case.pass, outcome) {
             (true, Ok(())) => {}
             (true, Err(r)) => errors.push(format!(
@@ -153,9 +150,7 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
                 r.rule.name(),
                 r.reason
             )),
-            (false, Ok(())) => {
-                errors.push(format!("{at}: expected a rejection by {name}, accepted"))
-            }
+            (false, Ok(())) => errors.push(format!("{at}: expected a rejection by {name}, accepted")),
             (false, Err(r)) => {
                 let want = case.reason.as_deref().unwrap_or_default();
                 if Some(r.rule) != rule {
@@ -165,15 +160,10 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
                         r.reason
                     ));
                 } else if !r.reason.contains(want) {
-                    errors.push(format!(
-                        "{at}: reason {:?} does not contain {want:?}",
-                        r.reason
-                    ));
+                    errors.push(format!("{at}: reason {:?} does not contain {want:?}", r.reason));
                 }
                 if r.payload != case.payload || r.ingest_ms != case.ingest_ms || r.pos != pos {
-                    errors.push(format!(
-                        "{at}: the rejection does not keep the original record"
-                    ));
+                    errors.push(format!("{at}: the rejection does not keep the original record"));
                 }
             }
         }
@@ -182,10 +172,7 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
         errors.push(format!("{}: no `fail` case for its rule", path.display()));
     }
     if rule.is_none() && cases.iter().any(|c| !c.pass) {
-        errors.push(format!(
-            "{}: `fail` cases need a rule's file",
-            path.display()
-        ));
+        errors.push(format!("{}: `fail` cases need a rule's file", path.display()));
     }
     if errors.is_empty() {
         Ok(cases.len())
@@ -205,9 +192,7 @@ fn golden_files() {
     // Every rule has its file, so deleting one is noticed.
     for name in Rule::ALL.iter().map(|r| r.name()).chain(["valid"]) {
         assert!(
-            files
-                .iter()
-                .any(|p| p.file_stem().is_some_and(|s| s == name)),
+            files.iter().any(|p| p.file_stem().is_some_and(|s| s == name)),
             "tests/golden/{name}.txt is missing"
         );
     }
@@ -230,7 +215,8 @@ fn golden_files() {
 
 #[test]
 fn the_format_is_parsed_as_documented() {
-    let text = b"# comment\n\npass - {}\nfail 2025-07-07T00:00:00Z  x\nreason: why\nfail-hex - 7b 7D\nreason: r\npass -\n";
+    let text =
+        b"# comment\n\npass - {}\nfail 2025-07-07T00:00:00Z  x\nreason: why\nfail-hex - 7b 7D\nreason: r\npass -\n";
     let cases = parse(text).unwrap();
     assert_eq!(cases.len(), 4);
     assert_eq!(
@@ -246,10 +232,7 @@ fn the_format_is_parsed_as_documented() {
     assert_eq!(cases[2].payload, b"{}");
     assert_eq!(cases[3].payload, b"", "an empty payload");
     assert!(parse(b"fail - x\n").is_err(), "a fail without a reason");
-    assert!(
-        parse(b"fail - x\npass - y\n").is_err(),
-        "a fail without a reason"
-    );
+    assert!(parse(b"fail - x\npass - y\n").is_err(), "a fail without a reason");
     assert!(parse(b"reason: x\n").is_err(), "a reason without a fail");
     assert!(parse(b"maybe - x\n").is_err(), "an unknown verb");
 }

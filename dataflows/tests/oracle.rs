@@ -89,11 +89,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..8, 0u8..24, any::<u16>()),
     )
         .prop_map(
-            |(
-                (kind, device, step_ms, jitter_ms),
-                (delay_ms, values, fail, source),
-                (ingest, bump, pick),
-            )| Op {
+            |((kind, device, step_ms, jitter_ms), (delay_ms, values, fail, source), (ingest, bump, pick))| Op {
                 kind,
                 device,
                 step_ms,
@@ -152,11 +148,7 @@ fn build_input(ops: &[Op]) -> Vec<(Epoch, RawRecord)> {
         let delay = op.delay_ms as i64;
         // Event time of a plausible reading: behind the ingest time (or behind the clock
         // for an archived record, which no stale rule protects), often whole seconds.
-        let mut time = if archived {
-            clock - delay
-        } else {
-            ingest_ms - delay
-        };
+        let mut time = if archived { clock - delay } else { ingest_ms - delay };
         if !pick.is_multiple_of(3) {
             time -= time.rem_euclid(1000);
         }
@@ -344,8 +336,7 @@ fn run(records: &[(Epoch, RawRecord)], cfg: &FlowConfig, workers: usize, lockste
     let out = sink.clone();
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index(), worker.peers());
-        let mut input: InputHandle<Epoch, CapacityContainerBuilder<Vec<RawRecord>>> =
-            InputHandle::new();
+        let mut input: InputHandle<Epoch, CapacityContainerBuilder<Vec<RawRecord>>> = InputHandle::new();
         let probe = ProbeHandle::new();
         worker.dataflow::<Epoch, _, _>(|scope| {
             let outputs = build(scope.input_from(&mut input), &cfg);
@@ -404,10 +395,7 @@ fn finish(raw: Raw) -> Final {
         for ((k, v), r) in acc {
             match r {
                 0 => {}
-                1 => assert!(
-                    out.insert(k, v).is_none(),
-                    "a key holds two values at the end"
-                ),
+                1 => assert!(out.insert(k, v).is_none(), "a key holds two values at the end"),
                 _ => panic!("{k:?} = {v:?} accumulates to multiplicity {r}"),
             }
         }
@@ -476,11 +464,7 @@ fn check_collections(fin: &Final, exp: &Expected) -> Result<(), String> {
     Ok(())
 }
 
-fn check_sealed(
-    fin: &Final,
-    exp: &Expected,
-    winners: &BTreeMap<(u32, i64), SourcePos>,
-) -> Result<(), String> {
+fn check_sealed(fin: &Final, exp: &Expected, winners: &BTreeMap<(u32, i64), SourcePos>) -> Result<(), String> {
     // Per hour and worker: batches numbered 0, 1, 2, … and no hour sealed twice as new.
     let mut by_hour: BTreeMap<i64, Vec<&HourBatch>> = BTreeMap::new();
     let mut by_worker: BTreeMap<(i64, usize), Vec<u32>> = BTreeMap::new();
@@ -490,9 +474,7 @@ fn check_sealed(
     }
     for ((hour, worker), seqs) in &by_worker {
         if *seqs != (0..seqs.len() as u32).collect::<Vec<_>>() {
-            return Err(format!(
-                "hour {hour}, worker {worker}: batch sequence numbers {seqs:?}"
-            ));
+            return Err(format!("hour {hour}, worker {worker}: batch sequence numbers {seqs:?}"));
         }
     }
 
@@ -501,11 +483,7 @@ fn check_sealed(
     for b in &fin.batches {
         for r in &b.readings {
             if r.hour() != b.hour {
-                return Err(format!(
-                    "reading of hour {} in batch of hour {}",
-                    r.hour(),
-                    b.hour
-                ));
+                return Err(format!("reading of hour {} in batch of hour {}", r.hour(), b.hour));
             }
             seen.entry((r.device, r.time_ms)).or_default().push(r.pos);
         }
@@ -536,11 +514,7 @@ fn check_sealed(
     for b in &fin.batches {
         for r in &b.rejections {
             if r.hour() != b.hour {
-                return Err(format!(
-                    "rejection of hour {} in batch of hour {}",
-                    r.hour(),
-                    b.hour
-                ));
+                return Err(format!("rejection of hour {} in batch of hour {}", r.hour(), b.hour));
             }
             if r.reason.is_empty() {
                 return Err(format!("rejection without a reason: {r:?}"));
@@ -589,10 +563,7 @@ fn check_sealed(
     }
     let mut want_quality: BTreeMap<i64, BTreeMap<(u32, Outcome), i64>> = BTreeMap::new();
     for ((device, hour, outcome), n) in &fin.quality {
-        want_quality
-            .entry(*hour)
-            .or_default()
-            .insert((*device, *outcome), *n);
+        want_quality.entry(*hour).or_default().insert((*device, *outcome), *n);
     }
     if quality_tables != want_quality {
         let hours: BTreeSet<&i64> = quality_tables.keys().chain(want_quality.keys()).collect();
@@ -651,14 +622,7 @@ fn fixed_input(len: usize) -> Vec<(Epoch, RawRecord)> {
 /// Everything an hour's lake files are made of, merged over its batches: the readings and
 /// rejections of all batches, the last hourly and quality tables.
 /// Each hour's sequence of table versions (hourly, quality, partial) as sealed.
-type TableVersions = BTreeMap<
-    i64,
-    Vec<(
-        Option<Vec<(u32, HourStats)>>,
-        Option<Vec<((u32, Outcome), i64)>>,
-        bool,
-    )>,
->;
+type TableVersions = BTreeMap<i64, Vec<(Option<Vec<(u32, HourStats)>>, Option<Vec<((u32, Outcome), i64)>>, bool)>>;
 
 fn tables(f: &Final) -> TableVersions {
     let mut out: TableVersions = BTreeMap::new();
@@ -693,11 +657,7 @@ fn merged(f: &Final) -> BTreeMap<i64, HourContent> {
     for b in &f.batches {
         let h = out.entry(b.hour).or_default();
         h.0.extend(b.readings.iter().map(|r| (r.device, r.time_ms, r.pos)));
-        h.1.extend(
-            b.rejections
-                .iter()
-                .map(|r| (r.device, r.rule, r.pos, r.reason.clone())),
-        );
+        h.1.extend(b.rejections.iter().map(|r| (r.device, r.rule, r.pos, r.reason.clone())));
         if let Some(t) = &b.hourly {
             apply(&mut h.2, t, b.partial);
         }
@@ -717,10 +677,7 @@ fn same_results_at_1_2_and_4_workers() {
     let records = fixed_input(1500);
     let cfg = flow_config();
     let exp = expected(&records, &cfg.rules);
-    assert!(
-        exp.hourly.len() > 100,
-        "the fixed input covers many device-hours"
-    );
+    assert!(exp.hourly.len() > 100, "the fixed input covers many device-hours");
     let rules: BTreeSet<Outcome> = exp.quality.keys().map(|k| k.2).collect();
     assert_eq!(rules.len(), 11, "and every outcome: {rules:?}");
     for lockstep in [true, false] {
@@ -733,19 +690,13 @@ fn same_results_at_1_2_and_4_workers() {
             assert!(other.quality == base.quality, "{context}: quality differs");
             // Statistics are exact integer sums, so identical to the bit.
             assert!(other.hourly == base.hourly, "{context}: hourly differs");
-            assert!(
-                merged(&other) == merged(&base),
-                "{context}: lake content differs"
-            );
+            assert!(merged(&other) == merged(&base), "{context}: lake content differs");
             if lockstep {
                 // Each epoch completes before the next starts: the same table versions, in
                 // the same order of seals and re-seals. (Without lockstep, when an hour seals
                 // depends on how far each worker got, so only the merged content is fixed.
                 // Readings and rejections are split by worker, so only their union is.)
-                assert!(
-                    tables(&other) == tables(&base),
-                    "{context}: table versions differ"
-                );
+                assert!(tables(&other) == tables(&base), "{context}: table versions differ");
             }
         }
     }
@@ -767,12 +718,7 @@ fn duplicate_reasons_name_the_accepted_reading() {
         (vec![(0, rec(0, 3)), (0, rec(0, 2)), (0, rec(0, 1))], (0, 1)),
         // The accepted one in an earlier epoch; later copies out of order.
         (
-            vec![
-                (0, rec(1, 9)),
-                (1, rec(0, 3)),
-                (1, rec(0, 2)),
-                (1, rec(0, 1)),
-            ],
+            vec![(0, rec(1, 9)), (1, rec(0, 3)), (1, rec(0, 2)), (1, rec(0, 1))],
             (1, 9),
         ),
     ];
@@ -787,10 +733,7 @@ fn duplicate_reasons_name_the_accepted_reading() {
             assert_eq!(rejections.len(), records.len() - 1);
             let first = format!("first seen at source {source} offset {offset})");
             for reason in rejections {
-                assert!(
-                    reason.ends_with(&first),
-                    "{reason:?} should end with {first:?}"
-                );
+                assert!(reason.ends_with(&first), "{reason:?} should end with {first:?}");
             }
         }
     }

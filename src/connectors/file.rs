@@ -20,10 +20,7 @@ pub enum FileSourceError {
     NoMatch(String),
     /// A file could not be read.
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
 }
 
 /// Expands a path or glob into a sorted list of files (the order fixes source ids).
@@ -47,9 +44,7 @@ pub fn expand(pattern: &str) -> Result<Vec<PathBuf>, FileSourceError> {
 pub fn split_line(line: &[u8]) -> (Option<i64>, &[u8]) {
     let digits = line.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits > 0 && digits <= 18 && line.get(digits) == Some(&b' ') {
-        let ingest = std::str::from_utf8(&line[..digits])
-            .ok()
-            .and_then(|s| s.parse().ok());
+        let ingest = std::str::from_utf8(&line[..digits]).ok().and_then(|s| s.parse().ok());
         if ingest.is_some() {
             return (ingest, &line[digits + 1..]);
         }
@@ -71,12 +66,7 @@ pub struct FileReader {
 
 impl FileReader {
     /// Opens `path` as source `source`.
-    pub fn open(
-        path: &Path,
-        source: u32,
-        index: usize,
-        peers: usize,
-    ) -> Result<Self, FileSourceError> {
+    pub fn open(path: &Path, source: u32, index: usize, peers: usize) -> Result<Self, FileSourceError> {
         let f = File::open(path).map_err(|e| FileSourceError::Read {
             path: path.display().to_string(),
             source: e,
@@ -93,20 +83,17 @@ impl FileReader {
     }
 
     /// Appends up to `max` records to `out`; returns false at the end of the file.
-    pub fn read_chunk(
-        &mut self,
-        max: usize,
-        out: &mut Vec<RawRecord>,
-    ) -> Result<bool, FileSourceError> {
+    pub fn read_chunk(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<bool, FileSourceError> {
         let mut taken = 0;
         while taken < max {
             self.buf.clear();
-            let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| {
-                FileSourceError::Read {
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|e| FileSourceError::Read {
                     path: self.path.clone(),
                     source: e,
-                }
-            })?;
+                })?;
             if n == 0 {
                 return Ok(false);
             }

@@ -53,9 +53,7 @@ pub async fn poll(
     };
     let limit = Arc::new(Semaphore::new(settings.concurrency));
     let seq = Arc::new(AtomicU64::new(0));
-    let last_log = Arc::new(std::sync::Mutex::new(
-        Instant::now() - Duration::from_secs(60),
-    ));
+    let last_log = Arc::new(std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)));
     let n = settings.devices as u64;
     let start = tokio::time::Instant::now();
     let mut round = 0u64;
@@ -126,8 +124,5 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
     if !status.is_success() {
         return Err(format!("HTTP {status}"));
     }
-    resp.bytes()
-        .await
-        .map(|b| b.to_vec())
-        .map_err(|e| e.to_string())
+    resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
 }

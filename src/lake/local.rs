@@ -34,8 +34,7 @@ impl Storage for LocalStorage {
         // Unique per process and write, so concurrent writers never share a temporary file.
         let n = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
-        let mut f =
-            std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
         f.write_all(bytes).map_err(|e| io("writing", e))?;
         f.sync_all().map_err(|e| io("syncing", e))?;
         drop(f);

@@ -62,12 +62,8 @@ pub fn open(url: &str) -> Result<Arc<dyn Storage>, LakeError> {
         problem: problem.to_string(),
     };
     match url.split_once("://") {
-        Some(("file", path)) if !path.is_empty() => {
-            Ok(Arc::new(local::LocalStorage::new(path.into())))
-        }
-        Some(("file", _)) => Err(err(
-            "needs a path, e.g. file://./fmsflow-lake or file:///data/lake",
-        )),
+        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into()))),
+        Some(("file", _)) => Err(err("needs a path, e.g. file://./fmsflow-lake or file:///data/lake")),
         Some(("s3" | "hdfs", _)) => Err(err(
             "this build writes only file:// lakes; S3 and HDFS backends are not available yet",
         )),
@@ -153,14 +149,7 @@ impl LakeWriter {
             let mut bytes = parquet::quality(q, b.hour, rg)?;
             if b.partial {
                 if let Some(old) = storage.get(&key)? {
-                    bytes = parquet::merge(
-                        &old,
-                        &bytes,
-                        "quality",
-                        b.hour,
-                        rg,
-                        &["device", "outcome"],
-                    )?;
+                    bytes = parquet::merge(&old, &bytes, "quality", b.hour, rg, &["device", "outcome"])?;
                 }
             }
             put(key, bytes, q.len())?;

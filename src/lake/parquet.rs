@@ -62,8 +62,7 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut time = ts_builder(n);
-    let mut metrics: Vec<Float64Builder> =
-        (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
+    let mut metrics: Vec<Float64Builder> = (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
     let mut fail = BooleanBuilder::with_capacity(n);
     let mut ingest = ts_builder(n);
     let mut source = Int32Builder::with_capacity(n);
@@ -83,11 +82,7 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
         Field::new("device", DataType::Int32, false),
         Field::new("time", ts(), false),
     ];
-    fields.extend(
-        METRICS
-            .iter()
-            .map(|m| Field::new(*m, DataType::Float64, false)),
-    );
+    fields.extend(METRICS.iter().map(|m| Field::new(*m, DataType::Float64, false)));
     fields.extend([
         Field::new("is_fail", DataType::Boolean, false),
         Field::new("ingest_time", ts(), true),
@@ -106,11 +101,7 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
 }
 
 /// `hourly/`: one row per device with readings in the hour.
-pub fn hourly(
-    rows: &[(u32, HourStats)],
-    hour: i64,
-    row_group_rows: usize,
-) -> Result<Vec<u8>, LakeError> {
+pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut start = ts_builder(n);
@@ -118,8 +109,7 @@ pub fn hourly(
     let mut fails = Int64Builder::with_capacity(n);
     let mut first = ts_builder(n);
     let mut last = ts_builder(n);
-    let mut stats: Vec<Float64Builder> =
-        (0..24).map(|_| Float64Builder::with_capacity(n)).collect();
+    let mut stats: Vec<Float64Builder> = (0..24).map(|_| Float64Builder::with_capacity(n)).collect();
     for (d, s) in rows {
         device.append_value(*d as i32);
         start.append_value(hour * HOUR_MS);
@@ -161,11 +151,7 @@ pub fn hourly(
 }
 
 /// `quality/`: one row per (device, outcome) in the hour; outcome `valid` or a rule name.
-pub fn quality(
-    rows: &[((u32, Outcome), i64)],
-    hour: i64,
-    row_group_rows: usize,
-) -> Result<Vec<u8>, LakeError> {
+pub fn quality(rows: &[((u32, Outcome), i64)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut outcome = StringBuilder::with_capacity(n, n * 12);
@@ -262,10 +248,7 @@ pub fn merge(
     };
     // Keys: the device, then (for quality) the outcome.
     let key_of = |b: &RecordBatch, i: usize| -> Result<(i32, String), LakeError> {
-        let col = |name: &str| {
-            b.column_by_name(name)
-                .ok_or_else(|| err(&format!("no column {name}")))
-        };
+        let col = |name: &str| b.column_by_name(name).ok_or_else(|| err(&format!("no column {name}")));
         let device = col(key[0])?
             .as_primitive_opt::<arrow_array::types::Int32Type>()
             .ok_or_else(|| err(&"device is not Int32"))?
@@ -280,8 +263,7 @@ pub fn merge(
         };
         Ok((device, rest))
     };
-    let mut rows: std::collections::BTreeMap<(i32, String), (usize, usize)> =
-        std::collections::BTreeMap::new();
+    let mut rows: std::collections::BTreeMap<(i32, String), (usize, usize)> = std::collections::BTreeMap::new();
     let all: Vec<RecordBatch> = old.into_iter().chain(new).collect();
     // Later batches (the update) win.
     for (bi, b) in all.iter().enumerate() {
@@ -292,8 +274,7 @@ pub fn merge(
     let indices: Vec<(usize, usize)> = rows.into_values().collect();
     let columns = (0..schema.fields().len())
         .map(|c| {
-            let arrays: Vec<&dyn arrow_array::Array> =
-                all.iter().map(|b| b.column(c).as_ref()).collect();
+            let arrays: Vec<&dyn arrow_array::Array> = all.iter().map(|b| b.column(c).as_ref()).collect();
             arrow_select::interleave::interleave(&arrays, &indices).map_err(|e| err(&e))
         })
         .collect::<Result<Vec<ArrayRef>, LakeError>>()?;

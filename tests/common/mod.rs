@@ -19,7 +19,10 @@ pub fn python() -> String {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "{py} cannot import duckdb and pyarrow: run the tests with `bash scripts/test`, which installs them");
+    assert!(
+        ok,
+        "{py} cannot import duckdb and pyarrow: run the tests with `bash scripts/test`, which installs them"
+    );
     py
 }
 
@@ -43,10 +46,7 @@ pub fn read_lake(dir: &Path) -> serde_json::Value {
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
