@@ -160,15 +160,10 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     let s = sim.stats();
     eprintln!("{}", status_line(&status, &clock, 0.0));
     eprintln!(
-        "done: {} polled, {} readings accepted, {} rejected {:?}; {} hours sealed, {} files, {} rows in the lake; {} poll errors",
+        "done: {} polled, {}; {} poll errors",
         s.served,
-        status.valid.load(Relaxed),
-        status.rejected.load(Relaxed),
-        status.rejections_by_rule().into_iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>(),
-        status.hours_sealed.load(Relaxed),
-        status.files_written.load(Relaxed),
-        status.rows_written.load(Relaxed),
-        status.poll_errors.load(Relaxed),
+        status.summary(),
+        status.poll_errors.load(Relaxed)
     );
     eprintln!(
         "simulator served dirty: {:?}",

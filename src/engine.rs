@@ -23,7 +23,7 @@ use crate::status::Status;
 /// Where the engine's raw records come from.
 pub enum Source {
     /// NDJSON files, replayed as fast as possible. With at least as many files as workers,
-    /// each worker reads whole files; otherwise every worker reads its share of the lines.
+    /// each worker reads whole files; otherwise the workers share each file block by block.
     Files(Vec<PathBuf>),
     /// Records in memory (benchmarks, tests), shared out by index.
     Memory(Arc<Vec<RawRecord>>),
@@ -119,8 +119,6 @@ pub fn run(
             handle
         });
 
-        // Received before reading ahead: at most this many epochs in flight.
-        const AHEAD: u64 = 2;
         let mut epoch: Epoch = 0;
         let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
         if let Some(files) = &files {
@@ -131,13 +129,14 @@ pub fn run(
             };
             let (sub_index, sub_peers) = if files.len() >= peers { (0, 1) } else { (index, peers) };
             for (i, path) in mine {
-                let mut reader = match FileReader::open(path, i as u32, sub_index, sub_peers) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        st.fail(e.to_string());
-                        break;
-                    }
-                };
+                let mut reader =
+                    match FileReader::open(path, i as u32, sub_index, sub_peers, crate::connectors::file::BLOCK) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            st.fail(e.to_string());
+                            break;
+                        }
+                    };
                 loop {
                     let more = match reader.read_chunk(settings.batch - buf.len(), &mut buf) {
                         Ok(m) => m,
@@ -147,12 +146,7 @@ pub fn run(
                         }
                     };
                     if buf.len() >= settings.batch {
-                        st.received.fetch_add(buf.len() as u64, Relaxed);
-                        input.send_batch(&mut buf);
-                        buf.clear();
-                        epoch += 1;
-                        input.advance_to(epoch);
-                        worker.step_while(|| probe.less_than(&epoch.saturating_sub(AHEAD)));
+                        ship(worker, &mut input, &probe, &st, &mut buf, &mut epoch);
                     }
                     if !more || st.error().is_some() {
                         break;
@@ -165,12 +159,7 @@ pub fn run(
             let mut it = records.iter().skip(index).step_by(peers).peekable();
             while it.peek().is_some() {
                 buf.extend(it.by_ref().take(settings.batch).cloned());
-                st.received.fetch_add(buf.len() as u64, Relaxed);
-                input.send_batch(&mut buf);
-                buf.clear();
-                epoch += 1;
-                input.advance_to(epoch);
-                worker.step_while(|| probe.less_than(&epoch.saturating_sub(AHEAD)));
+                ship(worker, &mut input, &probe, &st, &mut buf, &mut epoch);
             }
         } else {
             let rx = live
@@ -226,6 +215,28 @@ pub fn run(
         Some(e) => Err(EngineError::Failed(e)),
         None => Ok(()),
     }
+}
+
+/// Replay reads ahead of the dataflow by at most this many epochs.
+const AHEAD: u64 = 2;
+
+/// Sends one replay epoch's records, closes the epoch, and works until at most [`AHEAD`]
+/// epochs are in flight (backpressure: a source never runs far ahead of the sinks).
+fn ship(
+    worker: &mut timely::worker::Worker,
+    input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>,
+    probe: &ProbeHandle<Epoch>,
+    st: &Status,
+    buf: &mut Vec<RawRecord>,
+    epoch: &mut Epoch,
+) {
+    st.received.fetch_add(buf.len() as u64, Relaxed);
+    input.send_batch(buf);
+    buf.clear();
+    *epoch += 1;
+    input.advance_to(*epoch);
+    let behind = epoch.saturating_sub(AHEAD);
+    worker.step_while(|| probe.less_than(&behind));
 }
 
 /// Batches waiting for the writer at most; beyond this the worker blocks (backpressure).

@@ -270,14 +270,9 @@ fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let total = status.received.load(Relaxed);
     println!(
-        "replayed {total} records in {secs:.2} s ({:.0} records/s): {} valid, {} rejected {:?}; {} hours sealed; {} files, {} rows written",
+        "replayed {total} records in {secs:.2} s ({:.0} records/s): {}",
         total as f64 / secs,
-        status.valid.load(Relaxed),
-        status.rejected.load(Relaxed),
-        status.rejections_by_rule().into_iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>(),
-        status.hours_sealed.load(Relaxed),
-        status.files_written.load(Relaxed),
-        status.rows_written.load(Relaxed),
+        status.summary()
     );
     Ok(())
 }

@@ -71,6 +71,22 @@ impl Status {
             .collect()
     }
 
+    /// One line: accepted, rejected by rule, hours sealed, files and rows written.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} valid, {} rejected {:?}; {} hours sealed; {} files, {} rows written",
+            self.valid.load(Relaxed),
+            self.rejected.load(Relaxed),
+            self.rejections_by_rule()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .collect::<Vec<_>>(),
+            self.hours_sealed.load(Relaxed),
+            self.files_written.load(Relaxed),
+            self.rows_written.load(Relaxed),
+        )
+    }
+
     /// Records the first fatal error.
     pub fn fail(&self, message: String) {
         let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
