@@ -45,7 +45,7 @@ fn records(hours: u32) -> Vec<RawRecord> {
 fn report(what: &str, workers: usize, n: usize, t: Duration) {
     let rate = n as f64 / t.as_secs_f64();
     println!(
-        "{what:<44} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker",
+        "{what:<46} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker",
         t.as_secs_f64(),
         rate,
         rate / workers as f64
@@ -87,18 +87,21 @@ fn main() {
         report("naive recomputation (one thread, comparison)", 1, n, t);
     }
 
-    for with_lake in [false, true] {
+    // (lake, fsync): no lake; Parquet with each file fsynced (the default); Parquet without fsync.
+    for (with_lake, fsync) in [(false, false), (true, true), (true, false)] {
         for workers in [1usize, 2] {
-            let case = format!("{}-{workers}", if with_lake { "parquet" } else { "aggregate" });
-            if only.as_ref().is_some_and(|o| *o != case) {
+            let kind = match (with_lake, fsync) {
+                (false, _) => "aggregate",
+                (true, true) => "parquet",
+                (true, false) => "parquet-nofsync",
+            };
+            if only.as_ref().is_some_and(|o| *o != format!("{kind}-{workers}")) {
                 continue;
             }
             let dir = tempfile::tempdir().expect("temp dir");
             let writer = with_lake.then(|| {
-                Arc::new(LakeWriter::new(
-                    lake::open(&format!("file://{}", dir.path().display())).expect("lake"),
-                    16_384,
-                ))
+                let storage = lake::open(&format!("file://{}", dir.path().display()), fsync).expect("lake");
+                Arc::new(LakeWriter::new(storage, 16_384))
             });
             let status = Arc::new(Status::default());
             let settings = EngineSettings {
@@ -111,10 +114,10 @@ fn main() {
             engine::run(settings, Source::Memory(data.clone()), writer, status.clone()).expect("engine run");
             let t = start.elapsed();
             assert_eq!(status.valid.load(Relaxed) as usize, n);
-            let what = if with_lake {
-                "parse+validate+aggregate+Parquet"
-            } else {
-                "parse+validate+aggregate"
+            let what = match kind {
+                "aggregate" => "parse+validate+aggregate",
+                "parquet" => "parse+validate+aggregate+Parquet (fsync)",
+                _ => "parse+validate+aggregate+Parquet (no fsync)",
             };
             report(what, workers, n, t);
         }

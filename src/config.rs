@@ -141,6 +141,8 @@ pub struct Lake {
     pub url: String,
     /// Rows per Parquet row group (smaller groups let readers prune by device).
     pub row_group_rows: usize,
+    /// fsync each file before renaming it into place.
+    pub fsync: bool,
 }
 
 /// `[collector]`

@@ -236,7 +236,7 @@ fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
         anyhow::bail!("--source {source:?}: this build replays only file:<path-or-glob> sources");
     };
     let files = connectors::file::expand(pattern)?;
-    let storage = lake::open(&cfg.lake.url)?;
+    let storage = lake::open(&cfg.lake.url, cfg.lake.fsync)?;
     eprintln!(
         "replaying {} file(s) on {} workers into {}",
         files.len(),

@@ -11,12 +11,13 @@ static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// A lake in a local directory.
 pub struct LocalStorage {
     root: PathBuf,
+    fsync: bool,
 }
 
 impl LocalStorage {
     /// A lake rooted at `root` (created on first write).
-    pub fn new(root: PathBuf) -> Self {
-        LocalStorage { root }
+    pub fn new(root: PathBuf, fsync: bool) -> Self {
+        LocalStorage { root, fsync }
     }
 }
 
@@ -36,7 +37,9 @@ impl Storage for LocalStorage {
         let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
         f.write_all(bytes).map_err(|e| io("writing", e))?;
-        f.sync_all().map_err(|e| io("syncing", e))?;
+        if self.fsync {
+            f.sync_all().map_err(|e| io("syncing", e))?;
+        }
         drop(f);
         std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e))
     }

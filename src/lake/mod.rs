@@ -56,13 +56,15 @@ pub trait Storage: Send + Sync {
 }
 
 /// Opens the storage a lake URL names.
-pub fn open(url: &str) -> Result<Arc<dyn Storage>, LakeError> {
+/// `fsync`: make each file durable before it is renamed into place (the default); without
+/// it a crash of the machine (not of fmsflow) can lose files the lake already showed.
+pub fn open(url: &str, fsync: bool) -> Result<Arc<dyn Storage>, LakeError> {
     let err = |problem: &str| LakeError::Url {
         url: url.to_string(),
         problem: problem.to_string(),
     };
     match url.split_once("://") {
-        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into()))),
+        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into(), fsync))),
         Some(("file", _)) => Err(err("needs a path, e.g. file://./fmsflow-lake or file:///data/lake")),
         Some(("s3" | "hdfs", _)) => Err(err(
             "this build writes only file:// lakes; S3 and HDFS backends are not available yet",
