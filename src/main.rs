@@ -254,9 +254,11 @@ fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let st = status.clone();
     let handle = std::thread::spawn(move || engine::run(settings, engine::Source::Files(files), Some(writer), st));
+    let mut last = Instant::now();
     while !handle.is_finished() {
-        std::thread::sleep(Duration::from_millis(100));
-        if started.elapsed().as_millis() % 2000 < 100 {
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() >= Duration::from_secs(2) {
+            last = Instant::now();
             eprintln!(
                 "  {} records in, {} hours sealed",
                 status.received.load(Relaxed),
