@@ -191,7 +191,7 @@ pub fn run(
                     worker.step();
                 }
             } else {
-                // No channel for this worker: keep time moving until the others finish.
+                // No channel for this worker: its input closes at once and the others go on.
                 tracing::debug!(worker = index, "no live input for this worker");
             }
         }
