@@ -182,8 +182,8 @@ struct Wire<'a> {
     is_fail: Option<bool>,
 }
 
-/// The error of a key that is not UTF-8 (serde_json's own words for a bad string).
-const BAD_KEY: &str = "invalid unicode code point in an object key";
+/// The error of a key that is not valid JSON text (serde_json's own words for a bad string).
+const BAD_KEY: &str = "invalid unicode code point or control character in an object key";
 
 /// A key of the FMS object. Read as raw bytes: serde_json then skips the UTF-8 check it does
 /// for every string read as `str`, which was the largest single cost of decoding a reading.
@@ -214,9 +214,12 @@ impl<'de> Deserialize<'de> for Key {
                     b"motor2" => Key::Metric(4),
                     b"motor3" => Key::Metric(5),
                     b"isFail" => Key::IsFail,
-                    // The known keys are ASCII; only an unknown key can be invalid UTF-8, and
-                    // a document that is not UTF-8 is not JSON.
-                    _ if std::str::from_utf8(b).is_err() => return Err(E::custom(BAD_KEY)),
+                    // The known keys are plain ASCII; only an unknown key can hold what JSON
+                    // forbids in a string and serde_json does not check in raw bytes: invalid
+                    // UTF-8 (lone surrogate escapes included) and raw control characters.
+                    _ if b.iter().any(|c| *c < 0x20) || std::str::from_utf8(b).is_err() => {
+                        return Err(E::custom(BAD_KEY))
+                    }
                     _ => Key::Other,
                 })
             }
