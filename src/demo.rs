@@ -4,7 +4,7 @@
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -73,9 +73,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     // One channel per worker; a device always goes to the same worker.
     let workers = cfg.engine.workers;
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::channel::<RawRecord>()).unzip();
-    let txs = Mutex::new(txs);
     let deliver: Arc<dyn Fn(u32, RawRecord) + Send + Sync> = Arc::new(move |device, raw| {
-        let txs = txs.lock().unwrap_or_else(|e| e.into_inner());
         let _ = txs[device as usize % txs.len()].send(raw);
     });
 

@@ -136,25 +136,24 @@ impl LakeWriter {
         }
         // Replaced tables: one file per hour. A partial batch (an hour reopened after its
         // state was dropped) carries only the keys that changed: merge them into the file.
+        let mut replace = |table: &'static str, bytes: Vec<u8>, key: &[&str], rows: usize| -> Result<(), LakeError> {
+            let path = format!("{}/part-00000.parquet", Self::dir(table, b.hour));
+            let bytes = match b.partial.then(|| storage.get(&path)).transpose()?.flatten() {
+                Some(old) => parquet::merge(&old, &bytes, table, b.hour, rg, key)?,
+                None => bytes,
+            };
+            put(path, bytes, rows)
+        };
         if let Some(h) = &b.hourly {
-            let key = format!("{}/part-00000.parquet", Self::dir("hourly", b.hour));
-            let mut bytes = parquet::hourly(h, b.hour, rg)?;
-            if b.partial {
-                if let Some(old) = storage.get(&key)? {
-                    bytes = parquet::merge(&old, &bytes, "hourly", b.hour, rg, &["device"])?;
-                }
-            }
-            put(key, bytes, h.len())?;
+            replace("hourly", parquet::hourly(h, b.hour, rg)?, &["device"], h.len())?;
         }
         if let Some(q) = &b.quality {
-            let key = format!("{}/part-00000.parquet", Self::dir("quality", b.hour));
-            let mut bytes = parquet::quality(q, b.hour, rg)?;
-            if b.partial {
-                if let Some(old) = storage.get(&key)? {
-                    bytes = parquet::merge(&old, &bytes, "quality", b.hour, rg, &["device", "outcome"])?;
-                }
-            }
-            put(key, bytes, q.len())?;
+            replace(
+                "quality",
+                parquet::quality(q, b.hour, rg)?,
+                &["device", "outcome"],
+                q.len(),
+            )?;
         }
         Ok(w)
     }
