@@ -42,10 +42,26 @@ fn records(hours: u32) -> Vec<RawRecord> {
         .collect()
 }
 
-fn report(what: &str, workers: usize, n: usize, t: Duration) {
+/// CPU time (user + system) of the whole process so far, from `/proc/self/stat` (Linux; in
+/// clock ticks of 10 ms). Shows how busy the cores were during a case.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Prints a case's rate, and with `cpu` (CPU time spent during the case) how many cores it
+/// kept busy on average.
+fn report(what: &str, workers: usize, n: usize, t: Duration, cpu: Option<Duration>) {
     let rate = n as f64 / t.as_secs_f64();
+    let busy = cpu
+        .map(|c| format!("  cores busy {:.2}", c.as_secs_f64() / t.as_secs_f64()))
+        .unwrap_or_default();
     println!(
-        "{what:<46} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker",
+        "{what:<46} workers={workers}  {n} msgs in {:>6.3} s  {:>10.0} msgs/s  {:>10.0} msgs/s/worker{busy}",
         t.as_secs_f64(),
         rate,
         rate / workers as f64
@@ -69,13 +85,12 @@ fn main() {
 
     // Parse + validate alone, one thread, no dataflow.
     let cfg = RuleConfig::default();
-    let start = Instant::now();
-    let mut ok = if only.is_some() { n } else { 0 };
-    for r in data.iter().filter(|_| only.is_none()) {
-        ok += validate(r.clone(), &cfg).is_ok() as usize;
+    if only.is_none() {
+        let start = Instant::now();
+        let ok = data.iter().filter(|r| validate((*r).clone(), &cfg).is_ok()).count();
+        assert_eq!(ok, n);
+        report("parse+validate (one thread, no dataflow)", 1, n, start.elapsed(), None);
     }
-    assert_eq!(ok, n);
-    report("parse+validate (one thread, no dataflow)", 1, n, start.elapsed());
 
     // The comparison: the naive recomputation the oracle tests use (keeps every value).
     if only.is_none() {
@@ -84,7 +99,7 @@ fn main() {
         let exp = fmsflow_dataflows::oracle::expected(&epochs, &cfg);
         let t = start.elapsed();
         assert_eq!(exp.hourly.len(), 100 * hours as usize);
-        report("naive recomputation (one thread, comparison)", 1, n, t);
+        report("naive recomputation (one thread, comparison)", 1, n, t, None);
     }
 
     // (lake, fsync): no lake; Parquet with each file fsynced (the default); Parquet without fsync.
@@ -110,16 +125,17 @@ fn main() {
                 batch: 50_000,
                 epoch: Duration::from_millis(200),
             };
-            let start = Instant::now();
+            let (start, cpu0) = (Instant::now(), cpu_time());
             engine::run(settings, Source::Memory(data.clone()), writer, status.clone()).expect("engine run");
             let t = start.elapsed();
+            let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
             assert_eq!(status.valid.load(Relaxed) as usize, n);
             let what = match kind {
                 "aggregate" => "parse+validate+aggregate",
                 "parquet" => "parse+validate+aggregate+Parquet (fsync)",
                 _ => "parse+validate+aggregate+Parquet (no fsync)",
             };
-            report(what, workers, n, t);
+            report(what, workers, n, t, cpu);
         }
     }
 }

@@ -196,7 +196,7 @@ pub fn run(
             }
         }
         drop(input);
-        worker.step_while(|| !probe.done());
+        worker.step_or_park_while(Some(PARK), || !probe.done());
         // Dropping the dataflow's sink closes the writer's channel; wait for the last files.
         for id in worker.installed_dataflows() {
             worker.drop_dataflow(id);
@@ -217,6 +217,11 @@ pub fn run(
     }
 }
 
+/// How long a worker with nothing to do may sleep before it looks again. Another worker's
+/// data or progress wakes it sooner; sleeping rather than spinning leaves the core to the
+/// workers and lake writers that have work (they outnumber the cores on small machines).
+const PARK: Duration = Duration::from_millis(10);
+
 /// Replay reads ahead of the dataflow by at most this many epochs.
 const AHEAD: u64 = 2;
 
@@ -236,7 +241,7 @@ fn ship(
     *epoch += 1;
     input.advance_to(*epoch);
     let behind = epoch.saturating_sub(AHEAD);
-    worker.step_while(|| probe.less_than(&behind));
+    worker.step_or_park_while(Some(PARK), || probe.less_than(&behind));
 }
 
 /// Batches waiting for the writer at most; beyond this the worker blocks (backpressure).

@@ -28,8 +28,8 @@ pub struct Status {
     pub rows_written: AtomicU64,
     /// Polls that failed (HTTP error, timeout, connection).
     pub poll_errors: AtomicU64,
-    /// Latest (event time, isFail) per device.
-    latest: Mutex<BTreeMap<u32, (i64, bool)>>,
+    /// Latest (event time, isFail) per device, indexed by device id (`i64::MIN`: none yet).
+    latest: Mutex<Vec<(i64, bool)>>,
     /// The first fatal error of a sink, if any.
     pub error: Mutex<Option<String>>,
 }
@@ -40,7 +40,11 @@ impl Status {
         self.valid.fetch_add(readings.len() as u64, Relaxed);
         let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         for r in readings {
-            let e = latest.entry(r.device).or_insert((i64::MIN, false));
+            let d = r.device as usize;
+            if d >= latest.len() {
+                latest.resize(d + 1, (i64::MIN, false));
+            }
+            let e = &mut latest[d];
             if r.time_ms >= e.0 {
                 *e = (r.time_ms, r.is_fail);
             }
@@ -59,7 +63,12 @@ impl Status {
     /// Devices whose latest reading reports a failure.
     pub fn failing_devices(&self) -> Vec<u32> {
         let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        latest.iter().filter(|(_, (_, f))| *f).map(|(d, _)| *d).collect()
+        latest
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, f))| *f)
+            .map(|(d, _)| d as u32)
+            .collect()
     }
 
     /// Rejections per rule name.

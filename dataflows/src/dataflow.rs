@@ -509,25 +509,35 @@ fn split_by_hour(v: Vec<Reading>) -> Vec<(i64, Vec<Reading>)> {
     }
 }
 
-/// Joins chunks into one vector ordered by device, time, source position. Sorts small keys
-/// and moves each reading once, rather than swapping whole readings while sorting.
+/// Joins chunks into one vector ordered by device, time, source position. Device ids are a
+/// small dense range (1..=fleet size), so readings are bucketed by device, each moved once,
+/// and a device's run is sorted only if it is not in order already (late or interleaved
+/// readings). Sparse ids fall back to a comparison sort.
 fn sort_readings(chunks: Vec<Vec<Reading>>) -> Vec<Reading> {
-    let n = chunks.iter().map(Vec::len).sum();
-    let mut flat = Vec::with_capacity(n);
-    for mut c in chunks {
-        flat.append(&mut c);
-    }
-    let mut keys: Vec<(u32, i64, SourcePos, u32)> = flat
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.device, r.time_ms, r.pos, i as u32))
-        .collect();
-    keys.sort_unstable();
-    if keys.iter().enumerate().all(|(i, k)| k.3 as usize == i) {
+    let n: usize = chunks.iter().map(Vec::len).sum();
+    let max_device = chunks.iter().flatten().map(|r| r.device as usize).max().unwrap_or(0);
+    let by_time = |r: &Reading| (r.time_ms, r.pos);
+    if max_device > 4 * n + 1024 {
+        let mut flat: Vec<Reading> = chunks.into_iter().flatten().collect();
+        flat.sort_unstable_by_key(|r| (r.device, r.time_ms, r.pos));
         return flat;
     }
-    let mut slots: Vec<Option<Reading>> = flat.into_iter().map(Some).collect();
-    keys.iter().filter_map(|k| slots[k.3 as usize].take()).collect()
+    let mut counts = vec![0usize; max_device + 1];
+    for r in chunks.iter().flatten() {
+        counts[r.device as usize] += 1;
+    }
+    let mut buckets: Vec<Vec<Reading>> = counts.iter().map(|&c| Vec::with_capacity(c)).collect();
+    for r in chunks.into_iter().flatten() {
+        buckets[r.device as usize].push(r);
+    }
+    let mut out = Vec::with_capacity(n);
+    for mut run in buckets {
+        if !run.is_sorted_by_key(by_time) {
+            run.sort_unstable_by_key(by_time);
+        }
+        out.append(&mut run);
+    }
+    out
 }
 
 /// The state of `hour`, reopened as partial if it was dropped before.
@@ -557,4 +567,32 @@ fn split_done<V>(map: &mut BTreeMap<Epoch, V>, done: impl Fn(&Epoch) -> bool) ->
         out.push(e.remove_entry());
     }
     out
+}
+
+#[cfg(test)]
+mod sort_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Both the bucketed path (dense ids) and the fallback (sparse ids) order by device,
+        /// time, source position, keeping every reading.
+        #[test]
+        fn sorts_by_device_time_position(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec((1u32..6, 0i64..50, 0u64..1000), 0..40), 0..5),
+            sparse in any::<bool>(),
+        ) {
+            let scale = if sparse { 1_000_000 } else { 1 };
+            let chunks: Vec<Vec<Reading>> = chunks
+                .iter()
+                .map(|c| c.iter().map(|&(d, t, o)| Reading::at(d * scale, t, o)).collect())
+                .collect();
+            let mut expected: Vec<Reading> = chunks.iter().flatten().cloned().collect();
+            expected.sort_by_key(|r| (r.device, r.time_ms, r.pos));
+            let got = sort_readings(chunks);
+            let key = |v: &[Reading]| v.iter().map(|r| (r.device, r.time_ms, r.pos)).collect::<Vec<_>>();
+            prop_assert_eq!(key(&got), key(&expected));
+        }
+    }
 }

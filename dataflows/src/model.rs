@@ -74,6 +74,21 @@ impl Reading {
     }
 }
 
+#[cfg(test)]
+impl Reading {
+    /// A reading of `device` at `time_ms` (also its ingest time) from offset `offset` of
+    /// source 0, for unit tests.
+    pub(crate) fn at(device: u32, time_ms: i64, offset: u64) -> Reading {
+        Reading {
+            device,
+            time_ms,
+            pos: SourcePos { source: 0, offset },
+            ingest_ms: Some(time_ms),
+            ..Reading::EMPTY
+        }
+    }
+}
+
 /// Key of the hourly aggregates: (device id, hour index since the epoch).
 pub type DeviceHour = (u32, i64);
 

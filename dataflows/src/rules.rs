@@ -231,6 +231,115 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
+/// A JSON value that [`Nullable`] reads into `Option<Self>`: the conversions serde's own
+/// `Deserialize` for `Self` makes, and its wording for the rest (`expected f64`, ...).
+trait Scalar<'de>: Sized {
+    /// What serde's visitor for the type says it expected.
+    const EXPECTING: &'static str;
+    fn from_u64<E: serde::de::Error>(v: u64, exp: &dyn serde::de::Expected) -> Result<Self, E> {
+        Err(E::invalid_type(serde::de::Unexpected::Unsigned(v), exp))
+    }
+    fn from_i64<E: serde::de::Error>(v: i64, exp: &dyn serde::de::Expected) -> Result<Self, E> {
+        Err(E::invalid_type(serde::de::Unexpected::Signed(v), exp))
+    }
+    fn from_f64<E: serde::de::Error>(v: f64, exp: &dyn serde::de::Expected) -> Result<Self, E> {
+        Err(E::invalid_type(serde::de::Unexpected::Float(v), exp))
+    }
+    fn from_bool<E: serde::de::Error>(v: bool, exp: &dyn serde::de::Expected) -> Result<Self, E> {
+        Err(E::invalid_type(serde::de::Unexpected::Bool(v), exp))
+    }
+    fn from_str<E: serde::de::Error>(v: Cow<'de, str>, exp: &dyn serde::de::Expected) -> Result<Self, E> {
+        Err(E::invalid_type(serde::de::Unexpected::Str(&v), exp))
+    }
+}
+
+impl<'de> Scalar<'de> for f64 {
+    const EXPECTING: &'static str = "f64";
+    fn from_u64<E: serde::de::Error>(v: u64, _: &dyn serde::de::Expected) -> Result<Self, E> {
+        Ok(v as f64)
+    }
+    fn from_i64<E: serde::de::Error>(v: i64, _: &dyn serde::de::Expected) -> Result<Self, E> {
+        Ok(v as f64)
+    }
+    fn from_f64<E: serde::de::Error>(v: f64, _: &dyn serde::de::Expected) -> Result<Self, E> {
+        Ok(v)
+    }
+}
+
+impl<'de> Scalar<'de> for i64 {
+    const EXPECTING: &'static str = "i64";
+    fn from_u64<E: serde::de::Error>(v: u64, exp: &dyn serde::de::Expected) -> Result<Self, E> {
+        i64::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), exp))
+    }
+    fn from_i64<E: serde::de::Error>(v: i64, _: &dyn serde::de::Expected) -> Result<Self, E> {
+        Ok(v)
+    }
+}
+
+impl<'de> Scalar<'de> for bool {
+    const EXPECTING: &'static str = "a boolean";
+    fn from_bool<E: serde::de::Error>(v: bool, _: &dyn serde::de::Expected) -> Result<Self, E> {
+        Ok(v)
+    }
+}
+
+/// Borrowed when the string has no escapes.
+impl<'de> Scalar<'de> for Cow<'de, str> {
+    const EXPECTING: &'static str = "a string";
+    fn from_str<E: serde::de::Error>(v: Cow<'de, str>, _: &dyn serde::de::Expected) -> Result<Self, E> {
+        Ok(v)
+    }
+}
+
+/// Reads a field's value as `Option<T>` (`null` is `None`) with one `deserialize_any`, where
+/// serde's `Option<T>` dispatches twice (and its `Cow<str>` always allocates). Decodes and
+/// words its errors exactly as `Option<T>` does; the golden tests hold both to that.
+struct Nullable<T>(std::marker::PhantomData<T>);
+
+impl<T> Nullable<T> {
+    fn new() -> Self {
+        Nullable(std::marker::PhantomData)
+    }
+}
+
+impl<'de, T: Scalar<'de>> serde::de::DeserializeSeed<'de> for Nullable<T> {
+    type Value = Option<T>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Scalar<'de>> serde::de::Visitor<'de> for Nullable<T> {
+    type Value = Option<T>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<T>, E> {
+        T::from_u64(v, &self).map(Some)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<T>, E> {
+        T::from_i64(v, &self).map(Some)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Option<T>, E> {
+        T::from_f64(v, &self).map(Some)
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Option<T>, E> {
+        T::from_bool(v, &self).map(Some)
+    }
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Option<T>, E> {
+        T::from_str(Cow::Borrowed(v), &self).map(Some)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<T>, E> {
+        T::from_str(Cow::Owned(v.to_owned()), &self).map(Some)
+    }
+}
+
 /// The fields as a derived `Deserialize` reads them (null is absent, a repeated field is an
 /// error, unknown fields are skipped), but with byte keys.
 impl<'de: 'a, 'a> Deserialize<'de> for Wire<'a> {
@@ -256,19 +365,19 @@ impl<'de: 'a, 'a> Deserialize<'de> for Wire<'a> {
                     match key {
                         Key::Time => {
                             once(0, "time")?;
-                            w.time = map.next_value::<Option<Cow<'a, str>>>()?;
+                            w.time = map.next_value_seed(Nullable::new())?;
                         }
                         Key::DeviceId => {
                             once(1, "DeviceId")?;
-                            w.device_id = map.next_value()?;
+                            w.device_id = map.next_value_seed(Nullable::new())?;
                         }
                         Key::Metric(i) => {
                             once(2 + i, METRICS[i])?;
-                            w.metrics[i] = map.next_value()?;
+                            w.metrics[i] = map.next_value_seed(Nullable::new())?;
                         }
                         Key::IsFail => {
                             once(8, "isFail")?;
-                            w.is_fail = map.next_value()?;
+                            w.is_fail = map.next_value_seed(Nullable::new())?;
                         }
                         Key::Other => {
                             map.next_value::<serde::de::IgnoredAny>()?;
@@ -582,13 +691,7 @@ mod dedup_tests {
     use super::*;
 
     fn r(device: u32, time_ms: i64, offset: u64) -> Reading {
-        Reading {
-            device,
-            time_ms,
-            pos: SourcePos { source: 0, offset },
-            ingest_ms: Some(time_ms),
-            ..Reading::EMPTY
-        }
+        Reading::at(device, time_ms, offset)
     }
 
     fn run(d: &mut Deduper, epoch: Vec<Reading>) -> (Vec<u64>, Vec<(u64, u64)>) {
@@ -635,5 +738,109 @@ mod dedup_tests {
         // accepted again (it would be stale by then).
         assert_eq!(d.len(), 1);
         assert_eq!(d.admit(&r(1, 1000, 5)), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod nullable_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::de::DeserializeSeed;
+
+    /// What serde's `Option<T>` makes of `json`, and what [`Nullable`] makes of it: the value
+    /// or the error's text (position included).
+    fn both<T>(json: &str) -> (Result<Option<T>, String>, Result<Option<T>, String>)
+    where
+        T: for<'de> Scalar<'de> + serde::de::DeserializeOwned,
+    {
+        let serde_way = serde_json::from_str::<Option<T>>(json).map_err(|e| e.to_string());
+        let mut d = serde_json::Deserializer::from_str(json);
+        let ours = Nullable::<T>::new()
+            .deserialize(&mut d)
+            .and_then(|v| d.end().map(|_| v))
+            .map_err(|e| e.to_string());
+        (serde_way, ours)
+    }
+
+    /// serde_json reports a container where a scalar belongs at the container's first byte
+    /// when asked for the scalar, and just past it when asked for any value: the rule and the
+    /// message are the same, only the column differs.
+    fn same(json: &str) {
+        if json.trim_start().starts_with(['[', '{']) {
+            let json = json.trim_start();
+            let (a, b) = both::<f64>(json);
+            let strip = |r: Result<Option<f64>, String>| r.map_err(|e| e.split(" at line").next().map(str::to_owned));
+            assert_eq!(strip(a).err(), strip(b).err(), "f64 from {json:?}");
+            return;
+        }
+        let (a, b) = both::<f64>(json);
+        assert_eq!(
+            a.map(|v| v.map(f64::to_bits)),
+            b.map(|v| v.map(f64::to_bits)),
+            "f64 from {json:?}"
+        );
+        let (a, b) = both::<i64>(json);
+        assert_eq!(a, b, "i64 from {json:?}");
+        let (a, b) = both::<bool>(json);
+        assert_eq!(a, b, "bool from {json:?}");
+        let serde_way = serde_json::from_str::<Option<String>>(json).map_err(|e| e.to_string());
+        let mut d = serde_json::Deserializer::from_str(json);
+        let ours = Nullable::<Cow<str>>::new()
+            .deserialize(&mut d)
+            .and_then(|v| d.end().map(|_| v.map(Cow::into_owned)))
+            .map_err(|e| e.to_string());
+        assert_eq!(serde_way, ours, "string from {json:?}");
+    }
+
+    #[test]
+    fn reads_values_as_option_does() {
+        for json in [
+            "null",
+            "1",
+            "-1",
+            "0",
+            "-0",
+            "1.5",
+            "-0.0",
+            "1e2",
+            "1e999",
+            "-1e999",
+            "18446744073709551615",
+            "18446744073709551616",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "true",
+            "false",
+            "\"x\"",
+            "\"a\\nb\"",
+            "\"\\ud800\"",
+            "[]",
+            "[1, 2]",
+            "{}",
+            "{\"a\": 1}",
+            "[1,",
+            "{\"a\"",
+            "nul",
+            "tru",
+            "\"",
+            "",
+            " 85.69 ",
+            "01",
+            "1.",
+            ".5",
+            "+1",
+            "NaN",
+        ] {
+            same(json);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn reads_any_text_as_option_does(json in "[ \\[\\]{}\",:0-9eE.+\\-ntrufalsx\\\\]{0,12}") {
+            same(&json);
+        }
     }
 }
