@@ -89,9 +89,9 @@ pub fn run(
         let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
             let (handle, raw) = scope.new_input::<RawRecord>();
             let out = build(raw, &flow);
-            out.readings.clone().inspect_core(move |e| {
-                if let Ok((_, rs)) = e {
-                    st_r.on_readings(rs)
+            out.latest.clone().inspect_core(move |e| {
+                if let Ok((_, ls)) = e {
+                    st_r.on_latest(ls)
                 }
             });
             out.rejections.clone().inspect_core(move |e| {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use fmsflow_dataflows::{Reading, Rejection, Rule};
+use fmsflow_dataflows::{DeviceLatest, Rejection, Rule};
 
 /// Pipeline counters.
 #[derive(Default)]
@@ -36,17 +36,17 @@ pub struct Status {
 
 impl Status {
     /// Counts accepted readings and tracks each device's latest failure state.
-    pub fn on_readings(&self, readings: &[Reading]) {
-        self.valid.fetch_add(readings.len() as u64, Relaxed);
-        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        for r in readings {
-            let d = r.device as usize;
-            if d >= latest.len() {
-                latest.resize(d + 1, (i64::MIN, false));
+    pub fn on_latest(&self, latest: &[DeviceLatest]) {
+        self.valid.fetch_add(latest.iter().map(|l| l.readings).sum(), Relaxed);
+        let mut state = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        for l in latest {
+            let d = l.device as usize;
+            if d >= state.len() {
+                state.resize(d + 1, (i64::MIN, false));
             }
-            let e = &mut latest[d];
-            if r.time_ms >= e.0 {
-                *e = (r.time_ms, r.is_fail);
+            let e = &mut state[d];
+            if l.time_ms >= e.0 {
+                *e = (l.time_ms, l.is_fail);
             }
         }
     }

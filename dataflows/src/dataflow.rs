@@ -18,7 +18,7 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, OkErr};
 use timely::dataflow::{Scope, Stream};
 
-use crate::model::{DeviceHour, RawRecord, Reading, SourcePos};
+use crate::model::{DeviceHour, DeviceLatest, RawRecord, Reading, SourcePos};
 use crate::rules::{validate, Outcome, Rejection, RuleConfig};
 use crate::stats::HourStats;
 use crate::time::HOUR_MS;
@@ -128,6 +128,8 @@ pub struct Outputs<'scope> {
     pub quality: VecCollection<'scope, Epoch, ((u32, i64, Outcome), isize), isize>,
     /// Each worker's largest accepted event time per epoch, sent to every worker.
     pub watermarks: Stream<'scope, Epoch, Vec<i64>>,
+    /// Per epoch and worker, each device's newest accepted reading and count (live status).
+    pub latest: Stream<'scope, Epoch, Vec<DeviceLatest>>,
     grace_ms: i64,
     max_age_ms: i64,
 }
@@ -164,7 +166,7 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
         raw.ok_err(move |r: RawRecord| validate(r, &rules));
 
     let retention = cfg.rules.max_age_ms + HOUR_MS;
-    let (readings, dups, hourly_updates, valid_counts, watermarks) = dedup(scope, ok, retention);
+    let (readings, dups, hourly_updates, valid_counts, watermarks, latest) = dedup(scope, ok, retention);
 
     let rejections = concat(bad, dups);
     let reject_counts = count_rejections(rejections.clone());
@@ -178,6 +180,7 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
         hourly,
         quality,
         watermarks: watermarks.broadcast(),
+        latest,
         grace_ms: cfg.grace_ms,
         max_age_ms: cfg.rules.max_age_ms,
     }
@@ -220,6 +223,7 @@ type DedupStreams<'scope> = (
     Stream<'scope, Epoch, Vec<(DeviceHour, Epoch, HourStats)>>,
     Stream<'scope, Epoch, Vec<Quality>>,
     Stream<'scope, Epoch, Vec<i64>>,
+    Stream<'scope, Epoch, Vec<DeviceLatest>>,
 );
 
 /// Routes readings to their hour's worker, applies the duplicate rule epoch by epoch (the
@@ -237,33 +241,36 @@ fn dedup<'scope>(
     let (o_stats, s_stats) = builder.new_output::<Vec<(DeviceHour, Epoch, HourStats)>>();
     let (o_valid, s_valid) = builder.new_output::<Vec<Quality>>();
     let (o_wm, s_wm) = builder.new_output::<Vec<i64>>();
+    let (o_latest, s_latest) = builder.new_output::<Vec<DeviceLatest>>();
     let mut o_read = OutputBuilder::from(o_read);
     let mut o_dup = OutputBuilder::from(o_dup);
     let mut o_stats = OutputBuilder::from(o_stats);
     let mut o_valid = OutputBuilder::from(o_valid);
     let mut o_wm = OutputBuilder::from(o_wm);
+    let mut o_latest = OutputBuilder::from(o_latest);
 
     builder.build(move |caps| {
         let mut caps: Vec<Capability<Epoch>> = caps;
-        let mut stash: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
+        // Each epoch's input as the batches it came in (moved, never copied into one vector).
+        let mut stash: BTreeMap<Epoch, Vec<Vec<Reading>>> = BTreeMap::new();
         let mut deduper = crate::rules::Deduper::new(retention_ms);
         let mut winners: Vec<Reading> = Vec::new();
         let mut losers: Vec<(Reading, SourcePos)> = Vec::new();
         let mut agg: FastMap<DeviceHour, HourStats> = FastMap::default();
+        let mut latest: FastMap<u32, DeviceLatest> = FastMap::default();
         move |frontiers| {
             input.for_each_stamp(|cap, data| {
                 let bucket = stash.entry(epoch_of(&cap)).or_default();
-                for batch in data {
-                    bucket.append(batch);
-                }
+                bucket.extend(data.map(std::mem::take));
             });
             let frontier = frontiers[0].frontier();
-            let (mut h_read, mut h_dup, mut h_stats, mut h_valid, mut h_wm) = (
+            let (mut h_read, mut h_dup, mut h_stats, mut h_valid, mut h_wm, mut h_latest) = (
                 o_read.activate(),
                 o_dup.activate(),
                 o_stats.activate(),
                 o_valid.activate(),
                 o_wm.activate(),
+                o_latest.activate(),
             );
             while let Some(entry) = stash.first_entry() {
                 let t = *entry.key();
@@ -271,12 +278,23 @@ fn dedup<'scope>(
                     break;
                 }
                 let epoch = entry.remove();
-                deduper.epoch(epoch, &mut winners, &mut losers);
+                winners.reserve(epoch.iter().map(Vec::len).sum());
+                deduper.epoch(epoch.into_iter().flatten(), &mut winners, &mut losers);
                 let mut max_time = i64::MIN;
                 for r in winners.iter_mut() {
                     r.payload = Vec::new();
                     agg.entry(r.key()).or_default().add(r);
                     max_time = max_time.max(r.time_ms);
+                    let l = latest.entry(r.device).or_insert(DeviceLatest {
+                        device: r.device,
+                        time_ms: i64::MIN,
+                        is_fail: false,
+                        readings: 0,
+                    });
+                    l.readings += 1;
+                    if r.time_ms >= l.time_ms {
+                        (l.time_ms, l.is_fail) = (r.time_ms, r.is_fail);
+                    }
                 }
                 let cap_t = |i: usize| caps[i].delayed(&t);
                 if !losers.is_empty() {
@@ -287,8 +305,13 @@ fn dedup<'scope>(
                     }
                 }
                 if !winners.is_empty() {
-                    h_read.session(&cap_t(0)).give_iterator(winners.drain(..));
                     h_wm.session(&cap_t(4)).give(max_time);
+                    h_latest
+                        .session(&cap_t(5))
+                        .give_iterator(latest.drain().map(|(_, l)| l));
+                    // The epoch's readings leave as one container, moved rather than copied.
+                    h_read.session(&cap_t(0)).give_container(&mut winners);
+                    winners.clear();
                 }
                 if !agg.is_empty() {
                     let c = cap_t(3);
@@ -308,7 +331,7 @@ fn dedup<'scope>(
             }
         }
     });
-    (s_read, s_dup, s_stats, s_valid, s_wm)
+    (s_read, s_dup, s_stats, s_valid, s_wm, s_latest)
 }
 
 /// Per-hour state held by the sealing operator.
@@ -386,7 +409,7 @@ fn seal<'scope>(
     builder.build(move |caps| {
         let mut caps: Vec<Capability<Epoch>> = caps;
         // Updates waiting for their epoch to complete.
-        let mut pending_read: BTreeMap<Epoch, Vec<Reading>> = BTreeMap::new();
+        let mut pending_read: BTreeMap<Epoch, Vec<Vec<Reading>>> = BTreeMap::new();
         let mut pending_rej: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
         let mut pending_hourly: BTreeMap<Epoch, Vec<(DeviceHour, HourStats)>> = BTreeMap::new();
         let mut pending_quality: BTreeMap<Epoch, Vec<QualityCount>> = BTreeMap::new();
@@ -398,8 +421,10 @@ fn seal<'scope>(
         let mut watermark = i64::MIN;
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
-                let v = pending_read.entry(epoch_of(&cap)).or_default();
-                data.for_each(|b| v.append(b));
+                pending_read
+                    .entry(epoch_of(&cap))
+                    .or_default()
+                    .extend(data.map(std::mem::take));
             });
             i_rej.for_each_stamp(|cap, data| {
                 let v = pending_rej.entry(epoch_of(&cap)).or_default();
@@ -427,9 +452,9 @@ fn seal<'scope>(
             }
             let done = |t: &Epoch| !frontier.less_equal(t);
             let mut complete = None;
-            for (t, v) in split_done(&mut pending_read, done) {
+            for (t, batches) in split_done(&mut pending_read, done) {
                 complete = complete.max(Some(t));
-                for (hour, chunk) in split_by_hour(v) {
+                for (hour, chunk) in batches.into_iter().flat_map(split_by_hour) {
                     state(&mut hours, &dropped, hour).readings.push(chunk);
                 }
             }

@@ -89,6 +89,21 @@ impl Reading {
     }
 }
 
+/// A device's newest accepted reading among one epoch's readings at one worker, and how many
+/// readings of the device that worker accepted in the epoch: what a live status display
+/// needs, without a copy of every reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLatest {
+    /// Device id.
+    pub device: u32,
+    /// Event time of the device's newest reading in the epoch.
+    pub time_ms: i64,
+    /// That reading's `isFail`.
+    pub is_fail: bool,
+    /// Readings of the device accepted in the epoch.
+    pub readings: u64,
+}
+
 /// Key of the hourly aggregates: (device id, hour index since the epoch).
 pub type DeviceHour = (u32, i64);
 

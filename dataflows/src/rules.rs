@@ -596,7 +596,7 @@ impl Deduper {
     /// the accepted one.
     pub fn epoch(
         &mut self,
-        readings: Vec<Reading>,
+        readings: impl IntoIterator<Item = Reading>,
         winners: &mut Vec<Reading>,
         losers: &mut Vec<(Reading, SourcePos)>,
     ) {
