@@ -126,7 +126,7 @@ fn main() {
                 epoch: Duration::from_millis(200),
             };
             let (start, cpu0) = (Instant::now(), cpu_time());
-            engine::run(settings, Source::Memory(data.clone()), writer, status.clone()).expect("engine run");
+            engine::run(settings, Source::Memory(data.clone()), writer, None, status.clone()).expect("engine run");
             let t = start.elapsed();
             let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
             assert_eq!(status.valid.load(Relaxed) as usize, n);

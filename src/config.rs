@@ -79,6 +79,8 @@ pub struct Config {
     pub collector: Collector,
     /// The FMS API simulator.
     pub sim: Sim,
+    /// Kafka brokers and topics (`[kafka]`).
+    pub kafka: crate::connectors::kafka::KafkaSettings,
 }
 
 /// `[fleet]`
@@ -250,6 +252,23 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.sim.dirty_rate) {
             return bad("sim.dirty_rate", "must be between 0 and 1");
+        }
+        if self.kafka.partitions < 1 {
+            return bad("kafka.partitions", "must be at least 1");
+        }
+        if self.kafka.replication < 1 {
+            return bad("kafka.replication", "must be at least 1");
+        }
+        for (field, v) in [
+            ("kafka.brokers", &self.kafka.brokers),
+            ("kafka.raw_topic", &self.kafka.raw_topic),
+            ("kafka.hourly_topic", &self.kafka.hourly_topic),
+            ("kafka.rejects_topic", &self.kafka.rejects_topic),
+            ("kafka.group", &self.kafka.group),
+        ] {
+            if v.trim().is_empty() {
+                return bad(field, "must not be empty");
+            }
         }
         if self.lake.row_group_rows == 0 {
             return bad("lake.row_group_rows", "must be at least 1");

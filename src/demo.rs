@@ -87,7 +87,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     let engine_writer = writer.clone();
     let engine = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine::run(settings, Source::Live(rxs), Some(engine_writer), engine_status))
+        .spawn(move || engine::run(settings, Source::Live(rxs), Some(engine_writer), None, engine_status))
         .context("starting the engine thread")?;
 
     let interval = cfg.collector.interval.0.div_f64(clock.speedup());

@@ -17,6 +17,7 @@ use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::connectors::file::FileReader;
+use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec};
 use crate::lake::LakeWriter;
 use crate::status::Status;
 
@@ -29,6 +30,8 @@ pub enum Source {
     Memory(Arc<Vec<RawRecord>>),
     /// One channel per worker, fed live; the engine stops when every sender is gone.
     Live(Vec<Receiver<RawRecord>>),
+    /// The raw Kafka topic: each worker reads the partitions `p % workers == index`.
+    Kafka(SourceSpec),
 }
 
 /// Engine parameters.
@@ -60,13 +63,15 @@ pub fn run(
     settings: EngineSettings,
     source: Source,
     lake: Option<Arc<LakeWriter>>,
+    kafka_out: Option<Arc<KafkaSinks>>,
     status: Arc<Status>,
 ) -> Result<(), EngineError> {
     let workers = settings.workers;
-    let (files, memory, receivers) = match source {
-        Source::Files(f) => (Some(f), None, None),
-        Source::Memory(m) => (None, Some(m), None),
-        Source::Live(rx) => (None, None, Some(rx)),
+    let (files, memory, receivers, kafka) = match source {
+        Source::Files(f) => (Some(f), None, None, None),
+        Source::Memory(m) => (None, Some(m), None, None),
+        Source::Live(rx) => (None, None, Some(rx), None),
+        Source::Kafka(k) => (None, None, None, Some(k)),
     };
     let live = Arc::new(Mutex::new(
         receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>()),
@@ -99,6 +104,9 @@ pub fn run(
                     st_j.on_rejections(rs)
                 }
             });
+            if let Some(k) = kafka_out.clone() {
+                attach_kafka_sinks(&out, k, st.clone());
+            }
             // Without a lake nothing needs sealing: the aggregates are the output.
             out.hourly.clone().inner.probe_with(&probe);
             out.quality.clone().inner.probe_with(&probe);
@@ -155,6 +163,11 @@ pub fn run(
             }
             st.received.fetch_add(buf.len() as u64, Relaxed);
             input.send_batch(&mut buf);
+        } else if let Some(spec) = &kafka {
+            match PartitionReader::open(spec, index, peers) {
+                Ok(reader) => read_kafka(worker, &mut input, &probe, &st, spec, reader, &settings, &mut epoch),
+                Err(e) => st.fail(format!("worker {index}: {e}")),
+            }
         } else if let Some(records) = &memory {
             let mut it = records.iter().skip(index).step_by(peers).peekable();
             while it.peek().is_some() {
@@ -242,6 +255,129 @@ fn ship(
     input.advance_to(*epoch);
     let behind = epoch.saturating_sub(AHEAD);
     worker.step_or_park_while(Some(PARK), || probe.less_than(&behind));
+}
+
+/// A replay partition that delivers nothing for this long, before its end, fails the run.
+const KAFKA_STALL: Duration = Duration::from_secs(120);
+
+/// Feeds one worker's Kafka partitions into the dataflow until they end (replay) or until
+/// `spec.stop` is set (follow). Commits each epoch's positions to the consumer group once
+/// the dataflow has finished that epoch.
+#[allow(clippy::too_many_arguments)]
+fn read_kafka(
+    worker: &mut timely::worker::Worker,
+    input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>,
+    probe: &ProbeHandle<Epoch>,
+    st: &Status,
+    spec: &SourceSpec,
+    mut reader: PartitionReader,
+    settings: &EngineSettings,
+    epoch: &mut Epoch,
+) {
+    let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
+    // Positions reached by the end of each epoch, committed once the epoch is done.
+    let mut to_commit: std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)> = Default::default();
+    let commit_done = |reader: &PartitionReader,
+                       to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>| {
+        let mut last = None;
+        while let Some((e, _)) = to_commit.front() {
+            if probe.less_equal(e) {
+                break;
+            }
+            last = to_commit.pop_front().map(|(_, p)| p);
+        }
+        if let Some(p) = last {
+            if let Err(e) = reader.commit(&p) {
+                tracing::warn!(error = %e, "committing offsets failed (the next commit retries)");
+            }
+        }
+    };
+    if spec.until_end {
+        // Epoch e holds the offsets [start + e*n, start + (e+1)*n) of every partition: the
+        // same range always makes the same epochs, so the same outputs.
+        let per_partition = (settings.batch / reader.partitions().len().max(1)).max(1) as u64;
+        loop {
+            let more = match reader.read_epoch(*epoch, per_partition, KAFKA_STALL, &mut buf) {
+                Ok(m) => m,
+                Err(e) => {
+                    st.fail(e.to_string());
+                    false
+                }
+            };
+            to_commit.push_back((*epoch, reader.positions()));
+            ship(worker, input, probe, st, &mut buf, epoch);
+            commit_done(&reader, &mut to_commit);
+            if !more || st.error().is_some() {
+                break;
+            }
+        }
+    } else {
+        let started = Instant::now();
+        let period = settings.epoch;
+        while !spec.stop.load(Relaxed) && st.error().is_none() {
+            let now = (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
+            if now > *epoch {
+                to_commit.push_back((*epoch, reader.positions()));
+                *epoch = now;
+                input.advance_to(*epoch);
+            }
+            // Backpressure: read only while the dataflow is at most AHEAD epochs behind.
+            let behind = epoch.saturating_sub(AHEAD);
+            let mut read = 0;
+            if !probe.less_than(&behind) {
+                match reader.read_available(settings.batch, &mut buf) {
+                    Ok(n) => read = n,
+                    Err(e) => st.fail(e.to_string()),
+                }
+                st.received.fetch_add(buf.len() as u64, Relaxed);
+                input.send_batch(&mut buf);
+                buf.clear();
+            }
+            worker.step_or_park(if read == 0 {
+                Some(Duration::from_millis(2))
+            } else {
+                Some(Duration::ZERO)
+            });
+            commit_done(&reader, &mut to_commit);
+        }
+        to_commit.push_back((*epoch, reader.positions()));
+    }
+    // The last epochs finish after the input closes; commit what they covered then.
+    *epoch += 1;
+    input.advance_to(*epoch);
+    worker.step_or_park_while(Some(PARK), || probe.less_than(epoch));
+    commit_done(&reader, &mut to_commit);
+}
+
+/// Sends every rejection to the dead-letter topic and every new hourly aggregate to the
+/// changelog topic, from the worker that holds it.
+fn attach_kafka_sinks(out: &fmsflow_dataflows::Outputs<'_>, k: Arc<KafkaSinks>, st: Arc<Status>) {
+    let (k2, st2) = (k.clone(), st.clone());
+    out.rejections.clone().sink(Pipeline, "DeadLetters", move |(input, _)| {
+        input.for_each_stamp(|_, data| {
+            for batch in data {
+                for r in batch.iter() {
+                    if let Err(e) = k.dead_letter(r) {
+                        st.fail(e.to_string());
+                    }
+                }
+            }
+        });
+    });
+    out.hourly.clone().inner.sink(Pipeline, "Changelog", move |(input, _)| {
+        input.for_each_stamp(|_, data| {
+            for batch in data {
+                // count_total retracts the old value of a key and adds the new one: send the new.
+                for (((device, hour), stats), t, diff) in batch.iter() {
+                    if *diff > 0 {
+                        if let Err(e) = k2.hourly(*device, *hour, stats, *t) {
+                            st2.fail(e.to_string());
+                        }
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// Batches waiting for the writer at most; beyond this the worker blocks (backpressure).

@@ -2,6 +2,7 @@
 //! The pure dataflow (model, rules, aggregates) is the `fmsflow-dataflows` crate.
 
 pub mod clock;
+pub mod collect;
 pub mod config;
 pub mod connectors;
 pub mod demo;

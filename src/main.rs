@@ -62,9 +62,32 @@ enum Command {
         #[arg(long)]
         dirty_rate: Option<f64>,
     },
-    /// Replay records through the engine into the lake.
+    /// Poll the FMS API for every device and produce each payload to the raw Kafka topic.
+    Collect {
+        /// Base URL of the FMS API (devices at <URL>/<id>/).
+        #[arg(long)]
+        api: Option<String>,
+        /// Number of devices, polled as ids 1..=N.
+        #[arg(long)]
+        devices: Option<u32>,
+        /// Time between two polls of one device, e.g. 10s.
+        #[arg(long, value_parser = parse_duration)]
+        interval: Option<Duration>,
+        /// Kafka bootstrap servers, host:port,...
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Raw topic (created if missing).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Stop after this long (default: until Ctrl-C).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Run the engine: records from files or Kafka, through the dataflow, into the lake (and,
+    /// from Kafka, the changelog and dead-letter topics).
     Run {
-        /// Where records come from: file:<path-or-glob> (NDJSON, optionally `<ingest_ms> ` prefixed).
+        /// Where records come from: file:<path-or-glob> (NDJSON, optionally `<ingest_ms> `
+        /// prefixed), or kafka (the raw topic; see --brokers, --from, --until).
         #[arg(long)]
         source: String,
         /// Lake URL, e.g. file://./fmsflow-lake.
@@ -73,6 +96,18 @@ enum Command {
         /// Worker threads.
         #[arg(long)]
         workers: Option<usize>,
+        /// Kafka bootstrap servers (with --source kafka).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Where to start reading Kafka: earliest, latest, timestamp:<RFC 3339>, or
+        /// offsets:<partition>=<offset>,... (unlisted partitions start at their earliest).
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// `end`: stop at the end each partition has when the run starts, with epochs cut at
+        /// fixed offsets (a replay: the same range gives the same outputs). Without it the
+        /// engine follows the topic until Ctrl-C.
+        #[arg(long, value_parser = ["end"])]
+        until: Option<String>,
     },
     /// Generate N devices × M hours of readings in the replay format.
     Gen {
@@ -182,7 +217,50 @@ fn real_main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Run { source, lake, workers } => {
+        Command::Collect {
+            api,
+            devices,
+            interval,
+            brokers,
+            topic,
+            duration,
+        } => {
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            if let Some(t) = topic {
+                cfg.kafka.raw_topic = t;
+            }
+            let interval = interval.unwrap_or(cfg.collector.interval.0);
+            anyhow::ensure!(!interval.is_zero(), "--interval must be longer than 0");
+            let devices = devices.unwrap_or(cfg.fleet.devices);
+            anyhow::ensure!(devices > 0, "--devices must be at least 1");
+            let summary = fmsflow::collect::run(fmsflow::collect::CollectOptions {
+                poll: connectors::fms_http::PollSettings {
+                    base: api.unwrap_or_else(|| cfg.collector.url.clone()),
+                    devices,
+                    interval,
+                    concurrency: cfg.collector.concurrency,
+                    timeout: cfg.collector.timeout.0,
+                    retries: cfg.collector.retries,
+                },
+                kafka: cfg.kafka.clone(),
+                duration,
+            })?;
+            println!(
+                "collected: {} produced, {} delivered, {} failed, {} poll errors, {} not JSON",
+                summary.produced, summary.delivered, summary.failed, summary.poll_errors, summary.non_json
+            );
+            Ok(())
+        }
+        Command::Run {
+            source,
+            lake,
+            workers,
+            brokers,
+            from,
+            until,
+        } => {
             if let Some(l) = lake {
                 cfg.lake.url = l;
             }
@@ -190,7 +268,10 @@ fn real_main() -> anyhow::Result<()> {
                 anyhow::ensure!(w > 0, "--workers must be at least 1");
                 cfg.engine.workers = w;
             }
-            run_replay(&cfg, &source)
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            run_engine(&cfg, &source, &from, until.is_some())
         }
         Command::Gen {
             devices,
@@ -231,18 +312,62 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
-fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
-    let Some(pattern) = source.strip_prefix("file:") else {
-        anyhow::bail!("--source {source:?}: this build replays only file:<path-or-glob> sources");
-    };
-    let files = connectors::file::expand(pattern)?;
+fn run_engine(cfg: &Config, source: &str, from: &str, until_end: bool) -> anyhow::Result<()> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storage = lake::open(&cfg.lake.url, cfg.lake.fsync)?;
-    eprintln!(
-        "replaying {} file(s) on {} workers into {}",
-        files.len(),
-        cfg.engine.workers,
-        storage.describe()
-    );
+    let (source, sinks) = if source == "kafka" {
+        let k = cfg.kafka.clone();
+        let from: connectors::kafka::StartAt = from.parse()?;
+        connectors::kafka::ensure_topics(&k, &[&k.hourly_topic, &k.rejects_topic])?;
+        let sinks = connectors::kafka::KafkaSinks {
+            producer: connectors::kafka::KafkaProducer::new(&k.brokers)?,
+            hourly_topic: k.hourly_topic.clone(),
+            rejects_topic: k.rejects_topic.clone(),
+        };
+        eprintln!(
+            "reading {} on {} from {from:?} ({}) on {} workers into {}, {} and {}",
+            k.raw_topic,
+            k.brokers,
+            if until_end {
+                "until its current end"
+            } else {
+                "following it until Ctrl-C"
+            },
+            cfg.engine.workers,
+            storage.describe(),
+            k.hourly_topic,
+            k.rejects_topic
+        );
+        if !until_end {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                if let Ok(rt) = rt {
+                    let _ = rt.block_on(tokio::signal::ctrl_c());
+                    eprintln!("stopping: finishing the epochs in flight");
+                    stop.store(true, Relaxed);
+                }
+            });
+        }
+        let spec = connectors::kafka::SourceSpec {
+            settings: k,
+            from,
+            until_end,
+            stop: stop.clone(),
+        };
+        (engine::Source::Kafka(spec), Some(Arc::new(sinks)))
+    } else if let Some(pattern) = source.strip_prefix("file:") {
+        let files = connectors::file::expand(pattern)?;
+        eprintln!(
+            "replaying {} file(s) on {} workers into {}",
+            files.len(),
+            cfg.engine.workers,
+            storage.describe()
+        );
+        (engine::Source::Files(files), None)
+    } else {
+        anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");
+    };
     let writer = Arc::new(lake::LakeWriter::new(storage, cfg.lake.row_group_rows));
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {
@@ -253,7 +378,8 @@ fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let st = status.clone();
-    let handle = std::thread::spawn(move || engine::run(settings, engine::Source::Files(files), Some(writer), st));
+    let engine_sinks = sinks.clone();
+    let handle = std::thread::spawn(move || engine::run(settings, source, Some(writer), engine_sinks, st));
     let mut last = Instant::now();
     while !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
@@ -269,6 +395,18 @@ fn run_replay(cfg: &Config, source: &str) -> anyhow::Result<()> {
     handle
         .join()
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))??;
+    if let Some(k) = &sinks {
+        k.producer
+            .flush(Duration::from_secs(60))
+            .context("changelog or dead-letter records were still undelivered after 60 s")?;
+        let d = &k.producer.delivery;
+        anyhow::ensure!(
+            d.failed.load(Relaxed) == 0,
+            "{} changelog or dead-letter records could not be delivered (last error: {})",
+            d.failed.load(Relaxed),
+            d.last_error().unwrap_or_default()
+        );
+    }
     let secs = started.elapsed().as_secs_f64();
     let total = status.received.load(Relaxed);
     println!(

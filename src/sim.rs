@@ -35,7 +35,8 @@ pub struct Sim {
     served: AtomicU64,
     dirty: [AtomicU64; Rule::ALL.len()],
     requests: Vec<AtomicU64>,
-    last_clean: Vec<Mutex<Option<String>>>,
+    /// Each device's last clean response and its time.
+    last_clean: Vec<Mutex<Option<(i64, String)>>>,
 }
 
 /// Counts of what the simulator served.
@@ -72,13 +73,26 @@ impl Sim {
             .unwrap_or_else(|e| e.into_inner());
         self.served.fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = dirty_kind(s.seed, device, n, s.dirty_rate) {
-            if let Some(body) = dirty_payload(kind, s.seed, device, s.devices, now, last.as_deref()) {
+            if let Some(body) = dirty_payload(
+                kind,
+                s.seed,
+                device,
+                s.devices,
+                now,
+                last.as_ref().map(|l| l.1.as_str()),
+            ) {
                 self.dirty[Rule::ALL.iter().position(|r| *r == kind).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
                 return body;
             }
         }
         let body = clean_payload(s.seed, device, now);
-        *last = Some(body.clone());
+        // Two polls of a device within one second get the same reading time: the second is a
+        // duplicate the engine rejects, so it is counted as one.
+        if last.as_ref().is_some_and(|(t, _)| *t == now) {
+            self.dirty[Rule::ALL.iter().position(|r| *r == Rule::Duplicate).unwrap_or(0)]
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        *last = Some((now, body.clone()));
         body
     }
 

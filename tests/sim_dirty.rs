@@ -99,6 +99,7 @@ fn every_dirty_record_is_caught_by_its_rule() {
             settings,
             Source::Memory(Arc::new(records.clone())),
             None,
+            None,
             status.clone(),
         )
         .unwrap();

@@ -1,0 +1,697 @@
+//! Kafka: the topics, the producer the collector and the engine's outputs share, the engine's
+//! partition readers, and the two output topics (the hourly changelog and the dead letters).
+//!
+//! Partitions are assigned to timely workers by hand (`assign`, never group rebalancing):
+//! partition `p` belongs to the worker whose global index is `p % peers`, so every process of a
+//! cluster computes the same assignment without talking. The consumer group is used only to
+//! record committed offsets (lag monitoring), never to decide who reads what.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fmsflow_dataflows::time::{format_rfc3339, parse_rfc3339, HOUR_MS};
+use fmsflow_dataflows::{HourStats, RawRecord, Rejection, SourcePos, METRICS};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message};
+
+/// How long a metadata or offset request to the brokers may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the Kafka connectors. All name the topic or partition involved.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaConnError {
+    /// A client could not be created (bad setting) or a request failed.
+    #[error("kafka: {what}: {source}")]
+    Client { what: String, source: KafkaError },
+    /// The raw topic does not exist.
+    #[error("kafka: topic {0:?} does not exist (create it with `fmsflow collect`, or with the admin tools)")]
+    NoTopic(String),
+    /// A `--from` value that does not parse.
+    #[error("--from {0:?}: {1}")]
+    BadStart(String, String),
+    /// A partition stopped delivering records before its end during a replay.
+    #[error("kafka: partition {partition} of {topic:?} delivered nothing for {secs} s at offset {offset} (replaying up to {end})")]
+    Stalled {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        end: i64,
+        secs: u64,
+    },
+}
+
+fn client_err(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaConnError {
+    let what = what.into();
+    move |source| KafkaConnError::Client { what, source }
+}
+
+/// Where the brokers are and what the topics are called: `[kafka]` in the configuration.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port,host:port`.
+    pub brokers: String,
+    /// Raw FMS payloads, keyed by device id (written by `fmsflow collect`).
+    pub raw_topic: String,
+    /// The hourly changelog: key `device/hour`, value the aggregate as JSON.
+    pub hourly_topic: String,
+    /// Dead letters: the original bytes, with the rule and reason in headers.
+    pub rejects_topic: String,
+    /// Partitions of a topic this program creates.
+    pub partitions: i32,
+    /// Replication factor of a topic this program creates.
+    pub replication: i32,
+    /// Consumer group the engine commits its offsets to.
+    pub group: String,
+}
+
+fn base_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "fmsflow")
+        .set("log_level", "3");
+    c
+}
+
+/// Creates each topic that does not exist yet with the configured partitions and replication.
+pub fn ensure_topics(s: &KafkaSettings, topics: &[&str]) -> Result<(), KafkaConnError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(&s.brokers)
+        .create()
+        .map_err(client_err("creating the admin client"))?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, s.partitions, TopicReplication::Fixed(s.replication)))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    let results = rt
+        .block_on(admin.create_topics(new.iter(), &opts))
+        .map_err(client_err(format!("creating topics {topics:?}")))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaConnError::Client {
+                    what: format!("creating topic {topic:?}"),
+                    source: KafkaError::AdminOp(code),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Counts of a producer's deliveries, for status lines and tests.
+#[derive(Default, Debug)]
+pub struct Delivery {
+    /// Records handed to the producer.
+    pub sent: AtomicU64,
+    /// Records the brokers acknowledged (`acks=all`).
+    pub delivered: AtomicU64,
+    /// Records that could not be delivered (after librdkafka's own retries).
+    pub failed: AtomicU64,
+    last_error: Mutex<Option<(Instant, String)>>,
+}
+
+impl Delivery {
+    /// The last delivery error, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, e)| e.clone())
+    }
+}
+
+/// Counts deliveries; logs failures at most every 5 s.
+pub struct DeliveryContext(Arc<Delivery>);
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.0.delivered.fetch_add(1, Relaxed);
+            }
+            Err((e, m)) => {
+                self.0.failed.fetch_add(1, Relaxed);
+                let mut last = self.0.last_error.lock().unwrap_or_else(|e| e.into_inner());
+                let quiet = last.as_ref().is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(5));
+                if !quiet {
+                    tracing::error!(topic = m.topic(), error = %e, "a record could not be delivered (further failures are counted, logged every 5 s)");
+                }
+                let logged_at = match last.as_ref() {
+                    Some((t, _)) if quiet => *t,
+                    _ => Instant::now(),
+                };
+                *last = Some((logged_at, e.to_string()));
+            }
+        }
+    }
+}
+
+/// An idempotent producer (`acks=all`, `enable.idempotence`): a record is written once, in
+/// order per partition, through broker failures. Sending waits while librdkafka's queue is
+/// full, so a slow cluster slows the sender instead of dropping records.
+pub struct KafkaProducer {
+    inner: ThreadedProducer<DeliveryContext>,
+    /// Delivery counts.
+    pub delivery: Arc<Delivery>,
+}
+
+impl KafkaProducer {
+    /// Connects to `brokers` (lazily: the first send finds them).
+    pub fn new(brokers: &str) -> Result<Self, KafkaConnError> {
+        let delivery = Arc::new(Delivery::default());
+        let inner = base_config(brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("queue.buffering.max.messages", "200000")
+            // Give up on a record only after 5 minutes of failing to deliver it.
+            .set("message.timeout.ms", "300000")
+            .create_with_context(DeliveryContext(delivery.clone()))
+            .map_err(client_err("creating the producer"))?;
+        Ok(KafkaProducer { inner, delivery })
+    }
+
+    /// Queues one record. `timestamp_ms` becomes the record's timestamp (the ingest time the
+    /// engine's rules use).
+    pub fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        timestamp_ms: Option<i64>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), KafkaConnError> {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        if let Some(ts) = timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        let mut waited = Instant::now();
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => {
+                    self.delivery.sent.fetch_add(1, Relaxed);
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    if waited.elapsed() > Duration::from_secs(10) {
+                        waited = Instant::now();
+                        tracing::warn!(
+                            topic,
+                            "the producer's queue has been full for 10 s: the brokers are slow or down"
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(client_err(format!("producing to {topic:?}"))(e)),
+            }
+        }
+    }
+
+    /// Waits until every queued record is delivered or has failed, at most `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaConnError> {
+        self.inner.flush(timeout).map_err(client_err("flushing the producer"))
+    }
+}
+
+/// Where a read of the raw topic starts (`--from`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// Each partition's first retained record.
+    Earliest,
+    /// Each partition's end: only records produced from now on.
+    Latest,
+    /// The first record of each partition whose timestamp is at or after this time (ms).
+    Timestamp(i64),
+    /// Explicit offsets; a partition not listed starts at its earliest record.
+    Offsets(BTreeMap<i32, i64>),
+}
+
+impl std::str::FromStr for StartAt {
+    type Err = KafkaConnError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| KafkaConnError::BadStart(s.to_string(), why.to_string());
+        match s {
+            "earliest" => return Ok(StartAt::Earliest),
+            "latest" => return Ok(StartAt::Latest),
+            "checkpoint" => return Err(bad("resuming from a checkpoint is not built yet")),
+            _ => {}
+        }
+        if let Some(t) = s.strip_prefix("timestamp:") {
+            return parse_rfc3339(t)
+                .map(StartAt::Timestamp)
+                .ok_or_else(|| bad("expected timestamp:<RFC 3339 time>, e.g. timestamp:2025-07-07T08:00:00Z"));
+        }
+        if let Some(list) = s.strip_prefix("offsets:") {
+            let mut m = BTreeMap::new();
+            for item in list.split(',').filter(|i| !i.is_empty()) {
+                let (p, o) = item
+                    .split_once('=')
+                    .ok_or_else(|| bad("expected offsets:<partition>=<offset>,..."))?;
+                let p: i32 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(&format!("partition {p:?} is not a number")))?;
+                let o: i64 = o
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(&format!("offset {o:?} is not a number")))?;
+                if p < 0 || o < 0 {
+                    return Err(bad("partitions and offsets are not negative"));
+                }
+                if m.insert(p, o).is_some() {
+                    return Err(bad(&format!("partition {p} is listed twice")));
+                }
+            }
+            if m.is_empty() {
+                return Err(bad("no <partition>=<offset> given"));
+            }
+            return Ok(StartAt::Offsets(m));
+        }
+        Err(bad(
+            "expected earliest, latest, checkpoint, timestamp:<RFC 3339> or offsets:<partition>=<offset>,...",
+        ))
+    }
+}
+
+/// What the engine reads from Kafka.
+#[derive(Clone, Debug)]
+pub struct SourceSpec {
+    /// Brokers and topic names.
+    pub settings: KafkaSettings,
+    /// Where each partition starts.
+    pub from: StartAt,
+    /// Replay: stop at each partition's end as it is when the run starts, with epochs cut at
+    /// fixed offsets so that the same range always gives the same outputs. Otherwise follow
+    /// the topic until `stop` is set, with epochs cut by the wall clock.
+    pub until_end: bool,
+    /// Set to stop a following read.
+    pub stop: Arc<AtomicBool>,
+}
+
+struct Part {
+    id: i32,
+    queue: rdkafka::consumer::base_consumer::PartitionQueue<DefaultConsumerContext>,
+    /// Offset of the first record read.
+    start: i64,
+    /// Offset after the last record read.
+    next: i64,
+    /// Replay: the partition's end (exclusive).
+    end: Option<i64>,
+    /// A record read past the current epoch, kept for the next.
+    held: Option<RawRecord>,
+    done: bool,
+}
+
+/// One worker's partitions of the raw topic.
+pub struct PartitionReader {
+    consumer: Arc<BaseConsumer>,
+    topic: String,
+    parts: Vec<Part>,
+    last_log: Instant,
+}
+
+fn raw_record(m: &BorrowedMessage<'_>) -> RawRecord {
+    RawRecord {
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        ingest_ms: m.timestamp().to_millis(),
+        pos: SourcePos {
+            source: m.partition() as u32,
+            offset: m.offset() as u64,
+        },
+    }
+}
+
+impl PartitionReader {
+    /// Opens the partitions `p` of the raw topic with `p % peers == index`, at the offsets
+    /// `spec.from` names.
+    pub fn open(spec: &SourceSpec, index: usize, peers: usize) -> Result<Self, KafkaConnError> {
+        let s = &spec.settings;
+        let consumer: BaseConsumer = base_config(&s.brokers)
+            .set("group.id", &s.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(client_err("creating a consumer"))?;
+        let consumer = Arc::new(consumer);
+        let md = consumer
+            .fetch_metadata(Some(&s.raw_topic), REQUEST_TIMEOUT)
+            .map_err(client_err(format!("reading the metadata of {:?}", s.raw_topic)))?;
+        let count = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == s.raw_topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| KafkaConnError::NoTopic(s.raw_topic.clone()))?;
+        let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
+        let mut starts = BTreeMap::new();
+        let mut ends = BTreeMap::new();
+        for &p in &mine {
+            let (low, high) = consumer
+                .fetch_watermarks(&s.raw_topic, p, REQUEST_TIMEOUT)
+                .map_err(client_err(format!("reading the offsets of partition {p}")))?;
+            let start = match &spec.from {
+                StartAt::Earliest => low,
+                StartAt::Latest => high,
+                StartAt::Offsets(m) => m.get(&p).copied().unwrap_or(low).clamp(low, high),
+                StartAt::Timestamp(ts) => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(&s.raw_topic, p, Offset::Offset(*ts))
+                        .map_err(client_err("building an offset request"))?;
+                    let found = consumer
+                        .offsets_for_times(tpl, REQUEST_TIMEOUT)
+                        .map_err(client_err(format!("looking up partition {p} by time")))?;
+                    match found.find_partition(&s.raw_topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        _ => high,
+                    }
+                }
+            };
+            starts.insert(p, start);
+            ends.insert(p, high);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &o) in &starts {
+            tpl.add_partition_offset(&s.raw_topic, p, Offset::Offset(o))
+                .map_err(client_err("building the assignment"))?;
+        }
+        consumer.assign(&tpl).map_err(client_err("assigning partitions"))?;
+        let mut parts = Vec::new();
+        for (&p, &start) in &starts {
+            let queue = consumer
+                .split_partition_queue(&s.raw_topic, p)
+                .ok_or_else(|| KafkaConnError::NoTopic(s.raw_topic.clone()))?;
+            let end = spec.until_end.then(|| ends[&p]);
+            parts.push(Part {
+                id: p,
+                queue,
+                start,
+                next: start,
+                end,
+                held: None,
+                done: end.is_some_and(|e| start >= e),
+            });
+        }
+        tracing::info!(
+            worker = index,
+            partitions = ?parts.iter().map(|p| (p.id, p.start, p.end)).collect::<Vec<_>>(),
+            "kafka partitions assigned (partition, start, end)"
+        );
+        Ok(PartitionReader {
+            consumer,
+            topic: s.raw_topic.clone(),
+            parts,
+            last_log: Instant::now(),
+        })
+    }
+
+    /// The partitions this reader owns.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.parts.iter().map(|p| p.id).collect()
+    }
+
+    /// For each partition, the offset after the last record read.
+    pub fn positions(&self) -> Vec<(i32, i64)> {
+        self.parts.iter().map(|p| (p.id, p.next)).collect()
+    }
+
+    /// Serves the consumer's events (errors, statistics); logs errors at most every 10 s.
+    fn serve_events(&mut self) {
+        while let Some(r) = self.consumer.poll(Duration::ZERO) {
+            if let Err(e) = r {
+                if self.last_log.elapsed() > Duration::from_secs(10) {
+                    self.last_log = Instant::now();
+                    tracing::warn!(topic = %self.topic, error = %e, "kafka consumer error (librdkafka retries; logged every 10 s)");
+                }
+            }
+        }
+    }
+
+    /// Replay: appends the records of `epoch` of every partition, the offsets
+    /// `[start + epoch × per_partition, start + (epoch + 1) × per_partition)`, waiting for them
+    /// as long as `stall` allows. Returns whether any partition has records left.
+    pub fn read_epoch(
+        &mut self,
+        epoch: u64,
+        per_partition: u64,
+        stall: Duration,
+        out: &mut Vec<RawRecord>,
+    ) -> Result<bool, KafkaConnError> {
+        for i in 0..self.parts.len() {
+            let bound = self.parts[i].start + ((epoch + 1) * per_partition) as i64;
+            let mut quiet_since = Instant::now();
+            loop {
+                let part = &mut self.parts[i];
+                if let Some(h) = part.held.take() {
+                    if (h.pos.offset as i64) < bound {
+                        out.push(h);
+                    } else {
+                        part.held = Some(h);
+                        break;
+                    }
+                }
+                if part.done || part.next >= bound {
+                    break;
+                }
+                match part.queue.poll(Duration::from_millis(100)) {
+                    // At the partition's current end, which is at or past the end of the
+                    // replay (that end was read before the first record).
+                    Some(Err(KafkaError::PartitionEOF(_))) if part.end.is_some() => part.done = true,
+                    None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+                    Some(Err(e)) => return Err(client_err(format!("reading partition {}", part.id))(e)),
+                    Some(Ok(m)) => {
+                        quiet_since = Instant::now();
+                        let offset = m.offset();
+                        if part.end.is_some_and(|end| offset >= end) {
+                            part.done = true;
+                            continue;
+                        }
+                        part.next = offset + 1;
+                        let rec = raw_record(&m);
+                        if offset < bound {
+                            out.push(rec);
+                        } else {
+                            part.held = Some(rec);
+                        }
+                    }
+                }
+                let (id, next, end) = (part.id, part.next, part.end);
+                self.serve_events();
+                if quiet_since.elapsed() > stall {
+                    return Err(KafkaConnError::Stalled {
+                        topic: self.topic.clone(),
+                        partition: id,
+                        offset: next,
+                        end: end.unwrap_or(-1),
+                        secs: stall.as_secs(),
+                    });
+                }
+            }
+        }
+        Ok(self.parts.iter().any(|p| !p.done || p.held.is_some()))
+    }
+
+    /// Follow: appends up to `max` records that are available now, without waiting.
+    pub fn read_available(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<usize, KafkaConnError> {
+        let mut n = 0;
+        let share = (max / self.parts.len().max(1)).max(1);
+        for part in &mut self.parts {
+            for _ in 0..share {
+                match part.queue.poll(Duration::ZERO) {
+                    None | Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(client_err(format!("reading partition {}", part.id))(e)),
+                    Some(Ok(m)) => {
+                        part.next = m.offset() + 1;
+                        out.push(raw_record(&m));
+                        n += 1;
+                    }
+                }
+            }
+        }
+        self.serve_events();
+        Ok(n)
+    }
+
+    /// Records in the consumer group that every record before these positions is covered by
+    /// the durable outputs (for lag monitoring; a restart decides where to start itself).
+    pub fn commit(&self, positions: &[(i32, i64)]) -> Result<(), KafkaConnError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, o) in positions {
+            tpl.add_partition_offset(&self.topic, p, Offset::Offset(o))
+                .map_err(client_err("building a commit"))?;
+        }
+        self.consumer
+            .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+            .map_err(client_err("committing offsets"))
+    }
+}
+
+/// The engine's Kafka outputs: the hourly changelog and the dead letters.
+pub struct KafkaSinks {
+    /// The shared producer.
+    pub producer: KafkaProducer,
+    /// Changelog topic.
+    pub hourly_topic: String,
+    /// Dead-letter topic.
+    pub rejects_topic: String,
+}
+
+impl KafkaSinks {
+    /// Sends a rejection to the dead-letter topic: the value is the original bytes, the key
+    /// the device id (empty when unknown), and the headers say why and where it came from.
+    pub fn dead_letter(&self, r: &Rejection) -> Result<(), KafkaConnError> {
+        let text = |v: String| v.into_bytes();
+        let mut h = OwnedHeaders::new()
+            .insert(Header {
+                key: "rule",
+                value: Some(r.rule.name().as_bytes()),
+            })
+            .insert(Header {
+                key: "reason",
+                value: Some(r.reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "source",
+                value: Some(&text(r.pos.source.to_string())),
+            })
+            .insert(Header {
+                key: "offset",
+                value: Some(&text(r.pos.offset.to_string())),
+            });
+        if let Some(t) = r.time_ms {
+            h = h.insert(Header {
+                key: "time_ms",
+                value: Some(&text(t.to_string())),
+            });
+        }
+        let key = if r.device == 0 {
+            String::new()
+        } else {
+            r.device.to_string()
+        };
+        self.producer
+            .send(&self.rejects_topic, key.as_bytes(), &r.payload, r.ingest_ms, Some(h))
+    }
+
+    /// Sends the current aggregate of (device, hour), valid as of dataflow time `epoch`.
+    pub fn hourly(&self, device: u32, hour: i64, stats: &HourStats, epoch: u64) -> Result<(), KafkaConnError> {
+        let (key, value) = changelog_record(device, hour, stats, epoch);
+        self.producer
+            .send(&self.hourly_topic, key.as_bytes(), &value, None, None)
+    }
+}
+
+/// The changelog record of one (device, hour): key `device/hour-start` (for example
+/// `17/2025-07-07T08:00:00Z`) and the aggregate as JSON.
+pub fn changelog_record(device: u32, hour: i64, s: &HourStats, epoch: u64) -> (String, Vec<u8>) {
+    let hour_start = format_rfc3339(hour * HOUR_MS);
+    let mut metrics = serde_json::Map::new();
+    for (i, name) in METRICS.iter().enumerate() {
+        let m = &s.metrics[i];
+        metrics.insert(
+            name.to_string(),
+            serde_json::json!({
+                "min": m.min_value(),
+                "max": m.max_value(),
+                "mean": s.mean(i),
+                "stddev": s.stddev(i),
+            }),
+        );
+    }
+    let value = serde_json::json!({
+        "device": device,
+        "hour": hour_start,
+        "count": s.count,
+        "fail_count": s.fails,
+        "first_time": format_rfc3339(s.first_ms),
+        "last_time": format_rfc3339(s.last_ms),
+        "metrics": metrics,
+        "valid_at_epoch": epoch,
+    });
+    (format!("{device}/{hour_start}"), value.to_string().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!("earliest".parse::<StartAt>().unwrap(), StartAt::Earliest);
+        assert_eq!("latest".parse::<StartAt>().unwrap(), StartAt::Latest);
+        assert_eq!(
+            "timestamp:2025-07-07T08:00:00Z".parse::<StartAt>().unwrap(),
+            StartAt::Timestamp(1_751_875_200_000)
+        );
+        assert_eq!(
+            "offsets:0=10,3=7".parse::<StartAt>().unwrap(),
+            StartAt::Offsets([(0, 10), (3, 7)].into_iter().collect())
+        );
+        for bad in [
+            "",
+            "first",
+            "timestamp:yesterday",
+            "offsets:",
+            "offsets:0",
+            "offsets:a=1",
+            "offsets:0=-1",
+            "offsets:0=1,0=2",
+            "checkpoint",
+        ] {
+            let e = bad.parse::<StartAt>().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--from {bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn changelog_key_and_value() {
+        let mut s = HourStats::default();
+        let r = fmsflow_dataflows::validate(
+            RawRecord {
+                payload: br#"{"time": "2025-07-07T08:21:29Z", "DeviceId": 17, "sensor1": 85.69, "sensor2": 85.81, "sensor3": 82.15, "motor1": 1245.16, "motor2": 874.81, "motor3": 1119.36, "isFail": true}"#.to_vec(),
+                ingest_ms: None,
+                pos: SourcePos::default(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
+        s.add(&r);
+        let (key, value) = changelog_record(17, r.hour(), &s, 4);
+        assert_eq!(key, "17/2025-07-07T08:00:00Z");
+        let v: serde_json::Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(v["count"], 1);
+        assert_eq!(v["fail_count"], 1);
+        assert_eq!(v["metrics"]["motor1"]["max"], 1245.16);
+        assert_eq!(v["first_time"], "2025-07-07T08:21:29Z");
+        assert_eq!(v["valid_at_epoch"], 4);
+    }
+}
