@@ -8,137 +8,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use common::kafka::{
+    bootstrap, consume_all, create_topic, dead_letters_by_rule, kafka_env, sim_truth, start_sim, unique,
+};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-
-fn bootstrap() -> String {
-    std::env::var("FMSFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
-        panic!(
-            "FMSFLOW_KAFKA_BOOTSTRAP is not set: these tests need a running Kafka. Run them with \
-             `bash scripts/test` (it starts one), or start one with `scripts/kafka start --brokers 2` \
-             and set FMSFLOW_KAFKA_BOOTSTRAP to the bootstrap line it prints"
-        )
-    })
-}
-
-/// A topic name no other test or run uses.
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("test.{name}.{}.{nanos}", std::process::id())
-}
-
-/// Environment that points `fmsflow` at the test cluster and these topics.
-fn kafka_env<'a>(cmd: &'a mut Command, raw: &str, partitions: i32) -> &'a mut Command {
-    cmd.env("FMSFLOW_KAFKA__BROKERS", bootstrap())
-        .env("FMSFLOW_KAFKA__RAW_TOPIC", raw)
-        .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.hourly"))
-        .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.rejects"))
-        .env("FMSFLOW_KAFKA__PARTITIONS", partitions.to_string())
-        .env("FMSFLOW_KAFKA__REPLICATION", "2")
-        .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.group"))
-        .env("FMSFLOW_LOG", "warn")
-}
-
-/// One consumed record.
-#[derive(Debug, Clone)]
-struct Rec {
-    key: String,
-    value: Vec<u8>,
-    headers: BTreeMap<String, String>,
-    timestamp: Option<i64>,
-}
-
-/// Every record of `topic`, read from the beginning to the end each partition has now.
-fn consume_all(topic: &str) -> Vec<Rec> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(30)).unwrap();
-    let parts = md.topics()[0].partitions().len() as i32;
-    assert!(parts > 0, "topic {topic} has no partitions");
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in 0..parts {
-        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(30)).unwrap();
-        ends.insert(p, high);
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let mut next: BTreeMap<i32, i64> = (0..parts).map(|p| (p, 0)).collect();
-    let start = Instant::now();
-    while next.iter().any(|(p, n)| *n < ends[p]) {
-        assert!(start.elapsed() < Duration::from_secs(60), "timed out reading {topic}");
-        match c.poll(Duration::from_millis(200)) {
-            None | Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            Some(Ok(m)) => {
-                next.insert(m.partition(), m.offset() + 1);
-                if m.offset() >= ends[&m.partition()] {
-                    continue;
-                }
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Rec {
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                    timestamp: m.timestamp().to_millis(),
-                });
-            }
-        }
-    }
-    out
-}
-
-/// GET `path` from a local HTTP server, the body as a string.
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-/// Kills a child process when dropped (a failing test leaves nothing running).
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Runs `fmsflow run --source kafka --from <from> --until end` into `lake`; its stdout.
 fn replay(raw: &str, partitions: i32, from: &str, lake: &Path, workers: usize) -> String {
@@ -182,31 +60,7 @@ fn simulator_to_collector_to_kafka_to_engine_counts_every_record() {
     // 3 partitions read by 2 workers: one worker owns two.
     let partitions = 3;
 
-    let mut sim = Command::new(common::bin())
-        .args([
-            "sim",
-            "--devices",
-            "100",
-            "--port",
-            "0",
-            "--seed",
-            "7",
-            "--dirty-rate",
-            "0.05",
-        ])
-        .env("FMSFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting fmsflow sim");
-    let mut line = String::new();
-    BufReader::new(sim.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let sim = Killed(sim);
-    let port: u16 = line
-        .split("http://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in the simulator's first line: {line:?}"));
+    let (sim, port) = start_sim(&["--devices", "100", "--seed", "7", "--dirty-rate", "0.05"]);
 
     let out = kafka_env(&mut Command::new(common::bin()), &raw, partitions)
         .args(["collect", "--devices", "100", "--interval", "1s", "--duration", "6s"])
@@ -220,13 +74,12 @@ fn simulator_to_collector_to_kafka_to_engine_counts_every_record() {
         "collect failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stats: serde_json::Value = serde_json::from_str(&http_get(port, "/stats")).unwrap();
+    let (served, dirty) = sim_truth(port);
     drop(sim);
-    let served = stats["served"].as_u64().unwrap();
-    assert!(served >= 400, "6 s of 100 devices every second: {stats}");
+    assert!(served >= 400, "6 s of 100 devices every second: {served}");
     assert!(
         stdout.contains(&format!("{served} produced, {served} delivered, 0 failed")),
-        "every served payload produced and delivered once: {stdout} vs {stats}"
+        "every served payload produced and delivered once: {stdout} vs {served} served"
     );
     let raw_records = consume_all(&raw);
     assert_eq!(raw_records.len() as u64, served);
@@ -239,31 +92,19 @@ fn simulator_to_collector_to_kafka_to_engine_counts_every_record() {
     let lake = dir.path().join("lake");
     replay(&raw, partitions, "earliest", &lake, 2);
 
-    let dirty: BTreeMap<String, u64> = stats["dirty"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
-        .filter(|(_, n)| *n > 0)
-        .collect();
     let bad: u64 = dirty.values().sum();
-    assert!(bad > 0, "the simulator served dirty records: {stats}");
+    assert!(bad > 0, "the simulator served dirty records: {dirty:?}");
 
     // Every bad record is in the dead-letter topic, with its rule, its original bytes and
     // where it came from.
     let dead = consume_all(&format!("{raw}.rejects"));
-    let mut by_rule: BTreeMap<String, u64> = BTreeMap::new();
-    for d in &dead {
-        *by_rule.entry(d.headers["rule"].clone()).or_default() += 1;
-        assert!(!d.headers["reason"].is_empty());
-        let (p, o): (i32, i64) = (
-            d.headers["source"].parse().unwrap(),
-            d.headers["offset"].parse().unwrap(),
-        );
-        assert!(p >= 0 && p < partitions && o >= 0, "{d:?}");
-    }
+    let by_rule = dead_letters_by_rule(&format!("{raw}.rejects"));
     assert_eq!(by_rule, dirty, "dead letters by rule vs the simulator's truth");
     eprintln!("served {served}, dirty {dirty:?}, dead letters {}", dead.len());
+    for d in &dead {
+        let p: i32 = d.headers["source"].parse().unwrap();
+        assert!(p >= 0 && p < partitions, "{d:?}");
+    }
     let raw_values: std::collections::BTreeSet<&[u8]> = raw_records.iter().map(|r| r.value.as_slice()).collect();
     assert!(
         dead.iter().all(|d| raw_values.contains(d.value.as_slice())),
@@ -323,21 +164,7 @@ fn produce_generated(topic: &str, partitions: i32, hours: u32) -> Vec<(i64, Stri
         })
         .collect();
     // The engine creates only its output topics; make the raw one here.
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = rt
-        .block_on(admin.create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(2))],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    create_topic(topic, partitions);
     let p: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("enable.idempotence", "true")

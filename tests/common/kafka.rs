@@ -1,0 +1,197 @@
+//! Helpers of the tests that need Kafka: the cluster `scripts/test` started, topics of each
+//! test's own, reading a topic whole, and the simulator as a child process.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// The bootstrap servers of the test cluster.
+pub fn bootstrap() -> String {
+    std::env::var("FMSFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
+        panic!(
+            "FMSFLOW_KAFKA_BOOTSTRAP is not set: these tests need a running Kafka. Run them with \
+             `bash scripts/test` (it starts one), or start one with `scripts/kafka start --brokers 2` \
+             and set FMSFLOW_KAFKA_BOOTSTRAP to the bootstrap line it prints"
+        )
+    })
+}
+
+/// A topic name no other test or run uses.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("test.{name}.{}.{nanos}", std::process::id())
+}
+
+/// Environment that points `fmsflow` at the test cluster and these topics.
+pub fn kafka_env<'a>(cmd: &'a mut Command, raw: &str, partitions: i32) -> &'a mut Command {
+    cmd.env("FMSFLOW_KAFKA__BROKERS", bootstrap())
+        .env("FMSFLOW_KAFKA__RAW_TOPIC", raw)
+        .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.hourly"))
+        .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.rejects"))
+        .env("FMSFLOW_KAFKA__PARTITIONS", partitions.to_string())
+        .env("FMSFLOW_KAFKA__REPLICATION", "2")
+        .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.group"))
+        .env("FMSFLOW_LOG", "warn")
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    pub timestamp: Option<i64>,
+}
+
+/// Every record of `topic`, read from the beginning to the end each partition has now.
+pub fn consume_all(topic: &str) -> Vec<Rec> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(30)).unwrap();
+    let parts = md.topics()[0].partitions().len() as i32;
+    assert!(parts > 0, "topic {topic} has no partitions");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in 0..parts {
+        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(30)).unwrap();
+        ends.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut next: BTreeMap<i32, i64> = (0..parts).map(|p| (p, 0)).collect();
+    let start = Instant::now();
+    while next.iter().any(|(p, n)| *n < ends[p]) {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out reading {topic}");
+        match c.poll(Duration::from_millis(200)) {
+            None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => {
+                next.insert(m.partition(), m.offset() + 1);
+                if m.offset() >= ends[&m.partition()] {
+                    continue;
+                }
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Rec {
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                    timestamp: m.timestamp().to_millis(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// GET `path` from a local HTTP server, the body as a string.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Kills a child process when dropped (a failing test leaves nothing running).
+pub struct Killed(pub Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Creates `topic` with `partitions` partitions, replicated to both brokers.
+pub fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(2))],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+}
+
+/// Starts `fmsflow sim` on a free port with these flags; the child and its port.
+pub fn start_sim(args: &[&str]) -> (Killed, u16) {
+    let mut sim = Command::new(super::bin())
+        .args(["sim", "--port", "0"])
+        .args(args)
+        .env("FMSFLOW_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting fmsflow sim");
+    let mut line = String::new();
+    BufReader::new(sim.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in the simulator's first line: {line:?}"));
+    (Killed(sim), port)
+}
+
+/// The simulator's truth: responses served, and the dirty ones by rule (rules with none left out).
+pub fn sim_truth(port: u16) -> (u64, BTreeMap<String, u64>) {
+    let stats: serde_json::Value = serde_json::from_str(&http_get(port, "/stats")).unwrap();
+    let dirty = stats["dirty"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    (stats["served"].as_u64().unwrap(), dirty)
+}
+
+/// Dead letters by rule, checking each has a reason and a source position.
+pub fn dead_letters_by_rule(topic: &str) -> BTreeMap<String, u64> {
+    let mut by_rule = BTreeMap::new();
+    for d in consume_all(topic) {
+        assert!(!d.headers["reason"].is_empty(), "{d:?}");
+        assert!(d.headers["source"].parse::<i32>().is_ok() && d.headers["offset"].parse::<i64>().is_ok());
+        *by_rule.entry(d.headers["rule"].clone()).or_default() += 1;
+    }
+    by_rule
+}
