@@ -124,6 +124,7 @@ fn main() {
                 workers,
                 batch: 50_000,
                 epoch: Duration::from_millis(200),
+                cluster: None,
             };
             let (start, cpu0) = (Instant::now(), cpu_time());
             engine::run(settings, Source::Memory(data.clone()), writer, None, status.clone()).expect("engine run");

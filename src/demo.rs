@@ -82,6 +82,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         workers,
         batch: cfg.engine.batch,
         epoch: cfg.engine.epoch.0,
+        cluster: None,
     };
     let engine_status = status.clone();
     let engine_writer = writer.clone();

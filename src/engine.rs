@@ -45,6 +45,36 @@ pub struct EngineSettings {
     pub batch: usize,
     /// Live: epoch length.
     pub epoch: Duration,
+    /// Run as one process of a cluster (each process runs `workers` workers); `None` for a
+    /// single process.
+    pub cluster: Option<Cluster>,
+}
+
+/// This process's place in a cluster of engine processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Index of this process, 0-based.
+    pub process: usize,
+    /// `host:port` of every process, in process order; this one listens on its own.
+    pub addresses: Vec<String>,
+}
+
+impl EngineSettings {
+    fn timely_config(&self) -> timely::Config {
+        match &self.cluster {
+            None => timely::Config::process(self.workers),
+            Some(c) => timely::Config {
+                communication: timely::CommunicationConfig::Cluster {
+                    threads: self.workers,
+                    process: c.process,
+                    addresses: c.addresses.clone(),
+                    report: false,
+                    zerocopy: false,
+                },
+                worker: timely::WorkerConfig::default(),
+            },
+        }
+    }
 }
 
 /// Errors of a run.
@@ -77,7 +107,7 @@ pub fn run(
         receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>()),
     ));
     let st = status.clone();
-    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+    let guards = timely::execute(settings.timely_config(), move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         let probe = ProbeHandle::new();

@@ -108,6 +108,13 @@ enum Command {
         /// engine follows the topic until Ctrl-C.
         #[arg(long, value_parser = ["end"])]
         until: Option<String>,
+        /// Run as one process of a cluster: the `host:port` of every process, in order (each
+        /// runs --workers workers; all are started with the same list and options).
+        #[arg(long, value_delimiter = ',', requires = "process")]
+        cluster: Vec<String>,
+        /// This process's index in --cluster, from 0.
+        #[arg(long, requires = "cluster")]
+        process: Option<usize>,
     },
     /// Generate N devices × M hours of readings in the replay format.
     Gen {
@@ -260,6 +267,8 @@ fn real_main() -> anyhow::Result<()> {
             brokers,
             from,
             until,
+            cluster,
+            process,
         } => {
             if let Some(l) = lake {
                 cfg.lake.url = l;
@@ -271,7 +280,21 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(b) = brokers {
                 cfg.kafka.brokers = b;
             }
-            run_engine(&cfg, &source, &from, until.is_some())
+            let cluster = match process {
+                Some(p) => {
+                    anyhow::ensure!(
+                        p < cluster.len(),
+                        "--process {p} is not an index of --cluster ({} addresses)",
+                        cluster.len()
+                    );
+                    Some(engine::Cluster {
+                        process: p,
+                        addresses: cluster,
+                    })
+                }
+                None => None,
+            };
+            run_engine(&cfg, &source, &from, until.is_some(), cluster)
         }
         Command::Gen {
             devices,
@@ -312,7 +335,13 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
-fn run_engine(cfg: &Config, source: &str, from: &str, until_end: bool) -> anyhow::Result<()> {
+fn run_engine(
+    cfg: &Config,
+    source: &str,
+    from: &str,
+    until_end: bool,
+    cluster: Option<engine::Cluster>,
+) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storage = lake::open(&cfg.lake.url, cfg.lake.fsync)?;
     let (source, sinks) = if source == "kafka" {
@@ -375,6 +404,7 @@ fn run_engine(cfg: &Config, source: &str, from: &str, until_end: bool) -> anyhow
         workers: cfg.engine.workers,
         batch: cfg.engine.batch,
         epoch: cfg.engine.epoch.0,
+        cluster,
     };
     let started = Instant::now();
     let st = status.clone();

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::kafka::{
@@ -54,7 +54,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 #[test]
-fn simulator_to_collector_to_kafka_to_engine_counts_every_record() {
+fn simulator_to_collector_to_kafka_to_engine_on_two_processes_counts_every_record() {
     common::python();
     let raw = unique("e2e");
     // 3 partitions read by 2 workers: one worker owns two.
@@ -90,7 +90,45 @@ fn simulator_to_collector_to_kafka_to_engine_counts_every_record() {
 
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    replay(&raw, partitions, "earliest", &lake, 2);
+    // The engine as a cluster of 2 processes with one worker each.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let addresses = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+    let procs: Vec<_> = (0..2)
+        .map(|i| {
+            kafka_env(&mut Command::new(common::bin()), &raw, partitions)
+                .args([
+                    "run",
+                    "--source",
+                    "kafka",
+                    "--until",
+                    "end",
+                    "--from",
+                    "earliest",
+                    "--workers",
+                    "1",
+                ])
+                .args(["--cluster", &addresses, "--process", &i.to_string()])
+                .arg("--lake")
+                .arg(format!("file://{}", lake.display()))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting an engine process")
+        })
+        .collect();
+    for (i, p) in procs.into_iter().enumerate() {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "engine process {i} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let bad: u64 = dirty.values().sum();
     assert!(bad > 0, "the simulator served dirty records: {dirty:?}");

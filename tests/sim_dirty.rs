@@ -94,6 +94,7 @@ fn every_dirty_record_is_caught_by_its_rule() {
             workers,
             batch: 97,
             epoch: Duration::from_millis(50),
+            cluster: None,
         };
         engine::run(
             settings,
