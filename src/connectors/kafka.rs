@@ -6,7 +6,7 @@
 //! cluster computes the same assignment without talking. The consumer group is used only to
 //! record committed offsets (lag monitoring), never to decide who reads what.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use fmsflow_dataflows::{HourStats, RawRecord, Rejection, SourcePos, METRICS};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
@@ -314,23 +314,34 @@ pub struct SourceSpec {
 
 struct Part {
     id: i32,
-    queue: rdkafka::consumer::base_consumer::PartitionQueue<DefaultConsumerContext>,
     /// Offset of the first record read.
     start: i64,
-    /// Offset after the last record read.
+    /// Offset after the last record taken.
     next: i64,
     /// Replay: the partition's end (exclusive).
     end: Option<i64>,
-    /// A record read past the current epoch, kept for the next.
-    held: Option<RawRecord>,
-    done: bool,
+    /// Records received but not taken yet (they belong to a later epoch).
+    pending: VecDeque<RawRecord>,
+    /// Offset after the last record received.
+    received: i64,
+    paused: bool,
 }
 
-/// One worker's partitions of the raw topic.
+impl Part {
+    /// Replay: nothing more of this partition will be taken.
+    fn done(&self) -> bool {
+        self.pending.is_empty() && self.end.is_some_and(|e| self.next >= e)
+    }
+}
+
+/// One worker's partitions of the raw topic, read through the consumer's one queue: each
+/// record goes to its partition's pending buffer, from which epochs are cut.
 pub struct PartitionReader {
-    consumer: Arc<BaseConsumer>,
+    consumer: BaseConsumer,
     topic: String,
     parts: Vec<Part>,
+    /// Partition id to index in `parts`.
+    index: BTreeMap<i32, usize>,
     last_log: Instant,
 }
 
@@ -354,11 +365,11 @@ impl PartitionReader {
             .set("group.id", &s.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // Records deleted under the reader (retention) are an error, never skipped.
+            .set("auto.offset.reset", "error")
             .create()
             .map_err(client_err("creating a consumer"))?;
-        let consumer = Arc::new(consumer);
         let md = consumer
             .fetch_metadata(Some(&s.raw_topic), REQUEST_TIMEOUT)
             .map_err(client_err(format!("reading the metadata of {:?}", s.raw_topic)))?;
@@ -370,8 +381,7 @@ impl PartitionReader {
             .filter(|n| *n > 0)
             .ok_or_else(|| KafkaConnError::NoTopic(s.raw_topic.clone()))?;
         let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
-        let mut starts = BTreeMap::new();
-        let mut ends = BTreeMap::new();
+        let mut parts = Vec::new();
         for &p in &mine {
             let (low, high) = consumer
                 .fetch_watermarks(&s.raw_topic, p, REQUEST_TIMEOUT)
@@ -393,40 +403,33 @@ impl PartitionReader {
                     }
                 }
             };
-            starts.insert(p, start);
-            ends.insert(p, high);
+            parts.push(Part {
+                id: p,
+                start,
+                next: start,
+                end: spec.until_end.then_some(high),
+                pending: VecDeque::new(),
+                received: start,
+                paused: false,
+            });
         }
         let mut tpl = TopicPartitionList::new();
-        for (&p, &o) in &starts {
-            tpl.add_partition_offset(&s.raw_topic, p, Offset::Offset(o))
+        for p in &parts {
+            tpl.add_partition_offset(&s.raw_topic, p.id, Offset::Offset(p.start))
                 .map_err(client_err("building the assignment"))?;
         }
         consumer.assign(&tpl).map_err(client_err("assigning partitions"))?;
-        let mut parts = Vec::new();
-        for (&p, &start) in &starts {
-            let queue = consumer
-                .split_partition_queue(&s.raw_topic, p)
-                .ok_or_else(|| KafkaConnError::NoTopic(s.raw_topic.clone()))?;
-            let end = spec.until_end.then(|| ends[&p]);
-            parts.push(Part {
-                id: p,
-                queue,
-                start,
-                next: start,
-                end,
-                held: None,
-                done: end.is_some_and(|e| start >= e),
-            });
-        }
         tracing::info!(
             worker = index,
             partitions = ?parts.iter().map(|p| (p.id, p.start, p.end)).collect::<Vec<_>>(),
             "kafka partitions assigned (partition, start, end)"
         );
+        let index = parts.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         Ok(PartitionReader {
             consumer,
             topic: s.raw_topic.clone(),
             parts,
+            index,
             last_log: Instant::now(),
         })
     }
@@ -436,26 +439,81 @@ impl PartitionReader {
         self.parts.iter().map(|p| p.id).collect()
     }
 
-    /// For each partition, the offset after the last record read.
+    /// For each partition, the offset after the last record taken.
     pub fn positions(&self) -> Vec<(i32, i64)> {
         self.parts.iter().map(|p| (p.id, p.next)).collect()
     }
 
-    /// Serves the consumer's events (errors, statistics); logs errors at most every 10 s.
-    fn serve_events(&mut self) {
-        while let Some(r) = self.consumer.poll(Duration::ZERO) {
-            if let Err(e) = r {
+    /// Waits at most `timeout` for one event of the consumer and files it: a record into its
+    /// partition's pending buffer. Returns whether a record came.
+    fn fill(&mut self, timeout: Duration) -> Result<bool, KafkaConnError> {
+        match self.consumer.poll(timeout) {
+            None => Ok(false),
+            Some(Ok(m)) => {
+                if let Some(&i) = self.index.get(&m.partition()) {
+                    let part = &mut self.parts[i];
+                    let offset = m.offset();
+                    part.received = offset + 1;
+                    // Past the end of a replay: not ours to take.
+                    if part.end.is_none_or(|e| offset < e) {
+                        part.pending.push_back(raw_record(&m));
+                    }
+                }
+                Ok(true)
+            }
+            Some(Err(e))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
+                ) =>
+            {
+                Err(client_err(format!(
+                    "reading {:?}: records at the read position no longer exist (deleted by retention?)",
+                    self.topic
+                ))(e))
+            }
+            Some(Err(e)) => {
+                // Broker and transport errors: librdkafka reconnects and retries by itself.
                 if self.last_log.elapsed() > Duration::from_secs(10) {
                     self.last_log = Instant::now();
                     tracing::warn!(topic = %self.topic, error = %e, "kafka consumer error (librdkafka retries; logged every 10 s)");
                 }
+                Ok(false)
             }
         }
     }
 
+    /// Pauses a partition whose pending records run far ahead of the epoch being cut, and
+    /// resumes it when they are taken, so a fast partition cannot fill memory. A resumed
+    /// partition is also sought to the record after the last one received: librdkafka can
+    /// otherwise lose the fetch position across a pause (librdkafka issues #2190, #5591).
+    fn flow_control(&mut self, limit: usize) -> Result<(), KafkaConnError> {
+        for part in &mut self.parts {
+            let want_paused = part.pending.len() >= limit;
+            if want_paused != part.paused {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&self.topic, part.id);
+                let r = if want_paused {
+                    self.consumer.pause(&tpl)
+                } else {
+                    self.consumer.resume(&tpl)
+                };
+                r.map_err(client_err(format!("pausing or resuming partition {}", part.id)))?;
+                if !want_paused {
+                    self.consumer
+                        .seek(&self.topic, part.id, Offset::Offset(part.received), REQUEST_TIMEOUT)
+                        .map_err(client_err(format!("seeking partition {}", part.id)))?;
+                }
+                part.paused = want_paused;
+            }
+        }
+        Ok(())
+    }
+
     /// Replay: appends the records of `epoch` of every partition, the offsets
     /// `[start + epoch × per_partition, start + (epoch + 1) × per_partition)`, waiting for them
-    /// as long as `stall` allows. Returns whether any partition has records left.
+    /// as long as `stall` allows between two records. Returns whether any partition has
+    /// records left.
     pub fn read_epoch(
         &mut self,
         epoch: u64,
@@ -463,78 +521,90 @@ impl PartitionReader {
         stall: Duration,
         out: &mut Vec<RawRecord>,
     ) -> Result<bool, KafkaConnError> {
-        for i in 0..self.parts.len() {
-            let bound = self.parts[i].start + ((epoch + 1) * per_partition) as i64;
-            let mut quiet_since = Instant::now();
-            loop {
-                let part = &mut self.parts[i];
-                if let Some(h) = part.held.take() {
-                    if (h.pos.offset as i64) < bound {
-                        out.push(h);
-                    } else {
-                        part.held = Some(h);
-                        break;
-                    }
+        let bound = |p: &Part| p.start + ((epoch + 1) * per_partition) as i64;
+        let mut quiet_since = Instant::now();
+        loop {
+            let mut complete = true;
+            for part in &mut self.parts {
+                let b = bound(part);
+                while part.pending.front().is_some_and(|r| (r.pos.offset as i64) < b) {
+                    let r = part.pending.pop_front().expect("checked");
+                    part.next = r.pos.offset as i64 + 1;
+                    out.push(r);
                 }
-                if part.done || part.next >= bound {
-                    break;
-                }
-                match part.queue.poll(Duration::from_millis(100)) {
-                    // At the partition's current end, which is at or past the end of the
-                    // replay (that end was read before the first record).
-                    Some(Err(KafkaError::PartitionEOF(_))) if part.end.is_some() => part.done = true,
-                    None | Some(Err(KafkaError::PartitionEOF(_))) => {}
-                    Some(Err(e)) => return Err(client_err(format!("reading partition {}", part.id))(e)),
-                    Some(Ok(m)) => {
-                        quiet_since = Instant::now();
-                        let offset = m.offset();
-                        if part.end.is_some_and(|end| offset >= end) {
-                            part.done = true;
-                            continue;
-                        }
-                        part.next = offset + 1;
-                        let rec = raw_record(&m);
-                        if offset < bound {
-                            out.push(rec);
-                        } else {
-                            part.held = Some(rec);
-                        }
-                    }
-                }
-                let (id, next, end) = (part.id, part.next, part.end);
-                self.serve_events();
-                if quiet_since.elapsed() > stall {
-                    return Err(KafkaConnError::Stalled {
-                        topic: self.topic.clone(),
-                        partition: id,
-                        offset: next,
-                        end: end.unwrap_or(-1),
-                        secs: stall.as_secs(),
-                    });
+                // This partition's share of the epoch is in once a later record is waiting,
+                // or the offset bound or the replay's end is reached.
+                let in_full = !part.pending.is_empty() || part.next >= b || part.done();
+                complete &= in_full;
+            }
+            self.flow_control((2 * per_partition as usize).max(1000))?;
+            if complete {
+                return Ok(self.parts.iter().any(|p| !p.done()));
+            }
+            if self.fill(Duration::from_millis(100))? {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() > Duration::from_secs(1) && self.skip_gaps_at_end()? {
+                continue;
+            } else if quiet_since.elapsed() > stall {
+                let p = self
+                    .parts
+                    .iter()
+                    .find(|p| !p.done())
+                    .expect("a partition is not complete");
+                return Err(KafkaConnError::Stalled {
+                    topic: self.topic.clone(),
+                    partition: p.id,
+                    offset: p.next,
+                    end: p.end.unwrap_or(-1),
+                    secs: stall.as_secs(),
+                });
+            }
+            // Take everything that is already queued before cutting again.
+            while self.fill(Duration::ZERO)? {}
+        }
+    }
+
+    /// Replay: a partition whose last offsets before its end hold no records (transaction
+    /// markers, compaction) never delivers a record at `end - 1`. The consumer's position
+    /// (past everything it has delivered, gaps included) tells: at or past the end, the
+    /// partition is complete. Returns whether a partition was completed so.
+    fn skip_gaps_at_end(&mut self) -> Result<bool, KafkaConnError> {
+        let waiting: Vec<usize> = (0..self.parts.len())
+            .filter(|&i| self.parts[i].pending.is_empty() && !self.parts[i].done() && self.parts[i].end.is_some())
+            .collect();
+        if waiting.is_empty() {
+            return Ok(false);
+        }
+        let positions = self
+            .consumer
+            .position()
+            .map_err(client_err("reading the consumer's positions"))?;
+        let mut any = false;
+        for i in waiting {
+            let part = &mut self.parts[i];
+            if let Some(Offset::Offset(pos)) = positions.find_partition(&self.topic, part.id).map(|e| e.offset()) {
+                let end = part.end.expect("filtered");
+                if pos >= end && part.next < end {
+                    part.next = end;
+                    any = true;
                 }
             }
         }
-        Ok(self.parts.iter().any(|p| !p.done || p.held.is_some()))
+        Ok(any)
     }
 
     /// Follow: appends up to `max` records that are available now, without waiting.
     pub fn read_available(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<usize, KafkaConnError> {
         let mut n = 0;
-        let share = (max / self.parts.len().max(1)).max(1);
-        for part in &mut self.parts {
-            for _ in 0..share {
-                match part.queue.poll(Duration::ZERO) {
-                    None | Some(Err(KafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => return Err(client_err(format!("reading partition {}", part.id))(e)),
-                    Some(Ok(m)) => {
-                        part.next = m.offset() + 1;
-                        out.push(raw_record(&m));
-                        n += 1;
-                    }
+        while n < max && self.fill(Duration::ZERO)? {
+            for part in &mut self.parts {
+                while let Some(r) = part.pending.pop_front() {
+                    part.next = r.pos.offset as i64 + 1;
+                    out.push(r);
+                    n += 1;
                 }
             }
         }
-        self.serve_events();
         Ok(n)
     }
 

@@ -145,7 +145,8 @@ pub fn create_topic(topic: &str, partitions: i32) {
         .unwrap();
     let created = rt
         .block_on(admin.create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(2))],
+            // Generated records carry 2025 timestamps: time retention would delete them.
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(2)).set("retention.ms", "-1")],
             &AdminOptions::new(),
         ))
         .unwrap();

@@ -1,0 +1,238 @@
+//! Kafka → engine ingest, beside Kafka's own consumer on the same topic in the same run.
+//!
+//! Produces generated readings (100 devices, `FMSFLOW_BENCH_HOURS` hours, default 28 =
+//! 1,008,000 records) to a fresh topic of `FMSFLOW_BENCH_PARTITIONS` partitions (default 4),
+//! then reads the whole topic:
+//! - with `org.apache.kafka.tools.ConsumerPerformance` (Kafka's consumer benchmark);
+//! - with the engine (`--source kafka --until end`): parse, validate, aggregate, at 1 and 2
+//!   workers, and at 2 workers with the Parquet lake as well.
+//!
+//! Needs a running Kafka (`FMSFLOW_KAFKA_BOOTSTRAP`); `scripts/bench-kafka` starts one.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fmsflow::connectors::kafka::{KafkaSettings, PartitionReader, SourceSpec, StartAt};
+use fmsflow::engine::{self, EngineSettings, Source};
+use fmsflow::gen::{generate, GenSettings};
+use fmsflow::lake::{self, LakeWriter};
+use fmsflow::status::Status;
+use fmsflow_dataflows::dataflow::FlowConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_num(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let Ok(brokers) = std::env::var("FMSFLOW_KAFKA_BOOTSTRAP") else {
+        eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench-kafka, which starts Kafka");
+        std::process::exit(2);
+    };
+    let hours = env_num("FMSFLOW_BENCH_HOURS", 28);
+    let partitions = env_num("FMSFLOW_BENCH_PARTITIONS", 4) as i32;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let topic = format!("bench.raw.{nanos}");
+
+    let (records, _) = generate(&GenSettings {
+        devices: 100,
+        hours,
+        interval_s: 10,
+        start_ms: 1_751_846_400_000,
+        seed: 42,
+        dirty_rate: 0.0,
+        late_rate: 0.0,
+        max_late_ms: 0,
+    });
+    let n = records.len();
+    println!(
+        "fmsflow Kafka ingest benchmark: {n} generated readings (100 devices x {hours} h), topic of {partitions} partitions, brokers {brokers}, {} cores",
+        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
+    );
+
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt
+        .block_on(admin.create_topics(
+            // The records carry 2025 timestamps: time retention would delete them mid-run.
+            &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1")],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+
+    // Produce: key the device id, timestamp the ingest time (as `fmsflow collect` does).
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let start = Instant::now();
+    let mut bytes = 0usize;
+    for (ts, payload) in &records {
+        let device = payload
+            .split("\"DeviceId\": ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap_or("0");
+        bytes += payload.len();
+        let mut rec = BaseRecord::to(&topic).key(device).payload(payload).timestamp(*ts);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    let t = start.elapsed().as_secs_f64();
+    println!(
+        "produce (rdkafka, idempotent, lz4)                 {n} msgs in {t:>6.2} s  {:>10.0} msgs/s  ({:.0} MB of payload)",
+        n as f64 / t,
+        bytes as f64 / 1e6
+    );
+
+    for round in 1..=2 {
+        println!("-- round {round}");
+        consumer_performance(&brokers, &topic, n, round);
+        reader_only(&brokers, &topic, n, round);
+        for (workers, with_lake) in [(1, false), (2, false), (2, true)] {
+            engine_ingest(&brokers, &topic, n, workers, with_lake, round);
+        }
+    }
+}
+
+/// Kafka's own consumer benchmark over the whole topic.
+fn consumer_performance(brokers: &str, topic: &str, n: usize, round: u32) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka");
+    let out = Command::new("bash")
+        .arg(script)
+        .args([
+            "tool",
+            "org.apache.kafka.tools.ConsumerPerformance",
+            "--bootstrap-server",
+            brokers,
+        ])
+        .args(["--topic", topic, "--num-records", &n.to_string(), "--timeout", "120000"])
+        .args(["--group", &format!("bench.cp.{round}.{topic}")])
+        .output()
+        .expect("running ConsumerPerformance");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ConsumerPerformance failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // start.time, end.time, data.consumed.in.MB, MB.sec, data.consumed.in.nMsg, nMsg.sec,
+    // rebalance.time.ms, fetch.time.ms, fetch.MB.sec, fetch.nMsg.sec
+    let line = text
+        .lines()
+        .rfind(|l| l.split(',').count() >= 10)
+        .unwrap_or_else(|| panic!("no result line from ConsumerPerformance:\n{text}"));
+    let f: Vec<&str> = line.split(',').map(str::trim).collect();
+    println!(
+        "ConsumerPerformance (Kafka's consumer, 1 thread)    {} msgs  {:>10} msgs/s overall, {:>10} msgs/s fetching (after a {} ms group join)",
+        f[4], f[5], f[9], f[6]
+    );
+}
+
+/// fmsflow's partition reader alone, one thread, every partition, records dropped: the
+/// connector's own ceiling.
+fn reader_only(brokers: &str, topic: &str, n: usize, round: u32) {
+    let spec = spec(brokers, topic, &format!("bench.reader.{round}.{topic}"));
+    let start = Instant::now();
+    let mut reader = PartitionReader::open(&spec, 0, 1).unwrap();
+    let mut buf = Vec::new();
+    let (mut total, mut epoch) = (0, 0);
+    while reader
+        .read_epoch(epoch, 50_000, Duration::from_secs(60), &mut buf)
+        .unwrap()
+    {
+        total += buf.len();
+        buf.clear();
+        epoch += 1;
+    }
+    total += buf.len();
+    let t = start.elapsed().as_secs_f64();
+    assert_eq!(total, n);
+    println!(
+        "fmsflow partition reader alone (1 thread)          {n} msgs in {t:>6.2} s  {:>10.0} msgs/s",
+        n as f64 / t
+    );
+}
+
+fn spec(brokers: &str, topic: &str, group: &str) -> SourceSpec {
+    SourceSpec {
+        settings: KafkaSettings {
+            brokers: brokers.to_string(),
+            raw_topic: topic.to_string(),
+            hourly_topic: format!("{topic}.hourly"),
+            rejects_topic: format!("{topic}.rejects"),
+            partitions: 1,
+            replication: 1,
+            group: group.to_string(),
+        },
+        from: StartAt::Earliest,
+        until_end: true,
+        stop: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+/// The engine reading the whole topic (`--from earliest --until end`).
+fn engine_ingest(brokers: &str, topic: &str, n: usize, workers: usize, with_lake: bool, round: u32) {
+    let spec = spec(
+        brokers,
+        topic,
+        &format!("bench.engine.{round}.{workers}.{with_lake}.{topic}"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let writer = with_lake.then(|| {
+        let storage = lake::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        Arc::new(LakeWriter::new(storage, 16_384))
+    });
+    let status = Arc::new(Status::default());
+    let es = EngineSettings {
+        flow: FlowConfig::default(),
+        workers,
+        batch: 50_000,
+        epoch: Duration::from_millis(200),
+        cluster: None,
+    };
+    let start = Instant::now();
+    engine::run(es, Source::Kafka(spec), writer, None, status.clone()).expect("engine run");
+    let t = start.elapsed().as_secs_f64();
+    assert_eq!(status.valid.load(Relaxed) as usize, n, "every record accepted");
+    let what = if with_lake {
+        "engine: parse+validate+aggregate+Parquet"
+    } else {
+        "engine: parse+validate+aggregate"
+    };
+    println!(
+        "{what:<42} workers={workers}  {n} msgs in {t:>6.2} s  {:>10.0} msgs/s",
+        n as f64 / t
+    );
+}
