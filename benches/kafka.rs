@@ -188,13 +188,8 @@ fn reader_only(brokers: &str, topic: &str, n: usize, round: u32) {
 fn spec(brokers: &str, topic: &str, group: &str) -> SourceSpec {
     SourceSpec {
         settings: KafkaSettings {
-            brokers: brokers.to_string(),
-            raw_topic: topic.to_string(),
-            hourly_topic: format!("{topic}.hourly"),
-            rejects_topic: format!("{topic}.rejects"),
-            partitions: 1,
-            replication: 1,
             group: group.to_string(),
+            ..KafkaSettings::named_after(brokers, topic, 1, 1)
         },
         from: StartAt::Earliest,
         until_end: true,

@@ -110,15 +110,7 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
         .unwrap()
         .as_nanos();
     let raw = format!("latency.raw.{rate}.{nanos}");
-    let settings = KafkaSettings {
-        brokers: brokers.to_string(),
-        raw_topic: raw.clone(),
-        hourly_topic: format!("{raw}.hourly"),
-        rejects_topic: format!("{raw}.rejects"),
-        partitions: 4,
-        replication: 1,
-        group: format!("{raw}.group"),
-    };
+    let settings = KafkaSettings::named_after(brokers, &raw, 4, 1);
     ensure_topics(&settings, &[&raw, &settings.hourly_topic, &settings.rejects_topic]).unwrap();
 
     // The engine follows the raw topic from its start.

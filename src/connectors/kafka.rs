@@ -74,6 +74,22 @@ pub struct KafkaSettings {
     pub group: String,
 }
 
+impl KafkaSettings {
+    /// A raw topic with the output topics and the group named after it (`{raw}.hourly`,
+    /// `{raw}.rejects`, `{raw}.group`): for runs, tests and benchmarks with topics of their own.
+    pub fn named_after(brokers: &str, raw: &str, partitions: i32, replication: i32) -> Self {
+        KafkaSettings {
+            brokers: brokers.to_string(),
+            raw_topic: raw.to_string(),
+            hourly_topic: format!("{raw}.hourly"),
+            rejects_topic: format!("{raw}.rejects"),
+            partitions,
+            replication,
+            group: format!("{raw}.group"),
+        }
+    }
+}
+
 fn base_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
