@@ -79,6 +79,10 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FMSFLOW_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let Ok(brokers) = std::env::var("FMSFLOW_KAFKA_BOOTSTRAP") else {
         eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench-kafka, which starts Kafka");
         std::process::exit(2);

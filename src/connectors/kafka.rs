@@ -155,7 +155,21 @@ impl Delivery {
 /// Counts deliveries; logs failures at most every 5 s.
 pub struct DeliveryContext(Arc<Delivery>);
 
-impl ClientContext for DeliveryContext {}
+/// librdkafka's errors and warnings, into this program's log (rdkafka's default goes to the
+/// `log` crate, which nothing here reads).
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            L::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
