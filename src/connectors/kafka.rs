@@ -155,21 +155,44 @@ impl Delivery {
 /// Counts deliveries; logs failures at most every 5 s.
 pub struct DeliveryContext(Arc<Delivery>);
 
-/// librdkafka's errors and warnings, into this program's log (rdkafka's default goes to the
-/// `log` crate, which nothing here reads).
-impl ClientContext for DeliveryContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            L::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+/// librdkafka's log lines, into this program's log (rdkafka's default goes to the `log`
+/// crate, which nothing here reads).
+fn forward_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        L::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
     }
 }
+
+/// librdkafka's client-level errors (broker down, transport), into this program's log.
+fn forward_error(error: KafkaError, reason: &str) {
+    tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        forward_log(level, fac, message)
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        forward_error(error, reason)
+    }
+}
+
+/// The consumers' context: librdkafka's log and errors into this program's log.
+pub struct LogContext;
+
+impl ClientContext for LogContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        forward_log(level, fac, message)
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        forward_error(error, reason)
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LogContext {}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
@@ -367,7 +390,7 @@ impl Part {
 /// One worker's partitions of the raw topic, read through the consumer's one queue: each
 /// record goes to its partition's pending buffer, from which epochs are cut.
 pub struct PartitionReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<LogContext>,
     topic: String,
     parts: Vec<Part>,
     /// Partition id to index in `parts`.
@@ -391,14 +414,14 @@ impl PartitionReader {
     /// `spec.from` names.
     pub fn open(spec: &SourceSpec, index: usize, peers: usize) -> Result<Self, KafkaConnError> {
         let s = &spec.settings;
-        let consumer: BaseConsumer = base_config(&s.brokers)
+        let consumer: BaseConsumer<LogContext> = base_config(&s.brokers)
             .set("group.id", &s.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             // Records deleted under the reader (retention) are an error, never skipped.
             .set("auto.offset.reset", "error")
-            .create()
+            .create_with_context(LogContext)
             .map_err(client_err("creating a consumer"))?;
         let md = consumer
             .fetch_metadata(Some(&s.raw_topic), REQUEST_TIMEOUT)
