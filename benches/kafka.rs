@@ -15,16 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fmsflow::connectors::kafka::{KafkaSettings, PartitionReader, SourceSpec, StartAt};
+use fmsflow::connectors::kafka::{
+    ensure_topics_with, KafkaProducer, KafkaSettings, PartitionReader, SourceSpec, StartAt,
+};
 use fmsflow::engine::{self, EngineSettings, Source};
 use fmsflow::gen::{generate, GenSettings};
 use fmsflow::lake::{self, LakeWriter};
 use fmsflow::status::Status;
 use fmsflow_dataflows::dataflow::FlowConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -46,47 +44,24 @@ fn main() {
         .as_nanos();
     let topic = format!("bench.raw.{nanos}");
 
-    let (records, _) = generate(&GenSettings {
-        devices: 100,
-        hours,
-        interval_s: 10,
-        start_ms: 1_751_846_400_000,
-        seed: 42,
-        dirty_rate: 0.0,
-        late_rate: 0.0,
-        max_late_ms: 0,
-    });
+    let (records, _) = generate(&GenSettings::clean(100, hours));
     let n = records.len();
     println!(
         "fmsflow Kafka ingest benchmark: {n} generated readings (100 devices x {hours} h), topic of {partitions} partitions, brokers {brokers}, {} cores",
         std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
     );
 
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = rt
-        .block_on(admin.create_topics(
-            // The records carry 2025 timestamps: time retention would delete them mid-run.
-            &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1")],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    // The records carry 2025 timestamps: time retention would delete them mid-run.
+    ensure_topics_with(
+        &KafkaSettings::named_after(&brokers, &topic, partitions, 1),
+        &[&topic],
+        &[("retention.ms", "-1")],
+    )
+    .unwrap();
 
-    // Produce: key the device id, timestamp the ingest time (as `fmsflow collect` does).
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .unwrap();
+    // Produce: key the device id, timestamp the ingest time, as `fmsflow collect` does and
+    // with its producer.
+    let producer = KafkaProducer::new(&brokers).unwrap();
     let start = Instant::now();
     let mut bytes = 0usize;
     for (ts, payload) in &records {
@@ -96,22 +71,14 @@ fn main() {
             .and_then(|r| r.split(',').next())
             .unwrap_or("0");
         bytes += payload.len();
-        let mut rec = BaseRecord::to(&topic).key(device).payload(payload).timestamp(*ts);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    producer.poll(Duration::from_millis(5));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        producer
+            .send(&topic, device.as_bytes(), payload.as_bytes(), Some(*ts), None)
+            .unwrap();
     }
     producer.flush(Duration::from_secs(120)).unwrap();
     let t = start.elapsed().as_secs_f64();
     println!(
-        "produce (rdkafka, idempotent, lz4)                 {n} msgs in {t:>6.2} s  {:>10.0} msgs/s  ({:.0} MB of payload)",
+        "produce (fmsflow's producer: idempotent, lz4)      {n} msgs in {t:>6.2} s  {:>10.0} msgs/s  ({:.0} MB of payload)",
         n as f64 / t,
         bytes as f64 / 1e6
     );

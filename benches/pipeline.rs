@@ -18,17 +18,7 @@ use fmsflow_dataflows::{validate, RawRecord, RuleConfig, SourcePos};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn records(hours: u32) -> Vec<RawRecord> {
-    let s = GenSettings {
-        devices: 100,
-        hours,
-        interval_s: 10,
-        start_ms: 1_751_846_400_000,
-        seed: 42,
-        dirty_rate: 0.0,
-        late_rate: 0.0,
-        max_late_ms: 0,
-    };
-    let (recs, _) = generate(&s);
+    let (recs, _) = generate(&GenSettings::clean(100, hours));
     recs.into_iter()
         .enumerate()
         .map(|(i, (ingest, p))| RawRecord {

@@ -27,6 +27,23 @@ pub struct GenSettings {
     pub max_late_ms: i64,
 }
 
+impl GenSettings {
+    /// Clean readings of `devices` devices over `hours` hours, one per device every 10 s from
+    /// 2025-07-07T00:00:00Z, seed 42: the input of the benchmarks.
+    pub fn clean(devices: u32, hours: u32) -> Self {
+        GenSettings {
+            devices,
+            hours,
+            interval_s: 10,
+            start_ms: 1_751_846_400_000,
+            seed: 42,
+            dirty_rate: 0.0,
+            late_rate: 0.0,
+            max_late_ms: 0,
+        }
+    }
+}
+
 /// Records as (ingest ms, payload) ordered by ingest time, and how many of each dirty kind
 /// they hold (the truth tests compare the engine's rejections with).
 pub type Generated = (Vec<(i64, String)>, BTreeMap<&'static str, u64>);

@@ -15,8 +15,7 @@ use std::time::Duration;
 use common::kafka::{
     bootstrap, consume_all, create_topic, dead_letters_by_rule, kafka_env, sim_truth, start_sim, unique,
 };
-use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use fmsflow::connectors::kafka::KafkaProducer;
 
 /// Runs `fmsflow run --source kafka --from <from> --until end` into `lake`; its stdout.
 fn replay(raw: &str, partitions: i32, from: &str, lake: &Path, workers: usize) -> String {
@@ -203,25 +202,12 @@ fn produce_generated(topic: &str, partitions: i32, hours: u32) -> Vec<(i64, Stri
         .collect();
     // The engine creates only its output topics; make the raw one here.
     create_topic(topic, partitions);
-    let p: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
+    let p = KafkaProducer::new(&bootstrap()).unwrap();
     for (ts, payload) in &records {
         let v: serde_json::Value = serde_json::from_str(payload).unwrap();
         let key = v["DeviceId"].to_string();
-        let mut rec = BaseRecord::to(topic).key(&key).payload(payload).timestamp(*ts);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    p.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        p.poll(Duration::ZERO);
+        p.send(topic, key.as_bytes(), payload.as_bytes(), Some(*ts), None)
+            .unwrap();
     }
     p.flush(Duration::from_secs(60)).unwrap();
     records

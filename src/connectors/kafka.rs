@@ -100,12 +100,24 @@ fn base_config(brokers: &str) -> ClientConfig {
 
 /// Creates each topic that does not exist yet with the configured partitions and replication.
 pub fn ensure_topics(s: &KafkaSettings, topics: &[&str]) -> Result<(), KafkaConnError> {
+    ensure_topics_with(s, topics, &[])
+}
+
+/// [`ensure_topics`], giving created topics these topic-level settings (for example
+/// `("retention.ms", "-1")` for a topic of archived records, whose old timestamps time
+/// retention would delete at once).
+pub fn ensure_topics_with(s: &KafkaSettings, topics: &[&str], config: &[(&str, &str)]) -> Result<(), KafkaConnError> {
     let admin: AdminClient<DefaultClientContext> = base_config(&s.brokers)
         .create()
         .map_err(client_err("creating the admin client"))?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, s.partitions, TopicReplication::Fixed(s.replication)))
+        .map(|t| {
+            config.iter().fold(
+                NewTopic::new(t, s.partitions, TopicReplication::Fixed(s.replication)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -500,19 +512,25 @@ impl PartitionReader {
     /// Waits at most `timeout` for one event of the consumer and files it: a record into its
     /// partition's pending buffer. Returns whether a record came.
     fn fill(&mut self, timeout: Duration) -> Result<bool, KafkaConnError> {
+        self.fill_part(timeout).map(|p| p.is_some())
+    }
+
+    /// [`Self::fill`], returning the index in `parts` of the partition a record came for.
+    fn fill_part(&mut self, timeout: Duration) -> Result<Option<usize>, KafkaConnError> {
         match self.consumer.poll(timeout) {
-            None => Ok(false),
+            None => Ok(None),
             Some(Ok(m)) => {
-                if let Some(&i) = self.index.get(&m.partition()) {
-                    let part = &mut self.parts[i];
-                    let offset = m.offset();
-                    part.received = offset + 1;
-                    // Past the end of a replay: not ours to take.
-                    if part.end.is_none_or(|e| offset < e) {
-                        part.pending.push_back(raw_record(&m));
-                    }
+                let Some(&i) = self.index.get(&m.partition()) else {
+                    return Ok(None);
+                };
+                let part = &mut self.parts[i];
+                let offset = m.offset();
+                part.received = offset + 1;
+                // Past the end of a replay: not ours to take.
+                if part.end.is_none_or(|e| offset < e) {
+                    part.pending.push_back(raw_record(&m));
                 }
-                Ok(true)
+                Ok(Some(i))
             }
             Some(Err(e))
                 if matches!(
@@ -531,7 +549,7 @@ impl PartitionReader {
                     self.last_log = Instant::now();
                     tracing::warn!(topic = %self.topic, error = %e, "kafka consumer error (librdkafka retries; logged every 10 s)");
                 }
-                Ok(false)
+                Ok(None)
             }
         }
     }
@@ -649,13 +667,15 @@ impl PartitionReader {
     /// Follow: appends up to `max` records that are available now, without waiting.
     pub fn read_available(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<usize, KafkaConnError> {
         let mut n = 0;
-        while n < max && self.fill(Duration::ZERO)? {
-            for part in &mut self.parts {
-                while let Some(r) = part.pending.pop_front() {
-                    part.next = r.pos.offset as i64 + 1;
-                    out.push(r);
-                    n += 1;
-                }
+        while n < max {
+            let Some(i) = self.fill_part(Duration::ZERO)? else {
+                break;
+            };
+            let part = &mut self.parts[i];
+            if let Some(r) = part.pending.pop_front() {
+                part.next = r.pos.offset as i64 + 1;
+                out.push(r);
+                n += 1;
             }
         }
         Ok(n)

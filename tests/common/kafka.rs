@@ -6,8 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use fmsflow::connectors::kafka::{ensure_topics_with, KafkaSettings};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -135,22 +134,13 @@ impl Drop for Killed {
 
 /// Creates `topic` with `partitions` partitions, replicated to both brokers.
 pub fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = rt
-        .block_on(admin.create_topics(
-            // Generated records carry 2025 timestamps: time retention would delete them.
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(2)).set("retention.ms", "-1")],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    ensure_topics_with(
+        &KafkaSettings::named_after(&bootstrap(), topic, partitions, 2),
+        &[topic],
+        // Generated records carry 2025 timestamps: time retention would delete them.
+        &[("retention.ms", "-1")],
+    )
+    .unwrap();
 }
 
 /// Starts `fmsflow sim` on a free port with these flags; the child and its port.
