@@ -175,7 +175,9 @@ impl Rejection {
 /// missing field is told apart from a mistyped one.
 #[derive(Default)]
 struct Wire<'a> {
-    time: Option<Cow<'a, str>>,
+    /// UTF-8 (serde_json checks it, [`Wire::fast`] takes ASCII only), kept as bytes because
+    /// only an error's reason needs it as text.
+    time: Option<Cow<'a, [u8]>>,
     device_id: Option<i64>,
     /// sensor1..3, motor1..3.
     metrics: [Option<f64>; 6],
@@ -365,7 +367,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Wire<'a> {
                     match key {
                         Key::Time => {
                             once(0, "time")?;
-                            w.time = map.next_value_seed(Nullable::new())?;
+                            w.time = map.next_value_seed(Nullable::<Cow<str>>::new())?.map(|t| match t {
+                                Cow::Borrowed(t) => Cow::Borrowed(t.as_bytes()),
+                                Cow::Owned(t) => Cow::Owned(t.into_bytes()),
+                            });
                         }
                         Key::DeviceId => {
                             once(1, "DeviceId")?;
@@ -388,6 +393,219 @@ impl<'de: 'a, 'a> Deserialize<'de> for Wire<'a> {
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Exact powers of ten, for [`Wire::fast`]'s decimals.
+const POW10: [f64; 19] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
+];
+
+/// Declares [`KEYS`] and [`is_key`] from one list.
+macro_rules! keys {
+    ($($slot:literal => $key:literal,)*) => {
+        /// The payload's keys with their closing quote, in the order of their slots in
+        /// [`Wire::fast`], which is also the order the FMS API writes them in.
+        const KEYS: [&[u8]; 9] = [$($key),*];
+        /// Whether `rest` starts with the key of `slot` (a comparison of constant length,
+        /// which compiles to a few word compares).
+        #[inline]
+        fn is_key(rest: &[u8], slot: usize) -> bool {
+            match slot {
+                $($slot => rest.starts_with($key),)*
+                _ => false,
+            }
+        }
+    };
+}
+
+keys! {
+    0 => b"time\"",
+    1 => b"DeviceId\"",
+    2 => b"sensor1\"",
+    3 => b"sensor2\"",
+    4 => b"sensor3\"",
+    5 => b"motor1\"",
+    6 => b"motor2\"",
+    7 => b"motor3\"",
+    8 => b"isFail\"",
+}
+
+/// A cursor over a payload, for [`Wire::fast`]. Every method returns `None` on anything it
+/// does not handle, which sends the payload to serde_json.
+struct Scan<'a> {
+    p: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.p.get(self.i).copied()
+    }
+    #[inline]
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+    #[inline]
+    fn eat(&mut self, b: u8) -> Option<()> {
+        (self.peek()? == b).then(|| self.i += 1)
+    }
+    /// A string's body after its opening quote, up to the closing quote: printable ASCII with
+    /// no escapes only (so it is UTF-8 and what serde_json would borrow as is).
+    #[inline]
+    fn plain_str(&mut self) -> Option<&'a [u8]> {
+        let rest = &self.p[self.i..];
+        let n = rest.iter().position(|&b| b == b'"')?;
+        let s = &rest[..n];
+        // Branch-free over the whole body, so the compiler can do it in wide words.
+        let plain = s
+            .iter()
+            .fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b) & (b != b'\\'));
+        self.i += n + 1;
+        plain.then_some(s)
+    }
+    /// A key, after its opening quote: the slot of a known key in [`KEYS`]. The key
+    /// `expected` (the one that follows the previous in the usual order) is tried first, with
+    /// one comparison.
+    #[inline]
+    fn key(&mut self, expected: usize) -> Option<usize> {
+        let rest = &self.p[self.i..];
+        let slot = if is_key(rest, expected) {
+            expected
+        } else {
+            (0..KEYS.len()).find(|&s| is_key(rest, s))?
+        };
+        self.i += KEYS[slot].len();
+        Some(slot)
+    }
+    /// Digits as an integer, counted into `count`. Only ever used for at most 18 digits,
+    /// which are exact in a `u64` and in a double.
+    #[inline]
+    fn digits(&mut self, mut acc: u64, count: &mut u32) -> u64 {
+        while let Some(c @ b'0'..=b'9') = self.peek() {
+            acc = acc.wrapping_mul(10).wrapping_add((c - b'0') as u64);
+            *count += 1;
+            self.i += 1;
+        }
+        acc
+    }
+    /// JSON's integer part, `0|[1-9][0-9]*`.
+    #[inline]
+    fn int_part(&mut self, count: &mut u32) -> Option<u64> {
+        match self.peek()? {
+            b'0' => {
+                self.i += 1;
+                *count += 1;
+                // One leading zero only: `01` is an error serde reports.
+                (!matches!(self.peek(), Some(b'0'..=b'9'))).then_some(0)
+            }
+            b'1'..=b'9' => Some(self.digits(0, count)),
+            _ => None,
+        }
+    }
+    /// A number without exponent and of at most 18 digits, `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
+    /// Its value comes from the operations serde_json performs (the significand as a double,
+    /// divided by an exact power of ten, then negated), so its bits are the same. An exponent
+    /// is left for the caller to refuse as the character after the number.
+    #[inline]
+    fn number(&mut self) -> Option<f64> {
+        let negative = self.eat(b'-').is_some();
+        let mut count = 0;
+        let int = self.int_part(&mut count)?;
+        let (sig, frac) = if self.eat(b'.').is_some() {
+            let before = count;
+            let sig = self.digits(int, &mut count);
+            // `1.` is an error serde reports.
+            (count > before).then_some((sig, count - before))?
+        } else {
+            (int, 0)
+        };
+        if count > 18 {
+            return None;
+        }
+        let f = sig as f64 / POW10[frac as usize];
+        Some(if negative { -f } else { f })
+    }
+    /// An unsigned integer of at most 18 digits (a `DeviceId`).
+    #[inline]
+    fn unsigned(&mut self) -> Option<i64> {
+        let mut count = 0;
+        let v = self.int_part(&mut count)?;
+        (count <= 18).then_some(v as i64)
+    }
+    #[inline]
+    fn literal(&mut self, word: &[u8]) -> bool {
+        let hit = self.p[self.i..].starts_with(word);
+        if hit {
+            self.i += word.len();
+        }
+        hit
+    }
+}
+
+impl<'a> Wire<'a> {
+    /// Decodes the usual payload without serde: one flat object of the known fields, each
+    /// at most once, of its expected JSON type (`time` a string without escapes, `DeviceId` an
+    /// unsigned integer, metrics numbers without exponent, `isFail` a boolean). `None` for
+    /// anything else (other keys, nulls, escapes, exponents, errors of any kind), which serde
+    /// then decodes and, where it must, rejects with its words. Where this returns a value it
+    /// is the value serde_json gives: a property test holds the two together.
+    fn fast(p: &'a [u8]) -> Option<Wire<'a>> {
+        let mut s = Scan { p, i: 0 };
+        let mut w = Wire::default();
+        let mut seen = 0u16;
+        let mut expected = 0;
+        s.ws();
+        s.eat(b'{')?;
+        s.ws();
+        if s.eat(b'}').is_none() {
+            loop {
+                s.eat(b'"')?;
+                let slot = s.key(expected)?;
+                expected = slot + 1;
+                if seen & (1 << slot) != 0 {
+                    return None;
+                }
+                seen |= 1 << slot;
+                s.ws();
+                s.eat(b':')?;
+                s.ws();
+                match slot {
+                    0 => {
+                        s.eat(b'"')?;
+                        w.time = Some(Cow::Borrowed(s.plain_str()?));
+                    }
+                    1 => w.device_id = Some(s.unsigned()?),
+                    8 => {
+                        w.is_fail = Some(if s.literal(b"true") {
+                            true
+                        } else if s.literal(b"false") {
+                            false
+                        } else {
+                            return None;
+                        })
+                    }
+                    m => w.metrics[m - 2] = Some(s.number()?),
+                }
+                s.ws();
+                match s.peek()? {
+                    b',' => {
+                        s.i += 1;
+                        s.ws();
+                    }
+                    b'}' => {
+                        s.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        s.ws();
+        (s.i == p.len()).then_some(w)
     }
 }
 
@@ -471,7 +689,7 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
             Err(e) => (Rule::MalformedJson, format!("cannot decode payload: {e}"), 0, None),
         });
     }
-    let wire: Wire = match serde_json::from_slice(&raw.payload) {
+    let wire: Wire = match Wire::fast(&raw.payload).map_or_else(|| serde_json::from_slice(&raw.payload), Ok) {
         Ok(w) => w,
         Err(e) => {
             return Err((
@@ -496,6 +714,8 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     let Some(time) = wire.time.as_deref() else {
         return missing("time");
     };
+    // Valid UTF-8 (see `Wire::time`): the conversion is lossless.
+    let text = || String::from_utf8_lossy(time);
     let metrics = wire.metrics;
     if let Some(i) = metrics.iter().position(Option::is_none) {
         return missing(METRICS[i]);
@@ -512,7 +732,7 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     let Some(time_ms) = parse_rfc3339(time) else {
         return Err((
             Rule::BadTime,
-            format!("time {time:?} is not an RFC 3339 timestamp"),
+            format!("time {:?} is not an RFC 3339 timestamp", text()),
             device,
             None,
         ));
@@ -520,7 +740,8 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
     if let Some(ingest) = raw.ingest_ms {
         if time_ms.saturating_sub(ingest) > cfg.max_future_ms {
             let reason = format!(
-                "time {time} is {} ms after ingest, more than the allowed {} ms",
+                "time {} is {} ms after ingest, more than the allowed {} ms",
+                text(),
                 time_ms.saturating_sub(ingest),
                 cfg.max_future_ms
             );
@@ -528,7 +749,8 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
         }
         if ingest.saturating_sub(time_ms) > cfg.max_age_ms {
             let reason = format!(
-                "time {time} is {} ms before ingest, older than the allowed {} ms",
+                "time {} is {} ms before ingest, older than the allowed {} ms",
+                text(),
                 ingest.saturating_sub(time_ms),
                 cfg.max_age_ms
             );
@@ -841,6 +1063,131 @@ mod nullable_tests {
         #[test]
         fn reads_any_text_as_option_does(json in "[ \\[\\]{}\",:0-9eE.+\\-ntrufalsx\\\\]{0,12}") {
             same(&json);
+        }
+    }
+}
+
+#[cfg(test)]
+mod fast_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    type View = (Option<Vec<u8>>, Option<i64>, [Option<u64>; 6], Option<bool>);
+
+    fn view(w: &Wire) -> View {
+        (
+            w.time.as_deref().map(<[u8]>::to_vec),
+            w.device_id,
+            w.metrics.map(|m| m.map(f64::to_bits)),
+            w.is_fail,
+        )
+    }
+
+    /// Whatever the fast path decodes, serde_json decodes to the same value, bit for bit.
+    /// Returns whether the fast path took the payload.
+    fn agree(p: &[u8]) -> bool {
+        let Some(fast) = Wire::fast(p) else { return false };
+        let text = String::from_utf8_lossy(p);
+        let slow: Wire = serde_json::from_slice(p).unwrap_or_else(|e| panic!("fast path took {text:?}; serde: {e}"));
+        assert_eq!(view(&fast), view(&slow), "{text:?}");
+        true
+    }
+
+    const USUAL: &str = "{\"time\": \"2025-03-01T10:00:05Z\", \"DeviceId\": 17, \"sensor1\": 101.25, \"sensor2\": 99.1, \"sensor3\": 130, \"motor1\": 1500.07, \"motor2\": 401.5, \"motor3\": 2000.99, \"isFail\": false}";
+
+    #[test]
+    fn usual_payloads_take_the_fast_path() {
+        assert!(agree(USUAL.as_bytes()));
+        assert!(agree(USUAL.replace(' ', "").as_bytes()));
+        assert!(agree(USUAL.replace("false", "true").replace(": ", " :\n\t").as_bytes()));
+        assert!(agree(b"{}"));
+        assert!(agree(
+            b" {\"sensor1\": -0, \"motor1\": -0.0, \"motor2\": 0.00000000000000001} \r\n"
+        ));
+        let w = Wire::fast(USUAL.as_bytes()).unwrap();
+        assert_eq!(w.device_id, Some(17));
+        assert_eq!(w.metrics[2], Some(130.0));
+        assert_eq!(w.metrics[0].map(f64::to_bits), Some(101.25f64.to_bits()));
+    }
+
+    #[test]
+    fn leaves_the_rest_to_serde() {
+        for p in [
+            "",
+            "[]",
+            "{",
+            "{\"time\": null}",
+            "{\"DeviceId\": -1}",
+            "{\"DeviceId\": 1.0}",
+            "{\"DeviceId\": 1e2}",
+            "{\"sensor1\": 1e2}",
+            "{\"sensor1\": 1.}",
+            "{\"sensor1\": 01}",
+            "{\"sensor1\": 1234567890123456789}",
+            "{\"sensor1\": \"1\"}",
+            "{\"time\": \"a\\nb\"}",
+            "{\"time\": \"caf\u{e9}\"}",
+            "{\"sensor1\": 1, \"sensor1\": 1}",
+            "{\"other\": 1}",
+            "{\"sensor1\": 1,}",
+            "{\"isFail\": truex}",
+            "{\"isFail\": 1}",
+            "{} x",
+            "{\"sensor1\" 1}",
+        ] {
+            assert!(Wire::fast(p.as_bytes()).is_none(), "{p:?}");
+        }
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "time", "DeviceId", "sensor1", "sensor2", "sensor3", "motor1", "motor2", "motor3", "isFail"
+            ])
+            .prop_map(str::to_owned),
+            "[a-zA-Z\\\\\"\u{1}\u{e9}]{0,4}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "-?(0|[1-9][0-9]{0,20})(\\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?",
+            "[0-9.eE+\\-]{1,6}",
+            "\"[ -~\u{e9}\u{1}]{0,8}\"",
+            prop::sample::select(vec!["true", "false", "null", "tru", "[]", "{}", "[1]", "{\"a\":1}"])
+                .prop_map(str::to_owned),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn numbers_read_as_serde_reads_them(n in "-?(0|[1-9][0-9]{0,19})(\\.[0-9]{1,19})?") {
+            let p = format!("{{\"motor3\": {n}}}");
+            let took = agree(p.as_bytes());
+            let digits = n.bytes().filter(u8::is_ascii_digit).count();
+            prop_assert_eq!(took, digits <= 18, "{}", p);
+        }
+
+        #[test]
+        fn objects_read_as_serde_reads_them(
+            fields in prop::collection::vec((key(), value(), "[ \t\n\r]{0,2}"), 0..11),
+            tail in prop::sample::select(vec!["}", "} ", "", ",}", "}}", "} x"]),
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v, ws)| format!("{ws}\"{k}\"{ws}:{ws}{v}{ws}")).collect();
+            let p = format!("{{{}{tail}", body.join(","));
+            agree(p.as_bytes());
+        }
+
+        #[test]
+        fn damaged_payloads_read_as_serde_reads_them(at in 0usize..usize::MAX, byte in any::<u8>(), how in 0u8..3) {
+            let mut p = USUAL.as_bytes().to_vec();
+            let at = at % p.len();
+            match how {
+                0 => p[at] = byte,
+                1 => p.insert(at, byte),
+                _ => { p.remove(at); }
+            }
+            agree(&p);
         }
     }
 }

@@ -82,8 +82,8 @@ fn days_in_month(y: i64, m: u32) -> u32 {
 /// Parses an RFC 3339 timestamp (`2025-07-07T08:21:29Z`, optional fraction, `Z` or
 /// `±HH:MM` offset, `T` or space separator) into milliseconds since the epoch.
 /// Returns `None` for anything else, including impossible dates such as February 30.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
+pub fn parse_rfc3339(s: impl AsRef<[u8]>) -> Option<i64> {
+    let b = s.as_ref();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;
     }
