@@ -72,7 +72,7 @@ fn main() {
             .unwrap_or("0");
         bytes += payload.len();
         producer
-            .send(&topic, device.as_bytes(), payload.as_bytes(), Some(*ts), None)
+            .send(&topic, device.as_bytes(), payload.as_bytes(), Some(*ts), None, None)
             .unwrap();
     }
     producer.flush(Duration::from_secs(120)).unwrap();

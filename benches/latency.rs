@@ -166,7 +166,14 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
         let time = (start_wall / 1000 + second as i64) * 1000;
         let payload = fmsflow::fms::clean_payload(42, device, time);
         producer
-            .send(&raw, device.to_string().as_bytes(), payload.as_bytes(), Some(now), None)
+            .send(
+                &raw,
+                device.to_string().as_bytes(),
+                payload.as_bytes(),
+                Some(now),
+                None,
+                None,
+            )
             .unwrap();
         sent += 1;
     }

@@ -79,7 +79,7 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
                 value: Some(poll_ms.as_bytes()),
             });
             let key = device.to_string();
-            if let Err(e) = producer.send(&topic, key.as_bytes(), &raw.payload, raw.ingest_ms, Some(headers)) {
+            if let Err(e) = producer.send(&topic, key.as_bytes(), &raw.payload, raw.ingest_ms, Some(headers), None) {
                 status.fail(e.to_string());
             }
         })

@@ -4,20 +4,19 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fmsflow_dataflows::dataflow::{Epoch, FlowConfig, HourBatch};
-use fmsflow_dataflows::{build, RawRecord};
-use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
+use fmsflow_dataflows::{build, HourStats, RawRecord, Rejection};
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::connectors::file::FileReader;
 use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec};
+use crate::durable::{durable_sink, Tally, Ticket};
 use crate::lake::LakeWriter;
 use crate::status::Status;
 
@@ -135,30 +134,36 @@ pub fn run(
                 }
             });
             if let Some(k) = kafka_out.clone() {
-                attach_kafka_sinks(&out, k, st.clone());
+                attach_kafka_sinks(&out, k, st.clone(), &probe);
             }
             // Without a lake nothing needs sealing: the aggregates are the output.
             out.hourly.clone().inner.probe_with(&probe);
             out.quality.clone().inner.probe_with(&probe);
             if let Some(tx) = to_writer.take() {
-                out.sealed()
-                    .probe_with(&probe)
-                    .sink(Pipeline, "LakeSink", move |(input, _)| {
-                        input.for_each_stamp(|_, data| {
-                            for batch in data {
-                                for b in batch.drain(..) {
-                                    // The writer thread is gone only after a fatal error, recorded in status.
-                                    let _ = tx.send(b);
-                                }
+                // The probe passes an epoch once the writer has stored all of its batches.
+                let st_l = st.clone();
+                durable_sink(
+                    out.sealed(),
+                    "LakeSink",
+                    Tally::new(),
+                    move |t, batches: &mut Vec<HourBatch>, tally| {
+                        for b in batches.drain(..) {
+                            // The writer thread is gone only after a fatal error, recorded in status.
+                            if let Err(SendError((_, ticket))) = tx.send((b, tally.start(t))) {
+                                ticket.fail("the lake writer has stopped".into());
                             }
-                        });
-                    });
+                        }
+                    },
+                    move |e| st_l.fail(e),
+                )
+                .probe_with(&probe);
             }
             handle
         });
 
         let mut epoch: Epoch = 0;
         let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
+        let mut final_commit = None;
         if let Some(files) = &files {
             let mine: Vec<(usize, &PathBuf)> = if files.len() >= peers {
                 files.iter().enumerate().filter(|(i, _)| i % peers == index).collect()
@@ -195,7 +200,11 @@ pub fn run(
             input.send_batch(&mut buf);
         } else if let Some(spec) = &kafka {
             match PartitionReader::open(spec, index, peers) {
-                Ok(reader) => read_kafka(worker, &mut input, &probe, &st, spec, reader, &settings, &mut epoch),
+                Ok(reader) => {
+                    final_commit = Some(read_kafka(
+                        worker, &mut input, &probe, &st, spec, reader, &settings, &mut epoch,
+                    ));
+                }
                 Err(e) => st.fail(format!("worker {index}: {e}")),
             }
         } else if let Some(records) = &memory {
@@ -239,7 +248,13 @@ pub fn run(
             }
         }
         drop(input);
-        worker.step_or_park_while(Some(PARK), || !probe.done());
+        // A failed write holds its epoch for good: stop waiting once the run has failed.
+        worker.step_or_park_while(Some(PARK), || !probe.done() && st.error().is_none());
+        if let (Some((reader, end)), None) = (final_commit, st.error()) {
+            if let Err(e) = reader.commit(&end, true) {
+                tracing::warn!(error = %e, "committing the final offsets failed");
+            }
+        }
         // Dropping the dataflow's sink closes the writer's channel; wait for the last files.
         for id in worker.installed_dataflows() {
             worker.drop_dataflow(id);
@@ -284,7 +299,7 @@ fn ship(
     *epoch += 1;
     input.advance_to(*epoch);
     let behind = epoch.saturating_sub(AHEAD);
-    worker.step_or_park_while(Some(PARK), || probe.less_than(&behind));
+    worker.step_or_park_while(Some(PARK), || probe.less_than(&behind) && st.error().is_none());
 }
 
 /// A replay partition that delivers nothing for this long, before its end, fails the run.
@@ -292,7 +307,8 @@ const KAFKA_STALL: Duration = Duration::from_secs(120);
 
 /// Feeds one worker's Kafka partitions into the dataflow until they end (replay) or until
 /// `spec.stop` is set (follow). Commits each epoch's positions to the consumer group once
-/// the dataflow has finished that epoch.
+/// the dataflow has finished that epoch and stored its outputs. Returns the reader and the
+/// positions it ended at, for the caller to commit when the whole run is stored.
 #[allow(clippy::too_many_arguments)]
 fn read_kafka(
     worker: &mut timely::worker::Worker,
@@ -303,25 +319,26 @@ fn read_kafka(
     mut reader: PartitionReader,
     settings: &EngineSettings,
     epoch: &mut Epoch,
-) {
+) -> (PartitionReader, Vec<(i32, i64)>) {
     let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
-    // Positions reached by the end of each epoch, committed once the epoch is done.
+    // Positions reached by the end of each epoch, committed once the probe has passed the
+    // epoch: its lake files are written and its Kafka records acknowledged (see `durable`).
     let mut to_commit: std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)> = Default::default();
-    let commit_done = |reader: &PartitionReader,
-                       to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>| {
-        let mut last = None;
-        while let Some((e, _)) = to_commit.front() {
-            if probe.less_equal(e) {
-                break;
+    let commit_done =
+        |reader: &PartitionReader, to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>, sync: bool| {
+            let mut last = None;
+            while let Some((e, _)) = to_commit.front() {
+                if probe.less_equal(e) {
+                    break;
+                }
+                last = to_commit.pop_front().map(|(_, p)| p);
             }
-            last = to_commit.pop_front().map(|(_, p)| p);
-        }
-        if let Some(p) = last {
-            if let Err(e) = reader.commit(&p) {
-                tracing::warn!(error = %e, "committing offsets failed (the next commit retries)");
+            if let Some(p) = last {
+                if let Err(e) = reader.commit(&p, sync) {
+                    tracing::warn!(error = %e, "committing offsets failed (the next commit retries)");
+                }
             }
-        }
-    };
+        };
     if spec.until_end {
         // Epoch e holds the offsets [start + e*n, start + (e+1)*n) of every partition: the
         // same range always makes the same epochs, so the same outputs.
@@ -336,7 +353,7 @@ fn read_kafka(
             };
             to_commit.push_back((*epoch, reader.positions()));
             ship(worker, input, probe, st, &mut buf, epoch);
-            commit_done(&reader, &mut to_commit);
+            commit_done(&reader, &mut to_commit, false);
             if !more || st.error().is_some() {
                 break;
             }
@@ -368,63 +385,81 @@ fn read_kafka(
             } else {
                 Some(Duration::ZERO)
             });
-            commit_done(&reader, &mut to_commit);
+            commit_done(&reader, &mut to_commit, false);
         }
-        to_commit.push_back((*epoch, reader.positions()));
     }
-    // The last epochs finish after the input closes; commit what they covered then.
-    *epoch += 1;
-    input.advance_to(*epoch);
-    worker.step_or_park_while(Some(PARK), || probe.less_than(epoch));
-    commit_done(&reader, &mut to_commit);
+    // The last positions are committed by the caller once the input has closed and every
+    // output is stored: closing the input seals the open hours.
+    let end = reader.positions();
+    (reader, end)
 }
 
+/// One change of the hourly collection: ((device, hour), stats), time, diff.
+type HourlyUpdate = (((u32, i64), HourStats), Epoch, isize);
+
 /// Sends every rejection to the dead-letter topic and every new hourly aggregate to the
-/// changelog topic, from the worker that holds it.
-fn attach_kafka_sinks(out: &fmsflow_dataflows::Outputs<'_>, k: Arc<KafkaSinks>, st: Arc<Status>) {
-    let (k2, st2) = (k.clone(), st.clone());
-    out.rejections.clone().sink(Pipeline, "DeadLetters", move |(input, _)| {
-        input.for_each_stamp(|_, data| {
-            for batch in data {
-                for r in batch.iter() {
-                    if let Err(e) = k.dead_letter(r) {
-                        st.fail(e.to_string());
+/// changelog topic, from the worker that holds it. `probe` passes an epoch once the brokers
+/// have acknowledged all of its records.
+fn attach_kafka_sinks(
+    out: &fmsflow_dataflows::Outputs<'_>,
+    k: Arc<KafkaSinks>,
+    st: Arc<Status>,
+    probe: &ProbeHandle<Epoch>,
+) {
+    let (k2, st1, st2, st3, st4) = (k.clone(), st.clone(), st.clone(), st.clone(), st);
+    durable_sink(
+        out.rejections.clone(),
+        "DeadLetters",
+        Tally::new(),
+        move |t, batch: &mut Vec<Rejection>, tally| {
+            for r in batch.iter() {
+                if let Err(e) = k.dead_letter(r, Some(tally.start(t))) {
+                    st1.fail(e.to_string());
+                }
+            }
+        },
+        move |e| st2.fail(e),
+    )
+    .probe_with(probe);
+    durable_sink(
+        out.hourly.clone().inner,
+        "Changelog",
+        Tally::new(),
+        move |t, batch: &mut Vec<HourlyUpdate>, tally| {
+            // count_total retracts the old value of a key and adds the new one: send the new.
+            for (((device, hour), stats), at, diff) in batch.iter() {
+                if *diff > 0 {
+                    if let Err(e) = k2.hourly(*device, *hour, stats, *at, Some(tally.start(t))) {
+                        st3.fail(e.to_string());
                     }
                 }
             }
-        });
-    });
-    out.hourly.clone().inner.sink(Pipeline, "Changelog", move |(input, _)| {
-        input.for_each_stamp(|_, data| {
-            for batch in data {
-                // count_total retracts the old value of a key and adds the new one: send the new.
-                for (((device, hour), stats), t, diff) in batch.iter() {
-                    if *diff > 0 {
-                        if let Err(e) = k2.hourly(*device, *hour, stats, *t) {
-                            st2.fail(e.to_string());
-                        }
-                    }
-                }
-            }
-        });
-    });
+        },
+        move |e| st4.fail(e),
+    )
+    .probe_with(probe);
 }
 
 /// Batches waiting for the writer at most; beyond this the worker blocks (backpressure).
 const WRITER_QUEUE: usize = 8;
 
-/// Starts the thread that encodes and stores one worker's hour batches.
+/// Starts the thread that encodes and stores one worker's hour batches, finishing each
+/// batch's ticket once its files are in place.
 fn spawn_writer(
     index: usize,
     lake: Arc<LakeWriter>,
     st: Arc<Status>,
-) -> (std::sync::mpsc::SyncSender<HourBatch>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<HourBatch>(WRITER_QUEUE);
+) -> (
+    std::sync::mpsc::SyncSender<(HourBatch, Ticket)>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(HourBatch, Ticket)>(WRITER_QUEUE);
     let handle = std::thread::Builder::new()
         .name(format!("lake-writer-{index}"))
         .spawn(move || {
-            for b in rx {
-                if st.error().is_some() {
+            for (b, ticket) in rx {
+                if let Some(e) = st.error() {
+                    ticket.fail(format!("not written: the run has failed ({e})"));
                     continue;
                 }
                 match lake.write(&b) {
@@ -439,8 +474,13 @@ fn spawn_writer(
                         }
                         st.files_written.fetch_add(w.files, Relaxed);
                         st.rows_written.fetch_add(w.rows, Relaxed);
+                        ticket.finish();
                     }
-                    Err(e) => st.fail(format!("writing hour {} to the lake: {e}", b.hour)),
+                    Err(e) => {
+                        let e = format!("writing hour {} to the lake: {e}", b.hour);
+                        st.fail(e.clone());
+                        ticket.fail(e);
+                    }
                 }
             }
         })

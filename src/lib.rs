@@ -6,6 +6,7 @@ pub mod collect;
 pub mod config;
 pub mod connectors;
 pub mod demo;
+pub mod durable;
 pub mod engine;
 pub mod fms;
 pub mod gen;

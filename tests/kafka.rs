@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::kafka::{
-    bootstrap, consume_all, create_topic, dead_letters_by_rule, kafka_env, sim_truth, start_sim, unique,
+    bootstrap, committed, consume_all, create_topic, dead_letters_by_rule, kafka_env, sim_truth, start_sim, unique,
 };
 use fmsflow::connectors::kafka::KafkaProducer;
 
@@ -206,7 +206,7 @@ fn produce_generated(topic: &str, partitions: i32, hours: u32) -> Vec<(i64, Stri
     for (ts, payload) in &records {
         let v: serde_json::Value = serde_json::from_str(payload).unwrap();
         let key = v["DeviceId"].to_string();
-        p.send(topic, key.as_bytes(), payload.as_bytes(), Some(*ts), None)
+        p.send(topic, key.as_bytes(), payload.as_bytes(), Some(*ts), None, None)
             .unwrap();
     }
     p.flush(Duration::from_secs(60)).unwrap();
@@ -236,6 +236,11 @@ fn replays_from_offsets_and_times_and_twice_identically() {
     let v = common::read_lake(&a);
     assert_eq!(v["readings"].as_u64().unwrap(), n, "{v}");
     eprintln!("{n} records replayed twice: {} identical files", fa.len());
+    // Once every output is stored, the group's offsets are at the end of what was read.
+    assert_eq!(
+        committed(&format!("{raw}.group"), &raw, partitions),
+        vec![Some(n as i64)]
+    );
 
     // From an offset: exactly the records from there on.
     let skip = 1000;

@@ -23,6 +23,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerConte
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Message};
 
+use crate::durable::Ticket;
+
 /// How long a metadata or offset request to the brokers may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -207,14 +209,21 @@ impl ClientContext for LogContext {
 impl rdkafka::consumer::ConsumerContext for LogContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    /// The engine's sinks pass a ticket, finished when the record is acknowledged.
+    type DeliveryOpaque = Box<Option<Ticket>>;
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Option<Ticket>>) {
         match result {
             Ok(_) => {
                 self.0.delivered.fetch_add(1, Relaxed);
+                if let Some(t) = *ticket {
+                    t.finish();
+                }
             }
             Err((e, m)) => {
                 self.0.failed.fetch_add(1, Relaxed);
+                if let Some(t) = *ticket {
+                    t.fail(format!("a record to {:?} could not be delivered: {e}", m.topic()));
+                }
                 let mut last = self.0.last_error.lock().unwrap_or_else(|e| e.into_inner());
                 let quiet = last.as_ref().is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(5));
                 if !quiet {
@@ -257,7 +266,8 @@ impl KafkaProducer {
     }
 
     /// Queues one record. `timestamp_ms` becomes the record's timestamp (the ingest time the
-    /// engine's rules use).
+    /// engine's rules use). A `ticket` is finished when the brokers acknowledge the record,
+    /// or failed if it cannot be delivered.
     pub fn send(
         &self,
         topic: &str,
@@ -265,8 +275,11 @@ impl KafkaProducer {
         payload: &[u8],
         timestamp_ms: Option<i64>,
         headers: Option<OwnedHeaders>,
+        ticket: Option<Ticket>,
     ) -> Result<(), KafkaConnError> {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(ticket))
+            .key(key)
+            .payload(payload);
         if let Some(ts) = timestamp_ms {
             record = record.timestamp(ts);
         }
@@ -291,7 +304,13 @@ impl KafkaProducer {
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err((e, _)) => return Err(client_err(format!("producing to {topic:?}"))(e)),
+                Err((e, r)) => {
+                    let err = client_err(format!("producing to {topic:?}"))(e);
+                    if let Some(t) = *r.delivery_opaque {
+                        t.fail(err.to_string());
+                    }
+                    return Err(err);
+                }
             }
         }
     }
@@ -681,9 +700,11 @@ impl PartitionReader {
         Ok(n)
     }
 
-    /// Records in the consumer group that every record before these positions is covered by
-    /// the durable outputs (for lag monitoring; a restart decides where to start itself).
-    pub fn commit(&self, positions: &[(i32, i64)]) -> Result<(), KafkaConnError> {
+    /// Records in the consumer group that every record before these positions has been
+    /// processed and all the outputs of its epoch are stored (for lag monitoring; a restart
+    /// decides where to start itself). `sync` waits for the brokers to confirm (the last
+    /// commit of a run); otherwise the commit is sent in the background.
+    pub fn commit(&self, positions: &[(i32, i64)], sync: bool) -> Result<(), KafkaConnError> {
         if positions.is_empty() {
             return Ok(());
         }
@@ -693,7 +714,14 @@ impl PartitionReader {
                 .map_err(client_err("building a commit"))?;
         }
         self.consumer
-            .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+            .commit(
+                &tpl,
+                if sync {
+                    rdkafka::consumer::CommitMode::Sync
+                } else {
+                    rdkafka::consumer::CommitMode::Async
+                },
+            )
             .map_err(client_err("committing offsets"))
     }
 }
@@ -711,7 +739,7 @@ pub struct KafkaSinks {
 impl KafkaSinks {
     /// Sends a rejection to the dead-letter topic: the value is the original bytes, the key
     /// the device id (empty when unknown), and the headers say why and where it came from.
-    pub fn dead_letter(&self, r: &Rejection) -> Result<(), KafkaConnError> {
+    pub fn dead_letter(&self, r: &Rejection, ticket: Option<Ticket>) -> Result<(), KafkaConnError> {
         let text = |v: String| v.into_bytes();
         let mut h = OwnedHeaders::new()
             .insert(Header {
@@ -741,15 +769,28 @@ impl KafkaSinks {
         } else {
             r.device.to_string()
         };
-        self.producer
-            .send(&self.rejects_topic, key.as_bytes(), &r.payload, r.ingest_ms, Some(h))
+        self.producer.send(
+            &self.rejects_topic,
+            key.as_bytes(),
+            &r.payload,
+            r.ingest_ms,
+            Some(h),
+            ticket,
+        )
     }
 
     /// Sends the current aggregate of (device, hour), valid as of dataflow time `epoch`.
-    pub fn hourly(&self, device: u32, hour: i64, stats: &HourStats, epoch: u64) -> Result<(), KafkaConnError> {
+    pub fn hourly(
+        &self,
+        device: u32,
+        hour: i64,
+        stats: &HourStats,
+        epoch: u64,
+        ticket: Option<Ticket>,
+    ) -> Result<(), KafkaConnError> {
         let (key, value) = changelog_record(device, hour, stats, epoch);
         self.producer
-            .send(&self.hourly_topic, key.as_bytes(), &value, None, None)
+            .send(&self.hourly_topic, key.as_bytes(), &value, None, None, ticket)
     }
 }
 

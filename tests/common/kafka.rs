@@ -45,6 +45,28 @@ pub fn kafka_env<'a>(cmd: &'a mut Command, raw: &str, partitions: i32) -> &'a mu
         .env("FMSFLOW_LOG", "warn")
 }
 
+/// The offsets `group` has committed for each of `topic`'s first `partitions` partitions.
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .create()
+        .expect("a consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .expect("the group's committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
 /// One consumed record.
 #[derive(Debug, Clone)]
 pub struct Rec {
