@@ -301,6 +301,7 @@ impl Config {
         FlowConfig {
             rules: self.rule_config(),
             grace_ms: self.engine.grace.ms(),
+            recovery: None,
         }
     }
 }

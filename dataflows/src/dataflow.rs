@@ -80,6 +80,9 @@ pub struct FlowConfig {
     pub rules: RuleConfig,
     /// An hour is sealed once the event-time watermark passes its end plus this grace (ms).
     pub grace_ms: i64,
+    /// Set when resuming after a crash: the first epochs replay records whose outputs the
+    /// lake already holds.
+    pub recovery: Option<Recovery>,
 }
 
 impl Default for FlowConfig {
@@ -87,7 +90,57 @@ impl Default for FlowConfig {
         FlowConfig {
             rules: RuleConfig::default(),
             grace_ms: 5 * 60 * 1000,
+            recovery: None,
         }
+    }
+}
+
+/// Resuming from a checkpoint. At the checkpoint the event-time watermark was `watermark`;
+/// every hour it had sealed has its files, which hold all the records read by then. The
+/// restarted run re-reads, in its epochs `0..epochs`, every record read before the
+/// checkpoint that an hour not yet dropped at the checkpoint can need (from
+/// [`Recovery::reread_from_ms`] on), then goes on with new records.
+///
+/// During those epochs the sealing stage rebuilds the state of the sealed hours without
+/// writing it again: their readings and rejections are dropped (the files hold them) and
+/// their aggregates are kept but not marked changed. Hours still open at the checkpoint are
+/// built as on the first run. Afterwards a late change to a sealed hour writes it as usual.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Epochs before this one replay records read before the checkpoint.
+    pub epochs: Epoch,
+    /// The event-time watermark at the checkpoint (ms).
+    pub watermark: i64,
+    /// The part number of the first new batch of an hour sealed before the checkpoint: above
+    /// every part number the hour's files already use.
+    pub first_seq: u32,
+}
+
+impl Recovery {
+    /// The oldest hour whose state the sealing stage still held at the checkpoint.
+    pub fn oldest_kept_hour(watermark: i64, cfg: &FlowConfig) -> i64 {
+        // An hour is dropped once `watermark > (hour + 2) h + grace + max_age`.
+        watermark
+            .saturating_sub(cfg.grace_ms + cfg.rules.max_age_ms + 1)
+            .div_euclid(HOUR_MS)
+            - 1
+    }
+
+    /// The ingest time from which records must be re-read after a checkpoint at
+    /// `watermark`: every record counted in an hour `h` the sealing stage still held, and
+    /// every reading such a record can be a duplicate of. A rejection is counted in the hour
+    /// it arrived in; a reading of `h`, or one that a record arriving in `h` duplicates
+    /// (an event time at most `max_age` before `h`), arrived at most `max_future` before its
+    /// event time.
+    pub fn reread_from_ms(watermark: i64, cfg: &FlowConfig) -> i64 {
+        Self::oldest_kept_hour(watermark, cfg)
+            .saturating_mul(HOUR_MS)
+            .saturating_sub(cfg.rules.max_age_ms + cfg.rules.max_future_ms)
+    }
+
+    /// Whether the hour had been sealed at the checkpoint.
+    fn sealed(&self, hour: i64, grace_ms: i64) -> bool {
+        self.watermark >= (hour + 1) * HOUR_MS + grace_ms
     }
 }
 
@@ -132,6 +185,7 @@ pub struct Outputs<'scope> {
     pub latest: Stream<'scope, Epoch, Vec<DeviceLatest>>,
     grace_ms: i64,
     max_age_ms: i64,
+    recovery: Option<Recovery>,
 }
 
 impl<'scope> Outputs<'scope> {
@@ -146,6 +200,7 @@ impl<'scope> Outputs<'scope> {
             self.watermarks.clone(),
             self.grace_ms,
             self.max_age_ms,
+            self.recovery.clone(),
         )
     }
 }
@@ -183,6 +238,7 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
         latest,
         grace_ms: cfg.grace_ms,
         max_age_ms: cfg.rules.max_age_ms,
+        recovery: cfg.recovery.clone(),
     }
 }
 
@@ -385,7 +441,9 @@ impl HourState {
 /// decides alike) passes the hour's end plus `grace_ms`, and again whenever late data changes
 /// a sealed hour. When the input ends every hour is emitted. An hour's state is dropped once
 /// no reading within `max_age_ms` of its ingest time can reach it; if one still does (only
-/// records without an ingest time can), the hour is reopened as a partial batch.
+/// records without an ingest time can), the hour is reopened as a partial batch. With a
+/// [`Recovery`], its first epochs rebuild the hours sealed before the checkpoint without
+/// emitting them again.
 #[allow(clippy::too_many_arguments)]
 fn seal<'scope>(
     readings: Stream<'scope, Epoch, Vec<Reading>>,
@@ -395,6 +453,7 @@ fn seal<'scope>(
     watermarks: Stream<'scope, Epoch, Vec<i64>>,
     grace_ms: i64,
     max_age_ms: i64,
+    recovery: Option<Recovery>,
 ) -> Stream<'scope, Epoch, Vec<HourBatch>> {
     let scope = readings.scope();
     let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
@@ -419,6 +478,11 @@ fn seal<'scope>(
         let mut dropped: BTreeMap<i64, u32> = BTreeMap::new();
         let worker = scope.index();
         let mut watermark = i64::MIN;
+        let hours_of = Hours {
+            recovery,
+            grace_ms,
+            max_age_ms,
+        };
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
                 pending_read
@@ -455,29 +519,35 @@ fn seal<'scope>(
             for (t, batches) in split_done(&mut pending_read, done) {
                 complete = complete.max(Some(t));
                 for (hour, chunk) in batches.into_iter().flat_map(split_by_hour) {
-                    state(&mut hours, &dropped, hour).readings.push(chunk);
+                    if !hours_of.stored(t, hour) {
+                        hours_of.state(&mut hours, &dropped, hour).readings.push(chunk);
+                    }
                 }
             }
             for (t, v) in split_done(&mut pending_rej, done) {
                 complete = complete.max(Some(t));
                 for r in v {
-                    state(&mut hours, &dropped, r.hour()).rejections.push(r);
+                    if !hours_of.stored(t, r.hour()) {
+                        hours_of.state(&mut hours, &dropped, r.hour()).rejections.push(r);
+                    }
                 }
             }
             for (t, v) in split_done(&mut pending_hourly, done) {
                 complete = complete.max(Some(t));
                 for ((device, hour), stats) in v {
-                    let h = state(&mut hours, &dropped, hour);
+                    let stored = hours_of.stored(t, hour);
+                    let h = hours_of.state(&mut hours, &dropped, hour);
                     h.hourly.insert(device, stats);
-                    h.hourly_dirty = true;
+                    h.hourly_dirty |= !stored;
                 }
             }
             for (t, v) in split_done(&mut pending_quality, done) {
                 complete = complete.max(Some(t));
                 for ((device, hour, outcome), n) in v {
-                    let h = state(&mut hours, &dropped, hour);
+                    let stored = hours_of.stored(t, hour);
+                    let h = hours_of.state(&mut hours, &dropped, hour);
                     h.quality.insert((device, outcome), n as i64);
-                    h.quality_dirty = true;
+                    h.quality_dirty |= !stored;
                 }
             }
             for (t, w) in split_done(&mut pending_wm, done) {
@@ -565,16 +635,48 @@ fn sort_readings(chunks: Vec<Vec<Reading>>) -> Vec<Reading> {
     out
 }
 
-/// The state of `hour`, reopened as partial if it was dropped before.
-fn state<'a>(hours: &'a mut BTreeMap<i64, HourState>, dropped: &BTreeMap<i64, u32>, hour: i64) -> &'a mut HourState {
-    hours.entry(hour).or_insert_with(|| match dropped.get(&hour) {
-        Some(&seq) => HourState {
-            seq,
-            partial: true,
-            ..HourState::default()
-        },
-        None => HourState::default(),
-    })
+/// What the sealing stage knows of hours beyond its own state: which ones a resumed run
+/// finds already stored.
+struct Hours {
+    recovery: Option<Recovery>,
+    grace_ms: i64,
+    max_age_ms: i64,
+}
+
+impl Hours {
+    /// Whether output made at epoch `t` for `hour` is already in the lake: `t` replays
+    /// records read before the checkpoint, and the checkpoint had sealed the hour.
+    fn stored(&self, t: Epoch, hour: i64) -> bool {
+        self.recovery
+            .as_ref()
+            .is_some_and(|r| t < r.epochs && r.sealed(hour, self.grace_ms))
+    }
+
+    /// The state of `hour`: reopened as partial if it was dropped before (in this run, or
+    /// before the checkpoint), and already sealed if the checkpoint had sealed it.
+    fn state<'a>(
+        &self,
+        hours: &'a mut BTreeMap<i64, HourState>,
+        dropped: &BTreeMap<i64, u32>,
+        hour: i64,
+    ) -> &'a mut HourState {
+        hours
+            .entry(hour)
+            .or_insert_with(|| match (dropped.get(&hour), &self.recovery) {
+                (Some(&seq), _) => HourState {
+                    seq,
+                    partial: true,
+                    ..HourState::default()
+                },
+                (None, Some(r)) if r.sealed(hour, self.grace_ms) => HourState {
+                    sealed: true,
+                    seq: r.first_seq,
+                    partial: r.watermark > (hour + 2) * HOUR_MS + self.grace_ms + self.max_age_ms,
+                    ..HourState::default()
+                },
+                (None, _) => HourState::default(),
+            })
+    }
 }
 
 /// The epoch of an input message (epochs are totally ordered, so a stamp has one least time).
