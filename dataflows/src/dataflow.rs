@@ -105,15 +105,17 @@ impl Default for FlowConfig {
 /// writing it again: their readings and rejections are dropped (the files hold them) and
 /// their aggregates are kept but not marked changed. Hours still open at the checkpoint are
 /// built as on the first run. Afterwards a late change to a sealed hour writes it as usual.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recovery {
     /// Epochs before this one replay records read before the checkpoint.
     pub epochs: Epoch,
     /// The event-time watermark at the checkpoint (ms).
     pub watermark: i64,
-    /// The part number of the first new batch of an hour sealed before the checkpoint: above
-    /// every part number the hour's files already use.
-    pub first_seq: u32,
+    /// The part number at which each (hour, worker) that had written parts by the
+    /// checkpoint goes on (its number of parts then). A part the crashed run wrote after the
+    /// checkpoint has the number of a part the restarted run writes again, so it is replaced
+    /// rather than left beside the rewrite: the lake may hold one epoch beyond the checkpoint.
+    pub next_seq: BTreeMap<(i64, usize), u32>,
 }
 
 impl Recovery {
@@ -482,6 +484,7 @@ fn seal<'scope>(
             recovery,
             grace_ms,
             max_age_ms,
+            worker,
         };
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
@@ -641,6 +644,7 @@ struct Hours {
     recovery: Option<Recovery>,
     grace_ms: i64,
     max_age_ms: i64,
+    worker: usize,
 }
 
 impl Hours {
@@ -670,7 +674,7 @@ impl Hours {
                 },
                 (None, Some(r)) if r.sealed(hour, self.grace_ms) => HourState {
                     sealed: true,
-                    seq: r.first_seq,
+                    seq: r.next_seq.get(&(hour, self.worker)).copied().unwrap_or(0),
                     partial: r.watermark > (hour + 2) * HOUR_MS + self.grace_ms + self.max_age_ms,
                     ..HourState::default()
                 },
