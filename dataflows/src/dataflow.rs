@@ -112,9 +112,9 @@ pub struct Recovery {
     /// The event-time watermark at the checkpoint (ms).
     pub watermark: i64,
     /// The part number at which each (hour, worker) that had written parts by the
-    /// checkpoint goes on (its number of parts then). A part the crashed run wrote after the
-    /// checkpoint has the number of a part the restarted run writes again, so it is replaced
-    /// rather than left beside the rewrite: the lake may hold one epoch beyond the checkpoint.
+    /// checkpoint goes on (its number of parts then). Parts the crashed run wrote after the
+    /// checkpoint are numbered from there on; the restart deletes them before it writes (see
+    /// docs/RECOVERY.md).
     pub next_seq: BTreeMap<(i64, usize), u32>,
 }
 
