@@ -57,6 +57,57 @@ impl Storage for LocalStorage {
         }
     }
 
+    fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
+        let mut out = Vec::new();
+        let mut stack = vec![prefix.trim_end_matches('/').to_string()];
+        while let Some(dir) = stack.pop() {
+            let path = self.root.join(&dir);
+            let entries = match std::fs::read_dir(&path) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(LakeError::Io {
+                        op: "listing",
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            for entry in entries {
+                let entry = entry.map_err(|source| LakeError::Io {
+                    op: "listing",
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Hidden names are temporary files of writes in progress.
+                if name.starts_with('.') {
+                    continue;
+                }
+                let key = format!("{dir}/{name}");
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(key);
+                } else {
+                    out.push(key);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), LakeError> {
+        let path = self.root.join(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(LakeError::Io {
+                op: "deleting",
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }

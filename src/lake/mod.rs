@@ -51,6 +51,11 @@ pub trait Storage: Send + Sync {
     fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError>;
     /// Reads the object at `key`, if there is one.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError>;
+    /// The keys of every object under `prefix` (a folder, `/`-separated), in no order;
+    /// nothing when there is no such folder. Unfinished temporary objects are not listed.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError>;
+    /// Deletes the object at `key`; deleting what is not there is not an error.
+    fn delete(&self, key: &str) -> Result<(), LakeError>;
     /// A human description (for logs).
     fn describe(&self) -> String;
 }
@@ -102,6 +107,11 @@ impl LakeWriter {
     pub fn dir(table: &str, hour: i64) -> String {
         let (dt, hh) = partition_of_hour(hour);
         format!("{table}/dt={dt}/hour={hh:02}")
+    }
+
+    /// The storage the writer writes to.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 
     /// Writes one batch: new readings and rejects as a new part, current aggregates and
@@ -156,5 +166,123 @@ impl LakeWriter {
             )?;
         }
         Ok(w)
+    }
+}
+
+/// The tables with one part per batch and worker, and the tables with one file per hour.
+pub const APPENDED_TABLES: [&str; 2] = ["readings", "rejects"];
+/// See [`APPENDED_TABLES`].
+pub const REPLACED_TABLES: [&str; 2] = ["hourly", "quality"];
+
+/// The hour of a lake key (`table/dt=YYYY-MM-DD/hour=HH/...`), if it has that shape.
+pub fn hour_of_key(key: &str) -> Option<i64> {
+    let mut parts = key.split('/');
+    let _table = parts.next()?;
+    let day = parts.next()?.strip_prefix("dt=")?;
+    let hh: i64 = parts.next()?.strip_prefix("hour=")?.parse().ok()?;
+    let mut ymd = day.split('-');
+    let (y, m, d): (i64, u32, u32) = (
+        ymd.next()?.parse().ok()?,
+        ymd.next()?.parse().ok()?,
+        ymd.next()?.parse().ok()?,
+    );
+    if !(0..24).contains(&hh) || ymd.next().is_some() {
+        return None;
+    }
+    Some(fmsflow_dataflows::time::days_from_civil(y, m, d) * 24 + hh)
+}
+
+/// The (part number, worker) of an appended table's part file name
+/// (`part-SSSSS-wWWW.parquet`).
+pub fn part_of_key(key: &str) -> Option<(u32, usize)> {
+    let name = key.rsplit('/').next()?;
+    let (seq, worker) = name.strip_prefix("part-")?.strip_suffix(".parquet")?.split_once("-w")?;
+    Some((seq.parse().ok()?, worker.parse().ok()?))
+}
+
+/// Before a run resumes from a checkpoint: deletes the files written after it, from hour
+/// `oldest` on (the oldest hour the checkpoint kept). An hour `sealed` says the checkpoint
+/// had not sealed loses all its files; a sealed one loses its parts numbered from
+/// `next_seq[(hour, worker)]` on (0 when absent) and keeps its tables. Returns the deleted
+/// keys. See docs/RECOVERY.md.
+pub fn clean_after_checkpoint(
+    storage: &dyn Storage,
+    oldest: i64,
+    sealed: impl Fn(i64) -> bool,
+    next_seq: &std::collections::BTreeMap<(i64, usize), u32>,
+) -> Result<Vec<String>, LakeError> {
+    let mut deleted = Vec::new();
+    for table in APPENDED_TABLES.iter().chain(REPLACED_TABLES.iter()) {
+        let appended = APPENDED_TABLES.contains(table);
+        for key in storage.list(table)? {
+            let Some(hour) = hour_of_key(&key).filter(|h| *h >= oldest) else {
+                continue;
+            };
+            let stale = !sealed(hour)
+                || (appended
+                    && part_of_key(&key).is_some_and(|(seq, w)| seq >= next_seq.get(&(hour, w)).copied().unwrap_or(0)));
+            if stale {
+                storage.delete(&key)?;
+                deleted.push(key);
+            }
+        }
+    }
+    deleted.sort();
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_their_hour_and_part() {
+        let hour = hour_of_key("readings/dt=2025-07-07/hour=08/part-00003-w001.parquet").unwrap();
+        assert_eq!(LakeWriter::dir("readings", hour), "readings/dt=2025-07-07/hour=08");
+        assert_eq!(
+            part_of_key("readings/dt=2025-07-07/hour=08/part-00003-w001.parquet"),
+            Some((3, 1))
+        );
+        assert_eq!(part_of_key("hourly/dt=2025-07-07/hour=08/part-00000.parquet"), None);
+        assert_eq!(hour_of_key("readings/dt=2025-07-07/hour=24/x"), None);
+        assert_eq!(hour_of_key("_fmsflow/checkpoint.json"), None);
+    }
+
+    /// The clean-up deletes exactly the files written after the checkpoint.
+    #[test]
+    fn cleaning_after_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local::LocalStorage::new(dir.path().to_path_buf(), false);
+        let h = hour_of_key("readings/dt=2025-07-07/hour=08/x").unwrap();
+        let put = |table: &str, hour: i64, name: &str| {
+            let key = format!("{}/{name}", LakeWriter::dir(table, hour));
+            storage.put_atomic(&key, b"x").unwrap();
+            key
+        };
+        // Hour h-2: older than the checkpoint kept, untouched whatever it holds.
+        let old = put("readings", h - 2, "part-00009-w000.parquet");
+        // Hour h-1: sealed; worker 0 had written 1 part, worker 1 none.
+        let kept = put("readings", h - 1, "part-00000-w000.parquet");
+        let late0 = put("readings", h - 1, "part-00001-w000.parquet");
+        let late1 = put("rejects", h - 1, "part-00000-w001.parquet");
+        let table = put("hourly", h - 1, "part-00000.parquet");
+        // Hour h: not sealed at the checkpoint, sealed after it.
+        let open_part = put("readings", h, "part-00000-w000.parquet");
+        let open_table = put("quality", h, "part-00000.parquet");
+        let next_seq = [((h - 1, 0), 1)].into_iter().collect();
+        let deleted = clean_after_checkpoint(&storage, h - 1, |hour| hour < h, &next_seq).unwrap();
+        let mut want = vec![late0, late1, open_part, open_table];
+        want.sort();
+        assert_eq!(deleted, want);
+        let mut left: Vec<String> = ["readings", "rejects", "hourly", "quality"]
+            .iter()
+            .flat_map(|t| storage.list(t).unwrap())
+            .collect();
+        left.sort();
+        let mut expect = vec![old, kept, table];
+        expect.sort();
+        assert_eq!(left, expect);
+        assert!(storage.list("nothing-here").unwrap().is_empty());
+        storage.delete("readings/not-there").unwrap();
     }
 }
