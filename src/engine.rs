@@ -14,6 +14,7 @@ use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
+use crate::checkpoint::Recorder;
 use crate::connectors::file::FileReader;
 use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec};
 use crate::durable::{durable_sink, Tally, Ticket};
@@ -105,6 +106,18 @@ pub fn run(
     let live = Arc::new(Mutex::new(
         receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>()),
     ));
+    // Kafka into a lake, in one process: checkpoints in the lake (docs/RECOVERY.md).
+    let recorder = match (&kafka, &lake, &settings.cluster) {
+        (Some(spec), Some(lake), None) => Some(Arc::new(Checkpointer {
+            recorder: Recorder::default(),
+            storage: lake.storage().clone(),
+            topic: spec.settings.raw_topic.clone(),
+            workers,
+            flow: settings.flow.clone(),
+        })),
+        _ => None,
+    };
+    let recovery_epochs = settings.flow.recovery.as_ref().map_or(0, |r| r.epochs);
     let st = status.clone();
     let guards = timely::execute(settings.timely_config(), move |worker| {
         let index = worker.index();
@@ -134,8 +147,20 @@ pub fn run(
                 }
             });
             if let Some(k) = kafka_out.clone() {
-                attach_kafka_sinks(&out, k, st.clone(), &probe);
+                attach_kafka_sinks(&out, k, st.clone(), &probe, recovery_epochs);
             }
+            if let Some(c) = recorder.clone() {
+                // Broadcast: worker 0 sees every worker's watermark. (Every worker builds the
+                // operator: timely needs the same dataflow on all of them.)
+                out.watermarks.clone().inspect_core(move |e| {
+                    if let (Ok((stamp, ws)), 0) = (e, index) {
+                        if let (Some(t), Some(w)) = (stamp.least(), ws.iter().max()) {
+                            c.recorder.watermark(*t, *w);
+                        }
+                    }
+                });
+            }
+            let parts = recorder.clone();
             // Without a lake nothing needs sealing: the aggregates are the output.
             out.hourly.clone().inner.probe_with(&probe);
             out.quality.clone().inner.probe_with(&probe);
@@ -148,6 +173,9 @@ pub fn run(
                     Tally::new(),
                     move |t, batches: &mut Vec<HourBatch>, tally| {
                         for b in batches.drain(..) {
+                            if let Some(c) = &parts {
+                                c.recorder.part(t, b.hour, b.worker, b.seq);
+                            }
                             // The writer thread is gone only after a fatal error, recorded in status.
                             if let Err(SendError((_, ticket))) = tx.send((b, tally.start(t))) {
                                 ticket.fail("the lake writer has stopped".into());
@@ -201,8 +229,9 @@ pub fn run(
         } else if let Some(spec) = &kafka {
             match PartitionReader::open(spec, index, peers) {
                 Ok(reader) => {
+                    let ck = recorder.as_deref().map(|c| (c, index == 0));
                     final_commit = Some(read_kafka(
-                        worker, &mut input, &probe, &st, spec, reader, &settings, &mut epoch,
+                        worker, &mut input, &probe, &st, spec, reader, &settings, &mut epoch, ck,
                     ));
                 }
                 Err(e) => st.fail(format!("worker {index}: {e}")),
@@ -251,6 +280,11 @@ pub fn run(
         // A failed write holds its epoch for good: stop waiting once the run has failed.
         worker.step_or_park_while(Some(PARK), || !probe.done() && st.error().is_none());
         if let (Some((reader, end)), None) = (final_commit, st.error()) {
+            if let (Some(c), 0) = (&recorder, index) {
+                // Every worker has reported its last positions: they are in before its input
+                // closed, and the probe is done only after every input closed.
+                c.save(Epoch::MAX, &st);
+            }
             if let Err(e) = reader.commit(&end, true) {
                 tracing::warn!(error = %e, "committing the final offsets failed");
             }
@@ -319,8 +353,16 @@ fn read_kafka(
     mut reader: PartitionReader,
     settings: &EngineSettings,
     epoch: &mut Epoch,
+    ck: Option<(&Checkpointer, bool)>,
 ) -> (PartitionReader, Vec<(i32, i64)>) {
     let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
+    // Reports the positions after an epoch for the checkpoint, and keeps them to commit.
+    let note = |to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>, e: Epoch, p: Vec<(i32, i64)>| {
+        if let Some((c, _)) = ck {
+            c.recorder.positions(e, &p);
+        }
+        to_commit.push_back((e, p));
+    };
     // Positions reached by the end of each epoch, committed once the probe has passed the
     // epoch: its lake files are written and its Kafka records acknowledged (see `durable`).
     let mut to_commit: std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)> = Default::default();
@@ -331,18 +373,32 @@ fn read_kafka(
                 if probe.less_equal(e) {
                     break;
                 }
-                last = to_commit.pop_front().map(|(_, p)| p);
+                last = to_commit.pop_front();
             }
-            if let Some(p) = last {
+            if let Some((epoch, p)) = last {
+                // Checkpoint first: the group's offsets never run ahead of it.
+                if let Some((c, true)) = ck {
+                    c.save(epoch, st);
+                }
                 if let Err(e) = reader.commit(&p, sync) {
                     tracing::warn!(error = %e, "committing offsets failed (the next commit retries)");
                 }
             }
         };
+    // Epoch e holds the offsets [start + e*n, start + (e+1)*n) of every partition: the
+    // same range always makes the same epochs, so the same outputs.
+    let per_partition = per_partition(settings.batch, reader.partitions().len());
+    // Resuming: the recovery epochs re-read up to the checkpoint's positions, in both modes.
+    let recovery = settings.flow.recovery.as_ref().map_or(0, |r| r.epochs);
+    while *epoch < recovery && st.error().is_none() {
+        if let Err(e) = reader.read_epoch(*epoch, per_partition, KAFKA_STALL, &mut buf) {
+            st.fail(e.to_string());
+        }
+        note(&mut to_commit, *epoch, reader.positions());
+        ship(worker, input, probe, st, &mut buf, epoch);
+        commit_done(&reader, &mut to_commit, false);
+    }
     if spec.until_end {
-        // Epoch e holds the offsets [start + e*n, start + (e+1)*n) of every partition: the
-        // same range always makes the same epochs, so the same outputs.
-        let per_partition = (settings.batch / reader.partitions().len().max(1)).max(1) as u64;
         loop {
             let more = match reader.read_epoch(*epoch, per_partition, KAFKA_STALL, &mut buf) {
                 Ok(m) => m,
@@ -351,7 +407,7 @@ fn read_kafka(
                     false
                 }
             };
-            to_commit.push_back((*epoch, reader.positions()));
+            note(&mut to_commit, *epoch, reader.positions());
             ship(worker, input, probe, st, &mut buf, epoch);
             commit_done(&reader, &mut to_commit, false);
             if !more || st.error().is_some() {
@@ -361,10 +417,11 @@ fn read_kafka(
     } else {
         let started = Instant::now();
         let period = settings.epoch;
+        let first = *epoch;
         while !spec.stop.load(Relaxed) && st.error().is_none() {
-            let now = (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
+            let now = first + (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
             if now > *epoch {
-                to_commit.push_back((*epoch, reader.positions()));
+                note(&mut to_commit, *epoch, reader.positions());
                 *epoch = now;
                 input.advance_to(*epoch);
             }
@@ -391,7 +448,54 @@ fn read_kafka(
     // The last positions are committed by the caller once the input has closed and every
     // output is stored: closing the input seals the open hours.
     let end = reader.positions();
+    note(&mut to_commit, *epoch, end.clone());
     (reader, end)
+}
+
+/// Replay: records per partition per epoch, for a worker with `partitions` partitions.
+fn per_partition(batch: usize, partitions: usize) -> u64 {
+    (batch / partitions.max(1)).max(1) as u64
+}
+
+/// The recovery epochs a resume needs: as many as the longest re-read range takes, cut as
+/// each partition's reader cuts it (partition `p` is read by worker `p % workers`).
+pub fn recovery_epochs(
+    start: &std::collections::BTreeMap<i32, i64>,
+    read_end: &std::collections::BTreeMap<i32, i64>,
+    workers: usize,
+    batch: usize,
+) -> Epoch {
+    let count = |w: usize| start.keys().filter(|p| **p as usize % workers == w).count();
+    start
+        .iter()
+        .map(|(p, s)| {
+            let n = per_partition(batch, count(*p as usize % workers));
+            let len = (read_end.get(p).copied().unwrap_or(*s) - s).max(0) as u64;
+            len.div_ceil(n)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Writes the lake's checkpoints (docs/RECOVERY.md) from what the workers report.
+struct Checkpointer {
+    recorder: Recorder,
+    storage: Arc<dyn crate::lake::Storage>,
+    topic: String,
+    workers: usize,
+    flow: FlowConfig,
+}
+
+impl Checkpointer {
+    /// Saves the checkpoint of `epoch`, whose outputs are all stored (`Epoch::MAX`: the end
+    /// of the run). A failure fails the run: without checkpoints a crash cannot be resumed.
+    fn save(&self, epoch: Epoch, st: &Status) {
+        if let Some(c) = self.recorder.take(epoch, &self.topic, self.workers, 1, &self.flow) {
+            if let Err(e) = c.save(self.storage.as_ref()) {
+                st.fail(format!("writing the checkpoint: {e}"));
+            }
+        }
+    }
 }
 
 /// One change of the hourly collection: ((device, hour), stats), time, diff.
@@ -405,6 +509,7 @@ fn attach_kafka_sinks(
     k: Arc<KafkaSinks>,
     st: Arc<Status>,
     probe: &ProbeHandle<Epoch>,
+    recovery_epochs: Epoch,
 ) {
     let (k2, st1, st2, st3, st4) = (k.clone(), st.clone(), st.clone(), st.clone(), st);
     durable_sink(
@@ -412,6 +517,10 @@ fn attach_kafka_sinks(
         "DeadLetters",
         Tally::new(),
         move |t, batch: &mut Vec<Rejection>, tally| {
+            // Recovery epochs re-read records whose dead letters were sent before the checkpoint.
+            if t < recovery_epochs {
+                return;
+            }
             for r in batch.iter() {
                 if let Err(e) = k.dead_letter(r, Some(tally.start(t))) {
                     st1.fail(e.to_string());
@@ -426,6 +535,10 @@ fn attach_kafka_sinks(
         "Changelog",
         Tally::new(),
         move |t, batch: &mut Vec<HourlyUpdate>, tally| {
+            // The changelog already holds the values the recovery epochs rebuild.
+            if t < recovery_epochs {
+                return;
+            }
             // count_total retracts the old value of a key and adds the new one: send the new.
             for (((device, hour), stats), at, diff) in batch.iter() {
                 if *diff > 0 {

@@ -99,8 +99,10 @@ enum Command {
         /// Kafka bootstrap servers (with --source kafka).
         #[arg(long)]
         brokers: Option<String>,
-        /// Where to start reading Kafka: earliest, latest, timestamp:<RFC 3339>, or
-        /// offsets:<partition>=<offset>,... (unlisted partitions start at their earliest).
+        /// Where to start reading Kafka: earliest, latest, timestamp:<RFC 3339>,
+        /// offsets:<partition>=<offset>,... (unlisted partitions start at their earliest), or
+        /// checkpoint (resume after a crash from the lake's checkpoint; one process, the same
+        /// --workers; see docs/RECOVERY.md).
         #[arg(long, default_value = "earliest")]
         from: String,
         /// `end`: stop at the end each partition has when the run starts, with epochs cut at
@@ -335,6 +337,77 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
+/// Reads the lake's checkpoint, deletes the files written after it, and plans the restart:
+/// where each partition is re-read from, and the recovery the dataflow does.
+fn plan_resume(
+    cfg: &Config,
+    storage: &dyn lake::Storage,
+    cluster: bool,
+) -> anyhow::Result<(connectors::kafka::ResumePlan, fmsflow_dataflows::dataflow::Recovery)> {
+    use fmsflow::checkpoint::Checkpoint;
+    use fmsflow_dataflows::dataflow::Recovery;
+    anyhow::ensure!(
+        !cluster,
+        "--from checkpoint resumes single-process runs only (the checkpoint of a cluster is not built yet)"
+    );
+    let ck = Checkpoint::load(storage)
+        .map_err(anyhow::Error::msg)?
+        .with_context(|| {
+            format!(
+                "--from checkpoint: {} holds no checkpoint ({}); start with --from earliest",
+                storage.describe(),
+                fmsflow::checkpoint::KEY
+            )
+        })?;
+    anyhow::ensure!(
+        ck.topic == cfg.kafka.raw_topic,
+        "--from checkpoint: the checkpoint is of topic {:?}, not kafka.raw_topic {:?}",
+        ck.topic,
+        cfg.kafka.raw_topic
+    );
+    anyhow::ensure!(
+        ck.workers == cfg.engine.workers && ck.processes == 1,
+        "--from checkpoint: the checkpoint was written by {} process(es) of {} workers; resume with --workers {}",
+        ck.processes,
+        ck.workers,
+        ck.workers
+    );
+    let flow = cfg.flow_config();
+    let oldest = Recovery::oldest_kept_hour(ck.watermark, &flow);
+    let sealed = |hour: i64| ck.watermark >= (hour + 1) * fmsflow_dataflows::time::HOUR_MS + flow.grace_ms;
+    let next_seq = ck.recovery(0).next_seq;
+    let deleted = lake::clean_after_checkpoint(storage, oldest, sealed, &next_seq)?;
+    // Each partition is re-read from its first record stamped at or after the re-read time.
+    let from_ms = Recovery::reread_from_ms(ck.watermark, &flow);
+    let probe = connectors::kafka::SourceSpec {
+        settings: cfg.kafka.clone(),
+        from: connectors::kafka::StartAt::Timestamp(from_ms),
+        until_end: false,
+        stop: Arc::default(),
+    };
+    let starts = connectors::kafka::PartitionReader::open(&probe, 0, 1)?.positions();
+    let start: std::collections::BTreeMap<i32, i64> = starts
+        .into_iter()
+        .map(|(p, o)| (p, o.min(ck.read_end.get(&p).copied().unwrap_or(o))))
+        .collect();
+    let epochs = engine::recovery_epochs(&start, &ck.read_end, cfg.engine.workers, cfg.engine.batch);
+    eprintln!(
+        "resuming from the checkpoint of epoch {} (watermark {}): deleted {} file(s) written after it; \
+         re-reading from {} ({} recovery epochs)",
+        ck.epoch,
+        fmsflow_dataflows::time::format_rfc3339(ck.watermark),
+        deleted.len(),
+        fmsflow_dataflows::time::format_rfc3339(from_ms),
+        epochs
+    );
+    let plan = connectors::kafka::ResumePlan {
+        start,
+        read_end: ck.read_end.clone(),
+        epochs,
+    };
+    Ok((plan, ck.recovery(epochs)))
+}
+
 fn run_engine(
     cfg: &Config,
     source: &str,
@@ -344,9 +417,15 @@ fn run_engine(
 ) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storage = lake::open(&cfg.lake.url, cfg.lake.fsync)?;
+    let mut flow = cfg.flow_config();
     let (source, sinks) = if source == "kafka" {
         let k = cfg.kafka.clone();
-        let from: connectors::kafka::StartAt = from.parse()?;
+        let mut from: connectors::kafka::StartAt = from.parse()?;
+        if from == connectors::kafka::StartAt::Checkpoint {
+            let (plan, recovery) = plan_resume(cfg, storage.as_ref(), cluster.is_some())?;
+            flow.recovery = Some(recovery);
+            from = connectors::kafka::StartAt::Resume(plan);
+        }
         connectors::kafka::ensure_topics(&k, &[&k.hourly_topic, &k.rejects_topic])?;
         let sinks = connectors::kafka::KafkaSinks {
             producer: connectors::kafka::KafkaProducer::new(&k.brokers)?,
@@ -400,7 +479,7 @@ fn run_engine(
     let writer = Arc::new(lake::LakeWriter::new(storage, cfg.lake.row_group_rows));
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {
-        flow: cfg.flow_config(),
+        flow,
         workers: cfg.engine.workers,
         batch: cfg.engine.batch,
         epoch: cfg.engine.epoch.0,

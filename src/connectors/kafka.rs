@@ -332,6 +332,20 @@ pub enum StartAt {
     Timestamp(i64),
     /// Explicit offsets; a partition not listed starts at its earliest record.
     Offsets(BTreeMap<i32, i64>),
+    /// The lake's checkpoint (`--from checkpoint`); turned into a [`StartAt::Resume`] once
+    /// the checkpoint is read.
+    Checkpoint,
+    /// Resuming from a checkpoint: see [`ResumePlan`].
+    Resume(ResumePlan),
+}
+
+/// Where a resumed run reads: each partition from `start` (the re-read point) to `read_end`
+/// (where the checkpoint's reader was) in the recovery epochs `0..epochs`, then on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumePlan {
+    pub start: BTreeMap<i32, i64>,
+    pub read_end: BTreeMap<i32, i64>,
+    pub epochs: u64,
 }
 
 impl std::str::FromStr for StartAt {
@@ -341,7 +355,7 @@ impl std::str::FromStr for StartAt {
         match s {
             "earliest" => return Ok(StartAt::Earliest),
             "latest" => return Ok(StartAt::Latest),
-            "checkpoint" => return Err(bad("resuming from a checkpoint is not built yet")),
+            "checkpoint" => return Ok(StartAt::Checkpoint),
             _ => {}
         }
         if let Some(t) = s.strip_prefix("timestamp:") {
@@ -400,6 +414,8 @@ struct Part {
     id: i32,
     /// Offset of the first record read.
     start: i64,
+    /// Resuming: where the recovery epochs end (the checkpoint's position).
+    recover_end: Option<i64>,
     /// Offset after the last record taken.
     next: i64,
     /// Replay: the partition's end (exclusive).
@@ -423,6 +439,8 @@ impl Part {
 pub struct PartitionReader {
     consumer: BaseConsumer<LogContext>,
     topic: String,
+    /// Resuming: the number of recovery epochs.
+    recovery_epochs: u64,
     parts: Vec<Part>,
     /// Partition id to index in `parts`.
     index: BTreeMap<i32, usize>,
@@ -474,6 +492,13 @@ impl PartitionReader {
                 StartAt::Earliest => low,
                 StartAt::Latest => high,
                 StartAt::Offsets(m) => m.get(&p).copied().unwrap_or(low).clamp(low, high),
+                StartAt::Resume(plan) => plan.start.get(&p).copied().unwrap_or(low).clamp(low, high),
+                StartAt::Checkpoint => {
+                    return Err(KafkaConnError::BadStart(
+                        "checkpoint".into(),
+                        "the checkpoint must be read before the partitions are opened".into(),
+                    ))
+                }
                 StartAt::Timestamp(ts) => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition_offset(&s.raw_topic, p, Offset::Offset(*ts))
@@ -487,9 +512,14 @@ impl PartitionReader {
                     }
                 }
             };
+            let recover_end = match &spec.from {
+                StartAt::Resume(plan) => Some(plan.read_end.get(&p).copied().unwrap_or(start).max(start)),
+                _ => None,
+            };
             parts.push(Part {
                 id: p,
                 start,
+                recover_end,
                 next: start,
                 end: spec.until_end.then_some(high),
                 pending: VecDeque::new(),
@@ -512,6 +542,10 @@ impl PartitionReader {
         Ok(PartitionReader {
             consumer,
             topic: s.raw_topic.clone(),
+            recovery_epochs: match &spec.from {
+                StartAt::Resume(plan) => plan.epochs,
+                _ => 0,
+            },
             parts,
             index,
             last_log: Instant::now(),
@@ -611,7 +645,14 @@ impl PartitionReader {
         stall: Duration,
         out: &mut Vec<RawRecord>,
     ) -> Result<bool, KafkaConnError> {
-        let bound = |p: &Part| p.start + ((epoch + 1) * per_partition) as i64;
+        let recovery = self.recovery_epochs;
+        let bound = |p: &Part| match p.recover_end {
+            // Resuming: the recovery epochs stop at the checkpoint's position, later epochs
+            // count from there.
+            Some(end) if epoch < recovery => (p.start + ((epoch + 1) * per_partition) as i64).min(end),
+            Some(end) => end + ((epoch - recovery + 1) * per_partition) as i64,
+            None => p.start + ((epoch + 1) * per_partition) as i64,
+        };
         let mut quiet_since = Instant::now();
         loop {
             let mut complete = true;
@@ -849,11 +890,11 @@ mod tests {
             "offsets:a=1",
             "offsets:0=-1",
             "offsets:0=1,0=2",
-            "checkpoint",
         ] {
             let e = bad.parse::<StartAt>().unwrap_err().to_string();
             assert!(e.starts_with(&format!("--from {bad:?}")), "{e}");
         }
+        assert_eq!("checkpoint".parse::<StartAt>().unwrap(), StartAt::Checkpoint);
     }
 
     #[test]
