@@ -61,24 +61,18 @@ impl Tally {
 
     fn end(&self, epoch: Epoch, error: Option<String>) {
         let mut g = self.lock();
-        let mut settled = false;
         if let Some(n) = g.outstanding.get_mut(&epoch) {
             *n -= 1;
             if *n == 0 {
                 g.outstanding.remove(&epoch);
-                settled = true;
             }
         }
-        let failed = error.is_some();
         if g.error.is_none() {
             g.error = error;
         }
-        // Wake the sink so that it releases the epoch (or reports the error); only then,
-        // not once per write: at thousands of writes a second each wake-up costs.
-        if settled || failed {
-            if let Some(w) = &g.waker {
-                let _ = w.activate();
-            }
+        // Wake the sink so that it releases the epoch (or reports the error).
+        if let Some(w) = &g.waker {
+            let _ = w.activate();
         }
     }
 }
