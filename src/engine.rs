@@ -117,7 +117,7 @@ pub fn run(
         })),
         _ => None,
     };
-    let recovery_epochs = settings.flow.recovery.as_ref().map_or(0, |r| r.epochs);
+    let recovery_epochs = settings.flow.recovery_epochs();
     let st = status.clone();
     let guards = timely::execute(settings.timely_config(), move |worker| {
         let index = worker.index();
@@ -389,7 +389,7 @@ fn read_kafka(
     // same range always makes the same epochs, so the same outputs.
     let per_partition = per_partition(settings.batch, reader.partitions().len());
     // Resuming: the recovery epochs re-read up to the checkpoint's positions, in both modes.
-    let recovery = settings.flow.recovery.as_ref().map_or(0, |r| r.epochs);
+    let recovery = settings.flow.recovery_epochs();
     while *epoch < recovery && st.error().is_none() {
         if let Err(e) = reader.read_epoch(*epoch, per_partition, KAFKA_STALL, &mut buf) {
             st.fail(e.to_string());

@@ -374,9 +374,13 @@ fn plan_resume(
     );
     let flow = cfg.flow_config();
     let oldest = Recovery::oldest_kept_hour(ck.watermark, &flow);
-    let sealed = |hour: i64| ck.watermark >= (hour + 1) * fmsflow_dataflows::time::HOUR_MS + flow.grace_ms;
-    let next_seq = ck.recovery(0).next_seq;
-    let deleted = lake::clean_after_checkpoint(storage, oldest, sealed, &next_seq)?;
+    let mut recovery = ck.recovery(0);
+    let deleted = lake::clean_after_checkpoint(
+        storage,
+        oldest,
+        |hour| recovery.sealed(hour, flow.grace_ms),
+        &recovery.next_seq,
+    )?;
     // Each partition is re-read from its first record stamped at or after the re-read time.
     let from_ms = Recovery::reread_from_ms(ck.watermark, &flow);
     let probe = connectors::kafka::SourceSpec {
@@ -405,7 +409,8 @@ fn plan_resume(
         read_end: ck.read_end.clone(),
         epochs,
     };
-    Ok((plan, ck.recovery(epochs)))
+    recovery.epochs = epochs;
+    Ok((plan, recovery))
 }
 
 fn run_engine(

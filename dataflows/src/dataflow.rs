@@ -85,6 +85,13 @@ pub struct FlowConfig {
     pub recovery: Option<Recovery>,
 }
 
+impl FlowConfig {
+    /// The number of recovery epochs (0 when not resuming).
+    pub fn recovery_epochs(&self) -> Epoch {
+        self.recovery.as_ref().map_or(0, |r| r.epochs)
+    }
+}
+
 impl Default for FlowConfig {
     fn default() -> Self {
         FlowConfig {
@@ -141,7 +148,7 @@ impl Recovery {
     }
 
     /// Whether the hour had been sealed at the checkpoint.
-    fn sealed(&self, hour: i64, grace_ms: i64) -> bool {
+    pub fn sealed(&self, hour: i64, grace_ms: i64) -> bool {
         self.watermark >= (hour + 1) * HOUR_MS + grace_ms
     }
 }

@@ -858,7 +858,7 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
     };
     let after = run(&resumed, &rcfg, workers, true);
     let oldest = Recovery::oldest_kept_hour(watermark, &cfg);
-    let sealed = |hour: i64| watermark >= (hour + 1) * 3_600_000 + cfg.grace_ms;
+    let sealed = |hour: i64| rcfg.recovery.as_ref().unwrap().sealed(hour, cfg.grace_ms);
     // Following the topic, epochs are cut by the clock, so the restarted run need not cut the
     // new records as the crashed one did: each part written after the checkpoint is also
     // written under a number the restarted run may never reach.
