@@ -41,11 +41,13 @@ fn main() {
     }
     rows.sort_by_key(|r| (r.device, r.time_ms));
     let hour = rows[0].hour();
+    let mut cols = fmsflow_dataflows::ReadingColumns::with_capacity(rows.len());
+    rows.iter().for_each(|r| cols.push(r));
     let t = std::time::Instant::now();
     let mut size = 0;
     let n = 30;
     for _ in 0..n {
-        size = fmsflow::lake::parquet::readings(&rows, hour, 16384).unwrap().len();
+        size = fmsflow::lake::parquet::readings(&cols, hour, 16384).unwrap().len();
     }
     let el = t.elapsed().as_secs_f64() / n as f64;
     println!(

@@ -13,6 +13,6 @@ pub mod stats;
 pub mod time;
 
 pub use dataflow::{build, route_hour, Epoch, Outputs};
-pub use model::{DeviceHour, DeviceLatest, QualityKey, RawRecord, Reading, SourcePos, METRICS};
+pub use model::{DeviceHour, DeviceLatest, QualityKey, RawRecord, Reading, ReadingColumns, SourcePos, METRICS};
 pub use rules::{validate, Deduper, Rejection, Rule, RuleConfig};
 pub use stats::{HourStats, MetricStats};

@@ -89,6 +89,71 @@ impl Reading {
     }
 }
 
+/// Readings as columns, one vector per field (the payload is not kept): the rows of the
+/// lake's `readings` table in the order the sealing stage sorted them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadingColumns {
+    /// [`Reading::device`] of each row.
+    pub device: Vec<u32>,
+    /// [`Reading::time_ms`] of each row.
+    pub time_ms: Vec<i64>,
+    /// [`Reading::metrics`], one column per metric in [`METRICS`] order.
+    pub metrics: [Vec<f64>; 6],
+    /// [`Reading::is_fail`] of each row.
+    pub is_fail: Vec<bool>,
+    /// [`Reading::ingest_ms`] of each row.
+    pub ingest_ms: Vec<Option<i64>>,
+    /// [`Reading::pos`] of each row.
+    pub pos: Vec<SourcePos>,
+}
+
+impl ReadingColumns {
+    /// Empty columns with room for `n` rows each.
+    pub fn with_capacity(n: usize) -> ReadingColumns {
+        ReadingColumns {
+            device: Vec::with_capacity(n),
+            time_ms: Vec::with_capacity(n),
+            metrics: std::array::from_fn(|_| Vec::with_capacity(n)),
+            is_fail: Vec::with_capacity(n),
+            ingest_ms: Vec::with_capacity(n),
+            pos: Vec::with_capacity(n),
+        }
+    }
+
+    /// Appends a reading as a row.
+    #[inline]
+    pub fn push(&mut self, r: &Reading) {
+        self.device.push(r.device);
+        self.time_ms.push(r.time_ms);
+        for (col, v) in self.metrics.iter_mut().zip(r.metrics) {
+            col.push(v);
+        }
+        self.is_fail.push(r.is_fail);
+        self.ingest_ms.push(r.ingest_ms);
+        self.pos.push(r.pos);
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.device.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.device.is_empty()
+    }
+
+    /// Removes every row.
+    pub fn clear(&mut self) {
+        *self = ReadingColumns::default();
+    }
+
+    /// Each row's (device, event time, source position), in row order.
+    pub fn keys(&self) -> impl Iterator<Item = (u32, i64, SourcePos)> + '_ {
+        (0..self.len()).map(|i| (self.device[i], self.time_ms[i], self.pos[i]))
+    }
+}
+
 /// A device's newest accepted reading among one epoch's readings at one worker, and how many
 /// readings of the device that worker accepted in the epoch: what a live status display
 /// needs, without a copy of every reading.

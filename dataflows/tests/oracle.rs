@@ -508,11 +508,12 @@ fn check_sealed(fin: &Final, exp: &Expected, winners: &BTreeMap<(u32, i64), Sour
     // Every accepted reading in exactly one batch, of its own hour; no other reading.
     let mut seen: BTreeMap<(u32, i64), Vec<SourcePos>> = BTreeMap::new();
     for b in &fin.batches {
-        for r in &b.readings {
-            if r.hour() != b.hour {
-                return Err(format!("reading of hour {} in batch of hour {}", r.hour(), b.hour));
+        for (device, time_ms, pos) in b.readings.keys() {
+            let hour = fmsflow_dataflows::time::hour_of(time_ms);
+            if hour != b.hour {
+                return Err(format!("reading of hour {hour} in batch of hour {}", b.hour));
             }
-            seen.entry((r.device, r.time_ms)).or_default().push(r.pos);
+            seen.entry((device, time_ms)).or_default().push(pos);
         }
     }
     for (key, pos) in &seen {
@@ -683,7 +684,7 @@ fn merged(f: &Final) -> BTreeMap<i64, HourContent> {
     let mut out: BTreeMap<i64, HourContent> = BTreeMap::new();
     for b in &f.batches {
         let h = out.entry(b.hour).or_default();
-        h.0.extend(b.readings.iter().map(|r| (r.device, r.time_ms, r.pos)));
+        h.0.extend(b.readings.keys());
         h.1.extend(b.rejections.iter().map(|r| (r.device, r.rule, r.pos, r.reason.clone())));
         if let Some(t) = &b.hourly {
             apply(&mut h.2, t, b.partial);
@@ -776,7 +777,7 @@ fn lake_files<'a>(batches: impl IntoIterator<Item = &'a HourBatch>) -> BTreeMap<
         parts.insert(
             (b.hour, b.seq, b.worker),
             (
-                b.readings.iter().map(|r| (r.device, r.time_ms, r.pos)).collect(),
+                b.readings.keys().collect(),
                 b.rejections
                     .iter()
                     .map(|r| (r.device, r.rule, r.pos, r.reason.clone()))

@@ -14,7 +14,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use fmsflow_dataflows::rules::Outcome;
 use fmsflow_dataflows::time::HOUR_MS;
-use fmsflow_dataflows::{HourStats, Reading, Rejection, METRICS};
+use fmsflow_dataflows::{HourStats, ReadingColumns, Rejection, METRICS};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -71,7 +71,7 @@ fn encode(
 }
 
 /// `readings/`: one row per accepted reading.
-pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+pub fn readings(rows: &ReadingColumns, hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
     let mut fields = vec![
         Field::new("device", DataType::Int32, false),
         Field::new("time", ts(), false),
@@ -83,20 +83,22 @@ pub fn readings(rows: &[Reading], hour: i64, row_group_rows: usize) -> Result<Ve
         Field::new("source", DataType::Int32, false),
         Field::new("offset", DataType::Int64, false),
     ]);
-    // One pass per column over the rows: no builders, no null bitmaps where there are no nulls.
+    // The rows come as columns: each array is one sequential copy, with no null bitmap where
+    // there are no nulls.
     let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.device as i32))),
-        Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.time_ms)).with_timezone("UTC")),
+        Arc::new(Int32Array::from_iter_values(rows.device.iter().map(|&d| d as i32))),
+        Arc::new(TimestampMillisecondArray::from(rows.time_ms.clone()).with_timezone("UTC")),
     ];
     cols.extend(
-        (0..METRICS.len())
-            .map(|i| Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.metrics[i]))) as ArrayRef),
+        rows.metrics
+            .iter()
+            .map(|m| Arc::new(Float64Array::from(m.clone())) as ArrayRef),
     );
     cols.extend([
-        Arc::new(rows.iter().map(|r| Some(r.is_fail)).collect::<BooleanArray>()) as ArrayRef,
-        Arc::new(TimestampMillisecondArray::from_iter(rows.iter().map(|r| r.ingest_ms)).with_timezone("UTC")),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.pos.source as i32))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.pos.offset as i64))),
+        Arc::new(BooleanArray::from(rows.is_fail.clone())) as ArrayRef,
+        Arc::new(TimestampMillisecondArray::from(rows.ingest_ms.clone()).with_timezone("UTC")),
+        Arc::new(Int32Array::from_iter_values(rows.pos.iter().map(|p| p.source as i32))),
+        Arc::new(Int64Array::from_iter_values(rows.pos.iter().map(|p| p.offset as i64))),
     ]);
     encode("readings", hour, fields, cols, row_group_rows)
 }
@@ -287,7 +289,7 @@ pub fn merge(
 mod tests {
     use super::*;
     use arrow_array::cast::AsArray;
-    use fmsflow_dataflows::{Rule, SourcePos};
+    use fmsflow_dataflows::{Reading, Rule, SourcePos};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     fn stats(device: u32, v: f64) -> (u32, HourStats) {
