@@ -152,12 +152,17 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
     let start = Instant::now();
     let start_wall = now_ms();
     let mut sent = 0u64;
+    let show_timeline = std::env::var("FMSFLOW_BENCH_TIMELINE").is_ok_and(|v| v == "1");
     // The first WARMUP seconds are produced but not measured: the engine is still connecting.
     let total = rate as u64 * (secs + WARMUP);
     while sent < total {
+        // Sends what is due, then sleeps a millisecond: sleeping before every record would
+        // keep this thread busy on timers (a whole core at 10,000 msg/s), taking the core
+        // the engine and the broker share.
         let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(wait);
+        if due > start.elapsed() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
         }
         let device = (sent % rate as u64) as u32 + 1;
         let second = sent / rate as u64;
@@ -176,6 +181,14 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
             )
             .unwrap();
         sent += 1;
+        if show_timeline && sent.is_multiple_of(rate as u64) {
+            println!(
+                "  produced {sent:>7} at {:>6} ms; the engine has received {:>7} and accepted {:>7}",
+                start.elapsed().as_millis(),
+                status.received.load(Relaxed),
+                status.valid.load(Relaxed)
+            );
+        }
     }
     producer.flush(Duration::from_secs(60)).unwrap();
     let produce_secs = start.elapsed().as_secs_f64();
@@ -213,6 +226,7 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
         updates.entry(key).or_default().push((v["count"].as_u64().unwrap(), ts));
     }
     let mut lat = Vec::with_capacity(total as usize);
+    let mut timeline: Vec<(i64, i64)> = Vec::with_capacity(total as usize);
     for (key, times) in &produced {
         let ups = updates.get(key).map(Vec::as_slice).unwrap_or_default();
         for (k, &(produced_at, measured)) in times.iter().enumerate() {
@@ -224,6 +238,7 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
                 .find(|(count, _)| *count as usize > k)
                 .unwrap_or_else(|| panic!("reading {k} of {key} never reached the changelog"));
             lat.push(seen.1 - produced_at);
+            timeline.push((produced_at, seen.1 - produced_at));
         }
     }
     lat.sort_unstable();
@@ -235,4 +250,24 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
         percentile(&lat, 0.99),
         lat.last().copied().unwrap_or_default()
     );
+    // FMSFLOW_BENCH_TIMELINE=1: the latencies second by second of produce time, to tell a
+    // steady backlog from stalls.
+    if show_timeline {
+        timeline.sort_unstable();
+        let first = timeline.first().map_or(0, |t| t.0);
+        let mut by_second: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for (at, l) in timeline {
+            by_second.entry((at - first) / 1000).or_default().push(l);
+        }
+        for (sec, mut ls) in by_second {
+            ls.sort_unstable();
+            println!(
+                "  second {sec:>3}: {:>6} readings, p50 {:>5} ms, p99 {:>5} ms, max {:>5} ms",
+                ls.len(),
+                percentile(&ls, 0.5),
+                percentile(&ls, 0.99),
+                ls.last().copied().unwrap_or_default()
+            );
+        }
+    }
 }

@@ -317,6 +317,55 @@ const PARK: Duration = Duration::from_millis(10);
 /// Replay reads ahead of the dataflow by at most this many epochs.
 const AHEAD: u64 = 2;
 
+/// Following a topic, the reader stays at most this far (in epochs' worth of wall time)
+/// ahead of the stored outputs. An epoch is stored only once the brokers acknowledge its
+/// output records, and an acknowledgement now and then takes a few hundred milliseconds: a
+/// bound of two 20 ms epochs stopped reading for that long, and the aggregates of everything
+/// produced meanwhile came late. The records in flight stay bounded by the input rate.
+const FOLLOW_AHEAD: Duration = Duration::from_secs(2);
+
+/// Following a topic, stored positions are committed (and the checkpoint written) at most
+/// this often: live epochs are short, and a commit and an fsynced checkpoint every 20 ms
+/// load the brokers and the disk for nothing (a restart re-reads at most this much more).
+const FOLLOW_COMMIT_EVERY: Duration = Duration::from_secs(1);
+
+/// [`FOLLOW_AHEAD`] in epochs of `period`, and never fewer than [`AHEAD`].
+fn follow_ahead(period: Duration) -> u64 {
+    ((FOLLOW_AHEAD.as_nanos() / period.as_nanos().max(1)) as u64).max(AHEAD)
+}
+
+/// The records one worker has read and the dataflow has not yet stored, by epoch: following
+/// a backlog, a reader fills many batches per epoch, so the epochs in flight alone do not
+/// bound its memory.
+#[derive(Default)]
+struct InFlight {
+    epochs: std::collections::VecDeque<(Epoch, usize)>,
+    records: usize,
+}
+
+impl InFlight {
+    /// Counts `n` records read in `epoch`.
+    fn add(&mut self, epoch: Epoch, n: usize) {
+        match self.epochs.back_mut() {
+            Some((e, c)) if *e == epoch => *c += n,
+            _ => self.epochs.push_back((epoch, n)),
+        }
+        self.records += n;
+    }
+
+    /// Forgets the epochs `stored` says are done, and returns the records still in flight.
+    fn settle(&mut self, stored: impl Fn(Epoch) -> bool) -> usize {
+        while let Some(&(e, n)) = self.epochs.front() {
+            if !stored(e) {
+                break;
+            }
+            self.epochs.pop_front();
+            self.records -= n;
+        }
+        self.records
+    }
+}
+
 /// Sends one replay epoch's records, closes the epoch, and works until at most [`AHEAD`]
 /// epochs are in flight (backpressure: a source never runs far ahead of the sinks).
 fn ship(
@@ -417,6 +466,11 @@ fn read_kafka(
     } else {
         let started = Instant::now();
         let period = settings.epoch;
+        let ahead = follow_ahead(period);
+        // At most this many records read and not yet stored: as many as replay allows.
+        let max_in_flight = settings.batch * (AHEAD as usize + 1);
+        let mut in_flight = InFlight::default();
+        let mut committed_at = Instant::now();
         let first = *epoch;
         while !spec.stop.load(Relaxed) && st.error().is_none() {
             let now = first + (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
@@ -425,14 +479,17 @@ fn read_kafka(
                 *epoch = now;
                 input.advance_to(*epoch);
             }
-            // Backpressure: read only while the dataflow is at most AHEAD epochs behind.
-            let behind = epoch.saturating_sub(AHEAD);
+            // Backpressure: read only while the stored outputs are at most `ahead` epochs
+            // behind, and fewer than `max_in_flight` records wait for them.
+            let behind = epoch.saturating_sub(ahead);
             let mut read = 0;
-            if !probe.less_than(&behind) {
-                match reader.read_available(settings.batch, &mut buf) {
+            let waiting = in_flight.settle(|e| !probe.less_equal(&e));
+            if !probe.less_than(&behind) && waiting < max_in_flight {
+                match reader.read_available(settings.batch.min(max_in_flight - waiting), &mut buf) {
                     Ok(n) => read = n,
                     Err(e) => st.fail(e.to_string()),
                 }
+                in_flight.add(*epoch, read);
                 st.received.fetch_add(buf.len() as u64, Relaxed);
                 input.send_batch(&mut buf);
                 buf.clear();
@@ -442,7 +499,10 @@ fn read_kafka(
             } else {
                 Some(Duration::ZERO)
             });
-            commit_done(&reader, &mut to_commit, false);
+            if committed_at.elapsed() >= FOLLOW_COMMIT_EVERY {
+                commit_done(&reader, &mut to_commit, false);
+                committed_at = Instant::now();
+            }
         }
     }
     // The last positions are committed by the caller once the input has closed and every
@@ -599,4 +659,29 @@ fn spawn_writer(
         })
         .expect("spawning a lake writer thread");
     (tx, handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn following_stays_two_seconds_ahead_at_most() {
+        assert_eq!(follow_ahead(Duration::from_millis(20)), 100);
+        assert_eq!(follow_ahead(Duration::from_millis(200)), 10);
+        assert_eq!(follow_ahead(Duration::from_secs(5)), AHEAD);
+    }
+
+    #[test]
+    fn in_flight_counts_records_until_their_epoch_is_stored() {
+        let mut f = InFlight::default();
+        f.add(1, 10);
+        f.add(1, 5);
+        f.add(3, 7);
+        assert_eq!(f.settle(|_| false), 22);
+        assert_eq!(f.settle(|e| e < 2), 7);
+        f.add(4, 1);
+        assert_eq!(f.settle(|e| e < 4), 1);
+        assert_eq!(f.settle(|_| true), 0);
+    }
 }
