@@ -69,6 +69,17 @@ impl Checkpoint {
     }
 }
 
+/// What a worker tells the checkpointing worker (worker 0), sent through the dataflow so it
+/// arrives from any process: a reader's positions after an epoch, or a part handed to a lake
+/// writer in an epoch. The watermark arrives by its own broadcast stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Report {
+    /// Each partition's position after the epoch.
+    Positions(Vec<(i32, i64)>),
+    /// Part `seq` of `hour` by `worker`.
+    Part { hour: i64, worker: usize, seq: u32 },
+}
+
 /// What the workers report, by epoch, until a checkpoint folds it in.
 #[derive(Default)]
 pub struct Recorder {
@@ -91,6 +102,14 @@ struct Reports {
 impl Recorder {
     fn lock(&self) -> std::sync::MutexGuard<'_, Reports> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Files one report of `epoch`.
+    pub fn record(&self, epoch: Epoch, r: &Report) {
+        match r {
+            Report::Positions(p) => self.positions(epoch, p),
+            Report::Part { hour, worker, seq } => self.part(epoch, *hour, *worker, *seq),
+        }
     }
 
     /// A reader's positions after `epoch`.

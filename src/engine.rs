@@ -14,7 +14,7 @@ use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
-use crate::checkpoint::Recorder;
+use crate::checkpoint::{Recorder, Report};
 use crate::connectors::file::FileReader;
 use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec};
 use crate::durable::{durable_sink, Tally, Ticket};
@@ -106,13 +106,16 @@ pub fn run(
     let live = Arc::new(Mutex::new(
         receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>()),
     ));
-    // Kafka into a lake, in one process: checkpoints in the lake (docs/RECOVERY.md).
-    let recorder = match (&kafka, &lake, &settings.cluster) {
-        (Some(spec), Some(lake), None) => Some(Arc::new(Checkpointer {
+    // Kafka into a lake: checkpoints in the lake (docs/RECOVERY.md), written by worker 0 from
+    // what every worker reports to it through the dataflow. Every process builds the same
+    // reporting dataflow; only worker 0's recorder is used.
+    let recorder = match (&kafka, &lake) {
+        (Some(spec), Some(lake)) => Some(Arc::new(Checkpointer {
             recorder: Recorder::default(),
             storage: lake.storage().clone(),
             topic: spec.settings.raw_topic.clone(),
             workers,
+            processes: settings.cluster.as_ref().map_or(1, |c| c.addresses.len()),
             flow: settings.flow.clone(),
         })),
         _ => None,
@@ -133,9 +136,10 @@ pub fn run(
             None => (None, None),
         };
         let flow = settings.flow.clone();
-        let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
+        let (mut input, mut reports) = worker.dataflow::<Epoch, _, _>(|scope| {
             let (handle, raw) = scope.new_input::<RawRecord>();
             let out = build(raw, &flow);
+            let sealed = to_writer.as_ref().map(|_| out.sealed());
             out.latest.clone().inspect_core(move |e| {
                 if let Ok((_, ls)) = e {
                     st_r.on_latest(ls)
@@ -160,22 +164,24 @@ pub fn run(
                     }
                 });
             }
-            let parts = recorder.clone();
+            let reports = recorder.clone().map(|c| {
+                let (handle, positions) = scope.new_input::<Report>();
+                let parts = sealed.clone().map(report_parts);
+                report_to_worker_0(positions, parts, c, index).probe_with(&probe);
+                handle
+            });
             // Without a lake nothing needs sealing: the aggregates are the output.
             out.hourly.clone().inner.probe_with(&probe);
             out.quality.clone().inner.probe_with(&probe);
-            if let Some(tx) = to_writer.take() {
+            if let (Some(tx), Some(sealed)) = (to_writer.take(), sealed) {
                 // The probe passes an epoch once the writer has stored all of its batches.
                 let st_l = st.clone();
                 durable_sink(
-                    out.sealed(),
+                    sealed,
                     "LakeSink",
                     Tally::new(),
                     move |t, batches: &mut Vec<HourBatch>, tally| {
                         for b in batches.drain(..) {
-                            if let Some(c) = &parts {
-                                c.recorder.part(t, b.hour, b.worker, b.seq);
-                            }
                             // The writer thread is gone only after a fatal error, recorded in status.
                             if let Err(SendError((_, ticket))) = tx.send((b, tally.start(t))) {
                                 ticket.fail("the lake writer has stopped".into());
@@ -186,7 +192,7 @@ pub fn run(
                 )
                 .probe_with(&probe);
             }
-            handle
+            (handle, reports)
         });
 
         let mut epoch: Epoch = 0;
@@ -231,7 +237,16 @@ pub fn run(
                 Ok(reader) => {
                     let ck = recorder.as_deref().map(|c| (c, index == 0));
                     final_commit = Some(read_kafka(
-                        worker, &mut input, &probe, &st, spec, reader, &settings, &mut epoch, ck,
+                        worker,
+                        &mut input,
+                        &mut reports,
+                        &probe,
+                        &st,
+                        spec,
+                        reader,
+                        &settings,
+                        &mut epoch,
+                        ck,
                     ));
                 }
                 Err(e) => st.fail(format!("worker {index}: {e}")),
@@ -277,6 +292,7 @@ pub fn run(
             }
         }
         drop(input);
+        drop(reports);
         // A failed write holds its epoch for good: stop waiting once the run has failed.
         worker.step_or_park_while(Some(PARK), || !probe.done() && st.error().is_none());
         if let (Some((reader, end)), None) = (final_commit, st.error()) {
@@ -396,6 +412,7 @@ const KAFKA_STALL: Duration = Duration::from_secs(120);
 fn read_kafka(
     worker: &mut timely::worker::Worker,
     input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>,
+    reports: &mut Option<timely::dataflow::InputHandleVec<Epoch, Report>>,
     probe: &ProbeHandle<Epoch>,
     st: &Status,
     spec: &SourceSpec,
@@ -405,10 +422,17 @@ fn read_kafka(
     ck: Option<(&Checkpointer, bool)>,
 ) -> (PartitionReader, Vec<(i32, i64)>) {
     let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
-    // Reports the positions after an epoch for the checkpoint, and keeps them to commit.
-    let note = |to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>, e: Epoch, p: Vec<(i32, i64)>| {
-        if let Some((c, _)) = ck {
-            c.recorder.positions(e, &p);
+    // Reports the positions after an epoch for the checkpoint (through the dataflow, at
+    // the epoch, so the probe passes it only once worker 0 has them), and keeps them to
+    // commit.
+    // `next` is the epoch the reader goes on with.
+    let mut note = |to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>,
+                    e: Epoch,
+                    p: Vec<(i32, i64)>,
+                    next: Epoch| {
+        if let Some(r) = reports.as_mut() {
+            r.send(Report::Positions(p.clone()));
+            r.advance_to(next);
         }
         to_commit.push_back((e, p));
     };
@@ -443,7 +467,7 @@ fn read_kafka(
         if let Err(e) = reader.read_epoch(*epoch, per_partition, KAFKA_STALL, &mut buf) {
             st.fail(e.to_string());
         }
-        note(&mut to_commit, *epoch, reader.positions());
+        note(&mut to_commit, *epoch, reader.positions(), *epoch + 1);
         ship(worker, input, probe, st, &mut buf, epoch);
         commit_done(&reader, &mut to_commit, false);
     }
@@ -456,7 +480,7 @@ fn read_kafka(
                     false
                 }
             };
-            note(&mut to_commit, *epoch, reader.positions());
+            note(&mut to_commit, *epoch, reader.positions(), *epoch + 1);
             ship(worker, input, probe, st, &mut buf, epoch);
             commit_done(&reader, &mut to_commit, false);
             if !more || st.error().is_some() {
@@ -475,7 +499,7 @@ fn read_kafka(
         while !spec.stop.load(Relaxed) && st.error().is_none() {
             let now = first + (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
             if now > *epoch {
-                note(&mut to_commit, *epoch, reader.positions());
+                note(&mut to_commit, *epoch, reader.positions(), now);
                 *epoch = now;
                 input.advance_to(*epoch);
             }
@@ -508,7 +532,7 @@ fn read_kafka(
     // The last positions are committed by the caller once the input has closed and every
     // output is stored: closing the input seals the open hours.
     let end = reader.positions();
-    note(&mut to_commit, *epoch, end.clone());
+    note(&mut to_commit, *epoch, end.clone(), *epoch + 1);
     (reader, end)
 }
 
@@ -518,7 +542,8 @@ fn per_partition(batch: usize, partitions: usize) -> u64 {
 }
 
 /// The recovery epochs a resume needs: as many as the longest re-read range takes, cut as
-/// each partition's reader cuts it (partition `p` is read by worker `p % workers`).
+/// each partition's reader cuts it (partition `p` is read by worker `p % workers`, `workers`
+/// counting every worker of every process).
 pub fn recovery_epochs(
     start: &std::collections::BTreeMap<i32, i64>,
     read_end: &std::collections::BTreeMap<i32, i64>,
@@ -543,6 +568,7 @@ struct Checkpointer {
     storage: Arc<dyn crate::lake::Storage>,
     topic: String,
     workers: usize,
+    processes: usize,
     flow: FlowConfig,
 }
 
@@ -550,12 +576,68 @@ impl Checkpointer {
     /// Saves the checkpoint of `epoch`, whose outputs are all stored (`Epoch::MAX`: the end
     /// of the run). A failure fails the run: without checkpoints a crash cannot be resumed.
     fn save(&self, epoch: Epoch, st: &Status) {
-        if let Some(c) = self.recorder.take(epoch, &self.topic, self.workers, 1, &self.flow) {
+        if let Some(c) = self
+            .recorder
+            .take(epoch, &self.topic, self.workers, self.processes, &self.flow)
+        {
             if let Err(e) = c.save(self.storage.as_ref()) {
                 st.fail(format!("writing the checkpoint: {e}"));
             }
         }
     }
+}
+
+/// The part each sealed batch becomes, as a report for the checkpoint.
+fn report_parts<'scope>(
+    sealed: timely::dataflow::Stream<'scope, Epoch, Vec<HourBatch>>,
+) -> timely::dataflow::Stream<'scope, Epoch, Vec<Report>> {
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::generic::Operator;
+    sealed.unary(Pipeline, "ReportParts", |_, _| {
+        move |input, output| {
+            input.for_each(|cap, data| {
+                if let Some(c) = cap.retain_least(output.output_index()) {
+                    output.session(&c).give_iterator(data.iter().map(|b| Report::Part {
+                        hour: b.hour,
+                        worker: b.worker,
+                        seq: b.seq,
+                    }));
+                }
+            });
+        }
+    })
+}
+
+/// Sends every report to worker 0, which files it with its recorder. The returned stream
+/// carries nothing: probing it tells when worker 0 has every report of an epoch.
+fn report_to_worker_0<'scope>(
+    positions: timely::dataflow::Stream<'scope, Epoch, Vec<Report>>,
+    parts: Option<timely::dataflow::Stream<'scope, Epoch, Vec<Report>>>,
+    c: Arc<Checkpointer>,
+    index: usize,
+) -> timely::dataflow::Stream<'scope, Epoch, Vec<()>> {
+    use timely::dataflow::channels::pact::Exchange;
+    use timely::dataflow::operators::generic::Operator;
+    use timely::dataflow::operators::Concat;
+    let all = match parts {
+        Some(p) => positions.concat(p),
+        None => positions,
+    };
+    all.unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Exchange::new(|_: &Report| 0u64),
+        "ReportToWorker0",
+        move |_, _| {
+            move |input, _output| {
+                input.for_each(|cap, data| {
+                    debug_assert_eq!(index, 0, "reports go to worker 0 only");
+                    let t = *cap.least().expect("every message has a time");
+                    for r in data.iter() {
+                        c.recorder.record(t, r);
+                    }
+                });
+            }
+        },
+    )
 }
 
 /// One change of the hourly collection: ((device, hour), stats), time, diff.

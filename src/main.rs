@@ -342,14 +342,13 @@ fn real_main() -> anyhow::Result<()> {
 fn plan_resume(
     cfg: &Config,
     storage: &dyn lake::Storage,
-    cluster: bool,
+    cluster: Option<&engine::Cluster>,
 ) -> anyhow::Result<(connectors::kafka::ResumePlan, fmsflow_dataflows::dataflow::Recovery)> {
     use fmsflow::checkpoint::Checkpoint;
-    use fmsflow_dataflows::dataflow::Recovery;
-    anyhow::ensure!(
-        !cluster,
-        "--from checkpoint resumes single-process runs only (the checkpoint of a cluster is not built yet)"
-    );
+    use fmsflow_dataflows::dataflow::{hour_owner, Recovery};
+    let (process, processes) = cluster.map_or((0, 1), |c| (c.process, c.addresses.len()));
+    let workers = cfg.engine.workers;
+    let peers = workers * processes;
     let ck = Checkpoint::load(storage)
         .map_err(anyhow::Error::msg)?
         .with_context(|| {
@@ -366,11 +365,11 @@ fn plan_resume(
         cfg.kafka.raw_topic
     );
     anyhow::ensure!(
-        ck.workers == cfg.engine.workers && ck.processes == 1,
-        "--from checkpoint: the checkpoint was written by {} process(es) of {} workers; resume with --workers {}",
+        ck.workers == workers && ck.processes == processes,
+        "--from checkpoint: the checkpoint was written by {} process(es) of {} workers; resume with the \
+         same --workers and as many --cluster processes (here: {processes} of {workers})",
         ck.processes,
         ck.workers,
-        ck.workers
     );
     let flow = cfg.flow_config();
     let oldest = Recovery::oldest_kept_hour(ck.watermark, &flow);
@@ -380,6 +379,8 @@ fn plan_resume(
         oldest,
         |hour| recovery.sealed(hour, flow.grace_ms),
         &recovery.next_seq,
+        // This process's workers are process * workers .. (process + 1) * workers.
+        |worker, hour| worker.unwrap_or_else(|| hour_owner(hour, peers)) / workers == process,
     )?;
     // Each partition is re-read from its first record stamped at or after the re-read time.
     let from_ms = Recovery::reread_from_ms(ck.watermark, &flow);
@@ -394,7 +395,7 @@ fn plan_resume(
         .into_iter()
         .map(|(p, o)| (p, o.min(ck.read_end.get(&p).copied().unwrap_or(o))))
         .collect();
-    let epochs = engine::recovery_epochs(&start, &ck.read_end, cfg.engine.workers, cfg.engine.batch);
+    let epochs = engine::recovery_epochs(&start, &ck.read_end, peers, cfg.engine.batch);
     eprintln!(
         "resuming from the checkpoint of epoch {} (watermark {}): deleted {} file(s) written after it; \
          re-reading from {} ({} recovery epochs)",
@@ -427,7 +428,7 @@ fn run_engine(
         let k = cfg.kafka.clone();
         let mut from: connectors::kafka::StartAt = from.parse()?;
         if from == connectors::kafka::StartAt::Checkpoint {
-            let (plan, recovery) = plan_resume(cfg, storage.as_ref(), cluster.is_some())?;
+            let (plan, recovery) = plan_resume(cfg, storage.as_ref(), cluster.as_ref())?;
             flow.recovery = Some(recovery);
             from = connectors::kafka::StartAt::Resume(plan);
         }

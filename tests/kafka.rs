@@ -271,34 +271,65 @@ fn dead_letter_sources(topic: &str) -> (BTreeSet<(String, String)>, usize) {
 }
 
 /// A replay killed (SIGKILL) right after its first checkpoint that covers a sealed hour,
-/// then run again with
-/// `--from checkpoint`, leaves the lake an uninterrupted replay leaves: the same rows in
-/// every table, none twice. Its dead letters are those of the uninterrupted run; records the
-/// killed run had sent after its checkpoint may be there twice (at least once, and each
-/// names its source partition and offset).
+/// then run again with `--from checkpoint`, leaves the lake an uninterrupted replay leaves:
+/// the same rows in every table, none twice. Its dead letters are those of the uninterrupted
+/// run; records the killed run had sent after its checkpoint may be there twice (at least
+/// once, and each names its source partition and offset). One process of 2 workers.
 #[test]
 fn a_killed_run_resumes_from_its_checkpoint() {
+    killed_run_resumes("resume", 1, 2);
+}
+
+/// [`a_killed_run_resumes_from_its_checkpoint`] for a cluster of 2 processes of 1 worker
+/// each: worker 0 writes the checkpoint from what the other process reports through the
+/// dataflow, and every process of the resumed run cleans its own files.
+#[test]
+fn a_killed_cluster_resumes_from_its_checkpoint() {
+    killed_run_resumes("resume-cluster", 2, 1);
+}
+
+fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     common::python();
-    let raw = unique("resume");
+    let raw = unique(name);
     let partitions = 3;
     produce_generated(&raw, partitions, 4, "0.02");
     let dir = tempfile::tempdir().unwrap();
-    let run = |lake: &Path, from: &str, outputs: &str| {
-        run_command(&raw, partitions, from, lake, 2)
-            .env("FMSFLOW_ENGINE__BATCH", "400")
-            .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.{outputs}.rejects"))
-            .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.{outputs}.hourly"))
-            .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.{outputs}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting fmsflow run")
+    // The run's processes (a cluster on fresh loopback ports when there are several).
+    let run = |lake: &Path, from: &str, outputs: &str| -> Vec<std::process::Child> {
+        let listeners: Vec<std::net::TcpListener> = (0..processes)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addresses: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        drop(listeners);
+        (0..processes)
+            .map(|i| {
+                let mut cmd = run_command(&raw, partitions, from, lake, workers);
+                if processes > 1 {
+                    cmd.args(["--cluster", &addresses.join(","), "--process", &i.to_string()]);
+                }
+                cmd.env("FMSFLOW_ENGINE__BATCH", "400")
+                    .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.{outputs}.rejects"))
+                    .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.{outputs}.hourly"))
+                    .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.{outputs}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("starting fmsflow run")
+            })
+            .collect()
     };
-    let finish = |child: std::process::Child, what: &str| {
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{what} failed:\n{err}");
-        err
+    // Waits for every process; their standard errors.
+    let finish = |children: Vec<std::process::Child>, what: &str| -> Vec<String> {
+        children
+            .into_iter()
+            .enumerate()
+            .map(|(i, child)| {
+                let out = child.wait_with_output().unwrap();
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(out.status.success(), "{what}, process {i} failed:\n{err}");
+                err
+            })
+            .collect()
     };
 
     let whole = dir.path().join("whole");
@@ -319,20 +350,27 @@ fn a_killed_run_resumes_from_its_checkpoint() {
             .is_some_and(|c| c["next_seq"].as_array().is_some_and(|a| !a.is_empty()))
     };
     common::wait_for("a checkpoint with a sealed hour", Duration::from_secs(120), || {
-        sealed_some() || killed.try_wait().unwrap().is_some()
+        sealed_some() || killed.iter_mut().any(|k| k.try_wait().unwrap().is_some())
     });
-    killed.kill().unwrap();
-    let status = killed.wait().unwrap();
-    assert!(
-        !status.success(),
-        "the run finished before it could be killed; it must be killed mid-run"
-    );
+    for k in &mut killed {
+        k.kill().unwrap();
+    }
+    for (i, k) in killed.iter_mut().enumerate() {
+        let status = k.wait().unwrap();
+        assert!(
+            !status.success(),
+            "process {i} finished before it could be killed; the run must be killed mid-run"
+        );
+    }
     let ck: serde_json::Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
-    let err = finish(run(&resumed, "checkpoint", "resumed"), "the resumed run");
-    assert!(err.contains("resuming from the checkpoint of epoch"), "{err}");
+    assert_eq!(ck["processes"], processes, "{ck}");
+    let errs = finish(run(&resumed, "checkpoint", "resumed"), "the resumed run");
+    for err in &errs {
+        assert!(err.contains("resuming from the checkpoint of epoch"), "{err}");
+    }
     eprintln!(
         "killed after the checkpoint {ck}; {}",
-        err.lines().find(|l| l.contains("resuming")).unwrap_or("")
+        errs[0].lines().find(|l| l.contains("resuming")).unwrap_or("")
     );
 
     let (mut a, mut b) = (common::read_lake(&whole), common::read_lake(&resumed));

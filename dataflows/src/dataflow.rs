@@ -66,6 +66,13 @@ pub fn route_hour(hour: i64) -> u64 {
     (hour as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
 }
 
+/// The worker of `peers` that owns `hour` (its tables, sealed and written there): where
+/// timely's exchange sends [`route_hour`]'s value (a mask for a power of two of workers,
+/// the remainder otherwise; the two agree).
+pub fn hour_owner(hour: i64, peers: usize) -> usize {
+    (route_hour(hour) % peers.max(1) as u64) as usize
+}
+
 /// Which worker deduplicates and pre-aggregates a (device, hour): every reading of a key
 /// meets every other there, and a replay's hour spreads over all workers.
 #[inline]

@@ -203,13 +203,17 @@ pub fn part_of_key(key: &str) -> Option<(u32, usize)> {
 /// Before a run resumes from a checkpoint: deletes the files written after it, from hour
 /// `oldest` on (the oldest hour the checkpoint kept). An hour `sealed` says the checkpoint
 /// had not sealed loses all its files; a sealed one loses its parts numbered from
-/// `next_seq[(hour, worker)]` on (0 when absent) and keeps its tables. Returns the deleted
-/// keys. See docs/RECOVERY.md.
+/// `next_seq[(hour, worker)]` on (0 when absent) and keeps its tables. Only the files `mine`
+/// accepts are looked at: it gets a part's worker (`None` for an hour's single table file)
+/// and the hour, so each process of a cluster cleans the files its own workers write, and
+/// none deletes what another has already started writing. Returns the deleted keys. See
+/// docs/RECOVERY.md.
 pub fn clean_after_checkpoint(
     storage: &dyn Storage,
     oldest: i64,
     sealed: impl Fn(i64) -> bool,
     next_seq: &std::collections::BTreeMap<(i64, usize), u32>,
+    mine: impl Fn(Option<usize>, i64) -> bool,
 ) -> Result<Vec<String>, LakeError> {
     let mut deleted = Vec::new();
     for table in APPENDED_TABLES.iter().chain(REPLACED_TABLES.iter()) {
@@ -218,6 +222,9 @@ pub fn clean_after_checkpoint(
             let Some(hour) = hour_of_key(&key).filter(|h| *h >= oldest) else {
                 continue;
             };
+            if !mine(part_of_key(&key).map(|(_, w)| w), hour) {
+                continue;
+            }
             let stale = !sealed(hour)
                 || (appended
                     && part_of_key(&key).is_some_and(|(seq, w)| seq >= next_seq.get(&(hour, w)).copied().unwrap_or(0)));
@@ -270,7 +277,7 @@ mod tests {
         let open_part = put("readings", h, "part-00000-w000.parquet");
         let open_table = put("quality", h, "part-00000.parquet");
         let next_seq = [((h - 1, 0), 1)].into_iter().collect();
-        let deleted = clean_after_checkpoint(&storage, h - 1, |hour| hour < h, &next_seq).unwrap();
+        let deleted = clean_after_checkpoint(&storage, h - 1, |hour| hour < h, &next_seq, |_, _| true).unwrap();
         let mut want = vec![late0, late1, open_part, open_table];
         want.sort();
         assert_eq!(deleted, want);
