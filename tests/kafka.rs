@@ -395,3 +395,60 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     assert_eq!(resumed_letters, whole_letters, "dead letters lost or made up");
     eprintln!("{n} dead letters; the killed and resumed runs sent {m}");
 }
+
+/// Following a topic after a resume: records the reader received beyond the recovery epochs'
+/// bounds (one partition's records arrive while the epoch waits for another's) are all
+/// taken, even when nothing new arrives after them.
+#[test]
+fn following_after_a_resume_takes_what_recovery_left() {
+    use fmsflow::connectors::kafka::{KafkaSettings, PartitionReader, ResumePlan, SourceSpec, StartAt};
+    let raw = unique("follow-after-resume");
+    let partitions = 2;
+    create_topic(&raw, partitions);
+    // Partition by partition, so one partition's records come in before the other's.
+    let p: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let per_partition = 500;
+    for part in 0..partitions {
+        for i in 0..per_partition {
+            let payload = format!("record {part}/{i}");
+            let record = rdkafka::producer::BaseRecord::to(&raw)
+                .partition(part)
+                .key("k")
+                .payload(&payload)
+                .timestamp(1_000 + i);
+            p.send(record).map_err(|(e, _)| e).unwrap();
+            p.poll(Duration::ZERO);
+        }
+    }
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(60)).unwrap();
+
+    // The recovery epoch re-reads the first 50 records of each partition.
+    let spec = SourceSpec {
+        settings: KafkaSettings::named_after(&bootstrap(), &raw, partitions, 1),
+        from: StartAt::Resume(ResumePlan {
+            start: (0..partitions).map(|p| (p, 0)).collect(),
+            read_end: (0..partitions).map(|p| (p, 50)).collect(),
+            epochs: 1,
+        }),
+        until_end: false,
+        stop: Default::default(),
+    };
+    let mut reader = PartitionReader::open(&spec, 0, 1).unwrap();
+    let mut got = Vec::new();
+    reader.read_epoch(0, 50, Duration::from_secs(60), &mut got).unwrap();
+    assert_eq!(got.len(), 100, "the recovery epoch holds 50 records of each partition");
+    let total = (partitions * per_partition as i32) as usize;
+    common::wait_for("every record, following", Duration::from_secs(60), || {
+        reader.read_available(1_000, &mut got).unwrap();
+        got.len() >= total
+    });
+    let mut offsets: Vec<(u32, u64)> = got.iter().map(|r| (r.pos.source, r.pos.offset)).collect();
+    offsets.sort_unstable();
+    let expected: Vec<(u32, u64)> = (0..partitions as u32)
+        .flat_map(|p| (0..per_partition as u64).map(move |o| (p, o)))
+        .collect();
+    assert_eq!(offsets, expected, "every record once");
+}

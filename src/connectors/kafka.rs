@@ -724,9 +724,23 @@ impl PartitionReader {
         Ok(any)
     }
 
-    /// Follow: appends up to `max` records that are available now, without waiting.
+    /// Follow: appends up to `max` records that are available now, without waiting. Records
+    /// already received come first: after a resume, the recovery epochs leave behind what
+    /// arrived past their bounds, and partitions they paused are resumed here.
     pub fn read_available(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<usize, KafkaConnError> {
         let mut n = 0;
+        for part in &mut self.parts {
+            while n < max {
+                let Some(r) = part.pending.pop_front() else {
+                    break;
+                };
+                part.next = r.pos.offset as i64 + 1;
+                out.push(r);
+                n += 1;
+            }
+        }
+        // Following, nothing is cut ahead of the reader: no partition stays paused.
+        self.flow_control(usize::MAX)?;
         while n < max {
             let Some(i) = self.fill_part(Duration::ZERO)? else {
                 break;
