@@ -113,7 +113,7 @@ impl Recorder {
     }
 
     /// A reader's positions after `epoch`.
-    pub fn positions(&self, epoch: Epoch, positions: &[(i32, i64)]) {
+    fn positions(&self, epoch: Epoch, positions: &[(i32, i64)]) {
         let mut g = self.lock();
         g.max_epoch = g.max_epoch.max(epoch);
         g.positions.entry(epoch).or_default().extend_from_slice(positions);
@@ -127,7 +127,7 @@ impl Recorder {
     }
 
     /// A part handed to a lake writer at `epoch`.
-    pub fn part(&self, epoch: Epoch, hour: i64, worker: usize, seq: u32) {
+    fn part(&self, epoch: Epoch, hour: i64, worker: usize, seq: u32) {
         self.lock().parts.entry(epoch).or_default().push((hour, worker, seq));
     }
 

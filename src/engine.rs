@@ -422,10 +422,9 @@ fn read_kafka(
     ck: Option<(&Checkpointer, bool)>,
 ) -> (PartitionReader, Vec<(i32, i64)>) {
     let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
-    // Reports the positions after an epoch for the checkpoint (through the dataflow, at
-    // the epoch, so the probe passes it only once worker 0 has them), and keeps them to
-    // commit.
-    // `next` is the epoch the reader goes on with.
+    // Reports the positions after epoch `e` for the checkpoint (through the dataflow, at
+    // `e`, so the probe passes `e` only once worker 0 has them), moves that input on to
+    // `next` (the epoch the reader goes on with), and keeps the positions to commit.
     let mut note = |to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>,
                     e: Epoch,
                     p: Vec<(i32, i64)>,

@@ -428,6 +428,13 @@ struct Part {
 }
 
 impl Part {
+    /// Takes the oldest pending record if `below` accepts its offset, moving `next` past it.
+    fn take_if(&mut self, below: impl Fn(i64) -> bool) -> Option<RawRecord> {
+        let r = self.pending.pop_front_if(|r| below(r.pos.offset as i64))?;
+        self.next = r.pos.offset as i64 + 1;
+        Some(r)
+    }
+
     /// Replay: nothing more of this partition will be taken.
     fn done(&self) -> bool {
         self.pending.is_empty() && self.end.is_some_and(|e| self.next >= e)
@@ -658,9 +665,7 @@ impl PartitionReader {
             let mut complete = true;
             for part in &mut self.parts {
                 let b = bound(part);
-                while part.pending.front().is_some_and(|r| (r.pos.offset as i64) < b) {
-                    let r = part.pending.pop_front().expect("checked");
-                    part.next = r.pos.offset as i64 + 1;
+                while let Some(r) = part.take_if(|o| o < b) {
                     out.push(r);
                 }
                 // This partition's share of the epoch is in once a later record is waiting,
@@ -731,10 +736,9 @@ impl PartitionReader {
         let mut n = 0;
         for part in &mut self.parts {
             while n < max {
-                let Some(r) = part.pending.pop_front() else {
+                let Some(r) = part.take_if(|_| true) else {
                     break;
                 };
-                part.next = r.pos.offset as i64 + 1;
                 out.push(r);
                 n += 1;
             }
@@ -745,9 +749,7 @@ impl PartitionReader {
             let Some(i) = self.fill_part(Duration::ZERO)? else {
                 break;
             };
-            let part = &mut self.parts[i];
-            if let Some(r) = part.pending.pop_front() {
-                part.next = r.pos.offset as i64 + 1;
+            if let Some(r) = self.parts[i].take_if(|_| true) {
                 out.push(r);
                 n += 1;
             }

@@ -222,12 +222,12 @@ pub fn clean_after_checkpoint(
             let Some(hour) = hour_of_key(&key).filter(|h| *h >= oldest) else {
                 continue;
             };
-            if !mine(part_of_key(&key).map(|(_, w)| w), hour) {
+            let part = part_of_key(&key);
+            if !mine(part.map(|(_, w)| w), hour) {
                 continue;
             }
             let stale = !sealed(hour)
-                || (appended
-                    && part_of_key(&key).is_some_and(|(seq, w)| seq >= next_seq.get(&(hour, w)).copied().unwrap_or(0)));
+                || (appended && part.is_some_and(|(seq, w)| seq >= next_seq.get(&(hour, w)).copied().unwrap_or(0)));
             if stale {
                 storage.delete(&key)?;
                 deleted.push(key);
