@@ -36,9 +36,6 @@ fn main() {
             .unwrap()
         })
         .collect();
-    for r in rows.iter_mut() {
-        r.payload = Vec::new();
-    }
     rows.sort_by_key(|r| (r.device, r.time_ms));
     let hour = rows[0].hour();
     let mut cols = fmsflow_dataflows::ReadingColumns::with_capacity(rows.len());

@@ -1,6 +1,9 @@
 //! The dataflow: validate → route by hour → dedup and pre-aggregate → differential
 //! collections of hourly statistics and quality counts → hour sealing.
 //!
+//! A record's bytes stay on the worker that read it: a reading crosses to its (device, hour)'s
+//! worker without them, and only a duplicate's bytes are fetched back, for its rejection.
+//!
 //! Timely time is a coarse [`Epoch`] chosen by the driver (a batch of a replay, a few
 //! hundred milliseconds live); event time stays in the data. Only the driver advances
 //! epochs; everything here is deterministic given which records land in which epoch.
@@ -15,11 +18,11 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::{Capability, OkErr};
+use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
-use crate::model::{DeviceHour, DeviceLatest, RawRecord, Reading, ReadingColumns, SourcePos};
-use crate::rules::{validate, Outcome, Rejection, RuleConfig};
+use crate::model::{DeviceHour, DeviceLatest, PayloadAt, RawRecord, Reading, ReadingColumns, SourcePos};
+use crate::rules::{validate_keeping, Outcome, Rejection, RuleConfig};
 use crate::stats::HourStats;
 use crate::time::HOUR_MS;
 
@@ -233,11 +236,11 @@ type QualityUpdate = (QualityCount, Epoch, isize);
 pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfig) -> Outputs<'scope> {
     let scope = raw.scope();
     let rules = cfg.rules.clone();
-    let (ok, bad): (Stream<_, Vec<Reading>>, Stream<_, Vec<Rejection>>) =
-        raw.ok_err(move |r: RawRecord| validate(r, &rules));
+    let (ok, bad, payloads) = validate_stage(raw, rules);
 
     let retention = cfg.rules.max_age_ms + HOUR_MS;
-    let (readings, dups, hourly_updates, valid_counts, watermarks, latest) = dedup(scope, ok, retention);
+    let (readings, losers, hourly_updates, valid_counts, watermarks, latest) = dedup(scope, ok, retention);
+    let dups = duplicates(payloads, losers);
 
     let rejections = concat(bad, dups);
     let reject_counts = count_rejections(rejections.clone());
@@ -289,9 +292,132 @@ fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -
     })
 }
 
-type DedupStreams<'scope> = (
+/// An accepted reading's payload, kept on the worker that validated it, at its slot.
+type KeptPayload = (u32, Vec<u8>);
+/// A duplicate (routed back to the worker that keeps its payload) and the source position of
+/// the reading accepted in its place.
+type Loser = (Reading, SourcePos);
+
+type ValidateStreams<'scope> = (
     Stream<'scope, Epoch, Vec<Reading>>,
     Stream<'scope, Epoch, Vec<Rejection>>,
+    Stream<'scope, Epoch, Vec<KeptPayload>>,
+);
+
+/// Applies the stateless rules where the records were read. Rejections carry their bytes;
+/// an accepted reading leaves its bytes here, on the third stream (never exchanged), and
+/// carries only where they are ([`PayloadAt`]): most readings cross to another worker, and
+/// moving and freeing their bytes there cost more than the rules.
+fn validate_stage<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, rules: RuleConfig) -> ValidateStreams<'scope> {
+    let scope = raw.scope();
+    let worker = scope.index() as u32;
+    let mut builder = OperatorBuilder::new("Validate".to_owned(), scope);
+    let mut input = builder.new_input(raw, Pipeline);
+    let (o_ok, s_ok) = builder.new_output::<Vec<Reading>>();
+    let (o_bad, s_bad) = builder.new_output::<Vec<Rejection>>();
+    let (o_kept, s_kept) = builder.new_output::<Vec<KeptPayload>>();
+    let (mut o_ok, mut o_bad, mut o_kept) = (
+        OutputBuilder::from(o_ok),
+        OutputBuilder::from(o_bad),
+        OutputBuilder::from(o_kept),
+    );
+    builder.build(move |_| {
+        // The next slot of each epoch still open at the input.
+        let mut slots: BTreeMap<Epoch, u32> = BTreeMap::new();
+        move |frontiers| {
+            let (mut h_ok, mut h_bad, mut h_kept) = (o_ok.activate(), o_bad.activate(), o_kept.activate());
+            input.for_each_stamp(|cap, data| {
+                let t = epoch_of(&cap);
+                let slot = slots.entry(t).or_default();
+                let (c_ok, c_bad, c_kept) = (cap.delayed(&t, 0), cap.delayed(&t, 1), cap.delayed(&t, 2));
+                let (mut ok, mut bad, mut kept) = (h_ok.session(&c_ok), h_bad.session(&c_bad), h_kept.session(&c_kept));
+                for batch in data {
+                    for raw in batch.drain(..) {
+                        match validate_keeping(raw, &rules) {
+                            Ok((mut r, payload)) => {
+                                r.payload_at = PayloadAt { worker, slot: *slot };
+                                kept.give((*slot, payload));
+                                *slot += 1;
+                                ok.give(r);
+                            }
+                            Err(rejection) => bad.give(rejection),
+                        }
+                    }
+                }
+            });
+            let frontier = frontiers[0].frontier();
+            slots.retain(|t, _| frontier.less_equal(t));
+        }
+    });
+    (s_ok, s_bad, s_kept)
+}
+
+/// Builds the rejections of duplicates where their payloads were kept: an epoch's payloads
+/// wait here until the duplicate rule has passed the epoch at every worker, then the
+/// duplicates' bytes go into their rejections and the rest are dropped.
+fn duplicates<'scope>(
+    kept: Stream<'scope, Epoch, Vec<KeptPayload>>,
+    losers: Stream<'scope, Epoch, Vec<Loser>>,
+) -> Stream<'scope, Epoch, Vec<Rejection>> {
+    let scope = kept.scope();
+    let mut builder = OperatorBuilder::new("Duplicates".to_owned(), scope);
+    let mut i_kept = builder.new_input(kept, Pipeline);
+    let mut i_losers = builder.new_input(losers, Exchange::new(|(r, _): &Loser| r.payload_at.worker as u64));
+    let (o_rej, s_rej) = builder.new_output::<Vec<Rejection>>();
+    let mut o_rej = OutputBuilder::from(o_rej);
+    builder.build(move |caps| {
+        let mut caps: Vec<Capability<Epoch>> = caps;
+        let mut payloads: BTreeMap<Epoch, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut pending: BTreeMap<Epoch, Vec<Loser>> = BTreeMap::new();
+        move |frontiers| {
+            i_kept.for_each_stamp(|cap, data| {
+                let slots = payloads.entry(epoch_of(&cap)).or_default();
+                for batch in data {
+                    for (slot, payload) in batch.drain(..) {
+                        let slot = slot as usize;
+                        if slot >= slots.len() {
+                            slots.resize_with(slot + 1, Vec::new);
+                        }
+                        slots[slot] = payload;
+                    }
+                }
+            });
+            i_losers.for_each_stamp(|cap, data| {
+                let v = pending.entry(epoch_of(&cap)).or_default();
+                data.for_each(|b| v.append(b));
+            });
+            let frontier = joined_frontier(frontiers);
+            let done = |t: &Epoch| !frontier.less_equal(t);
+            let mut out = o_rej.activate();
+            for (t, losers) in split_done(&mut pending, done) {
+                let mut slots = payloads.get_mut(&t);
+                let cap = caps[0].delayed(&t);
+                let mut session = out.session(&cap);
+                for (r, first) in losers {
+                    // Timely delivers an epoch's payloads (same worker) before the frontier
+                    // of their losers passes it.
+                    let payload = slots
+                        .as_deref_mut()
+                        .and_then(|s| s.get_mut(r.payload_at.slot as usize))
+                        .map(std::mem::take)
+                        .expect("a duplicate's payload is kept on the worker that read it");
+                    session.give(Rejection::duplicate(&r, payload, first));
+                }
+            }
+            // The payloads of finished epochs, freed here on the worker that read them.
+            split_done(&mut payloads, done);
+            match frontier.iter().min() {
+                Some(f) => caps.iter_mut().for_each(|c| c.downgrade(f)),
+                None => caps.clear(),
+            }
+        }
+    });
+    s_rej
+}
+
+type DedupStreams<'scope> = (
+    Stream<'scope, Epoch, Vec<Reading>>,
+    Stream<'scope, Epoch, Vec<Loser>>,
     Stream<'scope, Epoch, Vec<(DeviceHour, Epoch, HourStats)>>,
     Stream<'scope, Epoch, Vec<Quality>>,
     Stream<'scope, Epoch, Vec<i64>>,
@@ -309,7 +435,7 @@ fn dedup<'scope>(
     let mut builder = OperatorBuilder::new("Dedup".to_owned(), scope);
     let mut input = builder.new_input(ok, Exchange::new(|r: &Reading| route_device_hour(r.device, r.hour())));
     let (o_read, s_read) = builder.new_output::<Vec<Reading>>();
-    let (o_dup, s_dup) = builder.new_output::<Vec<Rejection>>();
+    let (o_dup, s_dup) = builder.new_output::<Vec<Loser>>();
     let (o_stats, s_stats) = builder.new_output::<Vec<(DeviceHour, Epoch, HourStats)>>();
     let (o_valid, s_valid) = builder.new_output::<Vec<Quality>>();
     let (o_wm, s_wm) = builder.new_output::<Vec<i64>>();
@@ -353,8 +479,7 @@ fn dedup<'scope>(
                 winners.reserve(epoch.iter().map(Vec::len).sum());
                 deduper.epoch(epoch.into_iter().flatten(), &mut winners, &mut losers);
                 let mut max_time = i64::MIN;
-                for r in winners.iter_mut() {
-                    r.payload = Vec::new();
+                for r in winners.iter() {
                     agg.entry(r.key()).or_default().add(r);
                     max_time = max_time.max(r.time_ms);
                     let l = latest.entry(r.device).or_insert(DeviceLatest {
@@ -370,11 +495,7 @@ fn dedup<'scope>(
                 }
                 let cap_t = |i: usize| caps[i].delayed(&t);
                 if !losers.is_empty() {
-                    let c = cap_t(1);
-                    let mut s = h_dup.session(&c);
-                    for (r, first) in losers.drain(..) {
-                        s.give(Rejection::duplicate(r, first));
-                    }
+                    h_dup.session(&cap_t(1)).give_iterator(losers.drain(..));
                 }
                 if !winners.is_empty() {
                     h_wm.session(&cap_t(4)).give(max_time);
@@ -526,12 +647,7 @@ fn seal<'scope>(
                 data.for_each(|b| *w = b.iter().copied().fold(*w, i64::max));
             });
 
-            let mut frontier = timely::progress::Antichain::new();
-            for f in frontiers {
-                for t in f.frontier().iter() {
-                    frontier.insert(*t);
-                }
-            }
+            let frontier = joined_frontier(frontiers);
             let done = |t: &Epoch| !frontier.less_equal(t);
             let mut complete = None;
             for (t, batches) in split_done(&mut pending_read, done) {
@@ -714,6 +830,20 @@ impl Hours {
 /// The epoch of an input message (epochs are totally ordered, so a stamp has one least time).
 fn epoch_of(cap: &timely::dataflow::operators::InputCapability<Epoch>) -> Epoch {
     *cap.least().expect("every message has a time")
+}
+
+/// The frontier of all of an operator's inputs together: an epoch is complete once it is
+/// complete at every input.
+fn joined_frontier(
+    frontiers: &[timely::progress::frontier::MutableAntichain<Epoch>],
+) -> timely::progress::Antichain<Epoch> {
+    let mut joined = timely::progress::Antichain::new();
+    for f in frontiers {
+        for t in f.frontier().iter() {
+            joined.insert(*t);
+        }
+    }
+    joined
 }
 
 /// Removes and returns the entries of `map` whose epoch is complete, in epoch order.

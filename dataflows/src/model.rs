@@ -46,9 +46,21 @@ pub struct Reading {
     pub ingest_ms: Option<i64>,
     /// Source position, as on the raw record.
     pub pos: SourcePos,
-    /// The original bytes, kept until the duplicate rule has passed the reading (a
-    /// duplicate's rejection needs them); empty afterwards.
-    pub payload: Vec<u8>,
+    /// Where the dataflow keeps the original bytes while the duplicate rule may still need
+    /// them for a rejection. The reading itself travels without them.
+    pub payload_at: PayloadAt,
+}
+
+/// Where an accepted reading's payload waits for the duplicate rule: on the worker that
+/// validated it, as the `slot`-th accepted reading of its epoch there. A reading crosses to
+/// the worker that deduplicates its (device, hour) without its bytes; only a duplicate's
+/// bytes are fetched back, to go into its rejection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadAt {
+    /// The worker that validated the reading (timely's worker index).
+    pub worker: u32,
+    /// The reading's number among the readings that worker accepted in the epoch.
+    pub slot: u32,
 }
 
 impl Reading {
@@ -60,7 +72,7 @@ impl Reading {
         is_fail: false,
         ingest_ms: None,
         pos: SourcePos { source: 0, offset: 0 },
-        payload: Vec::new(),
+        payload_at: PayloadAt { worker: 0, slot: 0 },
     };
     /// The hour index (hours since the epoch) of the event time.
     #[inline]

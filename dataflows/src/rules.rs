@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{RawRecord, Reading, SourcePos, METRICS};
+use crate::model::{PayloadAt, RawRecord, Reading, SourcePos, METRICS};
 use crate::time::{hour_of, parse_rfc3339, HOUR_MS};
 
 /// Why a record was rejected. The `name` of each variant is stable.
@@ -151,8 +151,8 @@ impl Rejection {
         self.ingest_ms.or(self.time_ms).map(hour_of).unwrap_or(0)
     }
 
-    /// A duplicate of an accepted reading (the dedup stage builds these).
-    pub fn duplicate(r: Reading, first: SourcePos) -> Self {
+    /// A duplicate of an accepted reading whose original bytes were `payload`.
+    pub fn duplicate(r: &Reading, payload: Vec<u8>, first: SourcePos) -> Self {
         Rejection {
             rule: Rule::Duplicate,
             reason: format!(
@@ -166,7 +166,7 @@ impl Rejection {
             time_ms: Some(r.time_ms),
             ingest_ms: r.ingest_ms,
             pos: r.pos,
-            payload: r.payload,
+            payload,
         }
     }
 }
@@ -646,20 +646,28 @@ fn classify(payload: &[u8], e: &serde_json::Error) -> Rule {
     }
 }
 
-/// Applies every stateless rule to one raw record. The payload moves into the result: a
-/// rejection keeps it as the original bytes, a reading carries it until the duplicate rule
-/// has seen it.
+/// Applies every stateless rule to one raw record. A rejection keeps the payload as the
+/// original bytes; an accepted reading's payload is dropped (see [`validate_keeping`]).
 pub fn validate(raw: RawRecord, cfg: &RuleConfig) -> Result<Reading, Rejection> {
+    validate_keeping(raw, cfg).map(|(r, _)| r)
+}
+
+/// [`validate`], handing back an accepted reading's payload beside it, for a later
+/// duplicate's rejection.
+pub fn validate_keeping(raw: RawRecord, cfg: &RuleConfig) -> Result<(Reading, Vec<u8>), Rejection> {
     match check(&raw, cfg) {
-        Ok((device, time_ms, metrics, is_fail)) => Ok(Reading {
-            device,
-            time_ms,
-            metrics,
-            is_fail,
-            ingest_ms: raw.ingest_ms,
-            pos: raw.pos,
-            payload: raw.payload,
-        }),
+        Ok((device, time_ms, metrics, is_fail)) => Ok((
+            Reading {
+                device,
+                time_ms,
+                metrics,
+                is_fail,
+                ingest_ms: raw.ingest_ms,
+                pos: raw.pos,
+                payload_at: PayloadAt::default(),
+            },
+            raw.payload,
+        )),
         Err((rule, reason, device, time_ms)) => Err(Rejection {
             rule,
             reason,

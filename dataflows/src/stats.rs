@@ -237,7 +237,7 @@ mod tests {
             is_fail: fail,
             ingest_ms: None,
             pos: SourcePos::default(),
-            payload: Vec::new(),
+            payload_at: Default::default(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! rules must never panic; every rejection must carry a reason and the exact original bytes;
 //! every accepted reading must satisfy the rules it passed.
 
-use fmsflow_dataflows::rules::{validate, Rule, RuleConfig};
+use fmsflow_dataflows::rules::{validate, validate_keeping, Rule, RuleConfig};
 use fmsflow_dataflows::{RawRecord, SourcePos};
 use proptest::prelude::*;
 
@@ -132,11 +132,11 @@ fn check(payload: Vec<u8>, ingest_ms: Option<i64>) -> Result<(), TestCaseError> 
         ingest_ms,
         pos,
     };
-    let outcome = validate(raw.clone(), &cfg);
-    prop_assert_eq!(&validate(raw, &cfg), &outcome, "validate is deterministic");
+    let outcome = validate_keeping(raw.clone(), &cfg);
+    prop_assert_eq!(&validate_keeping(raw, &cfg), &outcome, "validate is deterministic");
     match outcome {
-        Ok(r) => {
-            prop_assert_eq!(&r.payload, &payload, "a reading keeps the bytes until dedup");
+        Ok((r, kept)) => {
+            prop_assert_eq!(&kept, &payload, "an accepted reading's bytes are handed back for dedup");
             prop_assert_eq!((r.ingest_ms, r.pos), (ingest_ms, pos));
             prop_assert!((1..=cfg.fleet_size).contains(&r.device), "device {}", r.device);
             for (v, (lo, hi)) in r.metrics.iter().zip(cfg.ranges.iter()) {

@@ -139,7 +139,7 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
         let outcome: Result<(), Rejection> = validate(raw, &cfg).and_then(|reading| match deduper.as_mut() {
             Some(d) => match d.admit(&reading) {
                 Ok(()) => Ok(()),
-                Err(first) => Err(Rejection::duplicate(reading, first)),
+                Err(first) => Err(Rejection::duplicate(&reading, case.payload.clone(), first)),
             },
             None => Ok(()),
         });

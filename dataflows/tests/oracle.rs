@@ -17,7 +17,7 @@ use fmsflow_dataflows::dataflow::{build, Epoch, FlowConfig, HourBatch, Recovery}
 use fmsflow_dataflows::oracle::{expected, Expected};
 use fmsflow_dataflows::rules::{validate, Outcome, RuleConfig};
 use fmsflow_dataflows::time::{format_rfc3339, hour_of, parse_rfc3339};
-use fmsflow_dataflows::{DeviceHour, HourStats, RawRecord, Rule, SourcePos, METRICS};
+use fmsflow_dataflows::{DeviceHour, HourStats, RawRecord, Rejection, Rule, SourcePos, METRICS};
 use proptest::prelude::*;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::{Input, Inspect, Probe};
@@ -731,13 +731,21 @@ fn same_results_at_1_2_and_4_workers() {
 }
 
 /// A duplicate's reason names the reading that was accepted, whatever the order in which the
-/// copies arrive within an epoch and whether the accepted one came in an earlier epoch.
+/// copies arrive within an epoch and whether the accepted one came in an earlier epoch; its
+/// payload is its own bytes, fetched back from the worker that read it.
 #[test]
 fn duplicate_reasons_name_the_accepted_reading() {
     let cfg = flow_config();
     let f = fields(t0(), 1, &[7; 6], false);
+    // The same reading, spelled differently by each copy.
+    let bytes = |source: u32, offset: u64| {
+        json(
+            &f,
+            &format!(",{}", " ".repeat((source * 10) as usize + offset as usize)),
+        )
+    };
     let rec = |source: u32, offset: u64| RawRecord {
-        payload: json(&f, ","),
+        payload: bytes(source, offset),
         ingest_ms: Some(t0()),
         pos: SourcePos { source, offset },
     };
@@ -751,17 +759,19 @@ fn duplicate_reasons_name_the_accepted_reading() {
         ),
     ];
     for (records, (source, offset)) in cases {
-        for workers in [1, 2] {
+        for workers in [1, 2, 4] {
             let fin = run(&records, &cfg, workers, true);
-            let rejections: Vec<&String> = fin
-                .batches
-                .iter()
-                .flat_map(|b| b.rejections.iter().map(|r| &r.reason))
-                .collect();
+            let rejections: Vec<&Rejection> = fin.batches.iter().flat_map(|b| b.rejections.iter()).collect();
             assert_eq!(rejections.len(), records.len() - 1);
             let first = format!("first seen at source {source} offset {offset})");
-            for reason in rejections {
-                assert!(reason.ends_with(&first), "{reason:?} should end with {first:?}");
+            for r in rejections {
+                assert!(r.reason.ends_with(&first), "{:?} should end with {first:?}", r.reason);
+                assert_eq!(r.rule, Rule::Duplicate);
+                assert!(
+                    r.payload == bytes(r.pos.source, r.pos.offset),
+                    "{workers} workers: the rejection of {:?} holds another record's bytes",
+                    r.pos
+                );
             }
         }
     }

@@ -300,7 +300,7 @@ mod tests {
             is_fail: false,
             ingest_ms: None,
             pos: SourcePos::default(),
-            payload: Vec::new(),
+            payload_at: Default::default(),
         };
         (device, HourStats::of(&r))
     }
