@@ -1,7 +1,8 @@
 //! Replays generated readings through parse → validate → hourly aggregates (→ Parquet) at 1
 //! and 2 workers and prints msgs/s, total and per worker. Run: `cargo bench --bench pipeline`
 //! (or `scripts/bench`). Size with `FMSFLOW_BENCH_HOURS` (default 28 hours × 100 devices ×
-//! 360 readings = 1,008,000 readings).
+//! 360 readings = 1,008,000 readings) and `FMSFLOW_BENCH_BATCH` (records per worker per epoch,
+//! default 50,000).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -112,7 +113,10 @@ fn main() {
             let settings = EngineSettings {
                 flow: FlowConfig::default(),
                 workers,
-                batch: 50_000,
+                batch: std::env::var("FMSFLOW_BENCH_BATCH")
+                    .ok()
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(50_000),
                 epoch: Duration::from_millis(200),
                 cluster: None,
             };
