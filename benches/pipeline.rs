@@ -2,7 +2,8 @@
 //! and 2 workers and prints msgs/s, total and per worker. Run: `cargo bench --bench pipeline`
 //! (or `scripts/bench`). Size with `FMSFLOW_BENCH_HOURS` (default 28 hours × 100 devices ×
 //! 360 readings = 1,008,000 readings) and `FMSFLOW_BENCH_BATCH` (records per worker per epoch,
-//! default 50,000).
+//! default 50,000) and `FMSFLOW_BENCH_WRITERS` (lake writer threads per worker, default 1 as
+//! in the configuration).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -107,7 +108,11 @@ fn main() {
             let dir = tempfile::tempdir().expect("temp dir");
             let writer = with_lake.then(|| {
                 let storage = lake::open(&format!("file://{}", dir.path().display()), fsync).expect("lake");
-                Arc::new(LakeWriter::new(storage, 16_384))
+                let writers = std::env::var("FMSFLOW_BENCH_WRITERS")
+                    .ok()
+                    .and_then(|w| w.parse().ok())
+                    .unwrap_or(1);
+                Arc::new(LakeWriter::new(storage, 16_384).with_writers(writers))
             });
             let status = Arc::new(Status::default());
             let settings = EngineSettings {

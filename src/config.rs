@@ -145,6 +145,9 @@ pub struct Lake {
     pub row_group_rows: usize,
     /// fsync each file before renaming it into place.
     pub fsync: bool,
+    /// Writer threads per engine worker: each encodes and stores whole hours, so more of
+    /// them overlap storage waits (fsync, uploads).
+    pub writers: usize,
 }
 
 /// `[collector]`
@@ -269,6 +272,9 @@ impl Config {
             if v.trim().is_empty() {
                 return bad(field, "must not be empty");
             }
+        }
+        if self.lake.writers == 0 {
+            return bad("lake.writers", "must be at least 1");
         }
         if self.lake.row_group_rows == 0 {
             return bad("lake.row_group_rows", "must be at least 1");
@@ -415,6 +421,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sensor1"), "{e}");
+        let e = Config::from_sources(None, &env(&[("FMSFLOW_LAKE__WRITERS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lake.writers"), "{e}");
     }
 
     #[test]

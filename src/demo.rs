@@ -42,7 +42,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         cfg.engine.workers,
         storage.describe()
     );
-    let writer = Arc::new(LakeWriter::new(storage, cfg.lake.row_group_rows));
+    let writer = Arc::new(LakeWriter::new(storage, cfg.lake.row_group_rows).with_writers(cfg.lake.writers));
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 

@@ -130,8 +130,8 @@ pub fn run(
         // Encoding and writing run beside the worker, so fsync waits overlap the dataflow.
         let (mut to_writer, writer) = match &lake {
             Some(lake) => {
-                let (tx, handle) = spawn_writer(index, lake.clone(), st.clone());
-                (Some(tx), Some(handle))
+                let (queues, threads) = spawn_writers(index, lake.clone(), st.clone());
+                (Some(queues), Some(threads))
             }
             None => (None, None),
         };
@@ -173,7 +173,7 @@ pub fn run(
             // Without a lake nothing needs sealing: the aggregates are the output.
             out.hourly.clone().inner.probe_with(&probe);
             out.quality.clone().inner.probe_with(&probe);
-            if let (Some(tx), Some(sealed)) = (to_writer.take(), sealed) {
+            if let (Some(queues), Some(sealed)) = (to_writer.take(), sealed) {
                 // The probe passes an epoch once the writer has stored all of its batches.
                 let st_l = st.clone();
                 durable_sink(
@@ -182,10 +182,7 @@ pub fn run(
                     Tally::new(),
                     move |t, batches: &mut Vec<HourBatch>, tally| {
                         for b in batches.drain(..) {
-                            // The writer thread is gone only after a fatal error, recorded in status.
-                            if let Err(SendError((_, ticket))) = tx.send((b, tally.start(t))) {
-                                ticket.fail("the lake writer has stopped".into());
-                            }
+                            queues.send(b, tally.start(t));
                         }
                     },
                     move |e| st_l.fail(e),
@@ -309,9 +306,9 @@ pub fn run(
         for id in worker.installed_dataflows() {
             worker.drop_dataflow(id);
         }
-        if let Some(w) = writer {
+        for w in writer.into_iter().flatten() {
             if w.join().is_err() {
-                st.fail(format!("the lake writer of worker {index} panicked"));
+                st.fail(format!("a lake writer of worker {index} panicked"));
             }
         }
     })
@@ -697,49 +694,79 @@ fn attach_kafka_sinks(
 /// Batches waiting for the writer at most; beyond this the worker blocks (backpressure).
 const WRITER_QUEUE: usize = 8;
 
-/// Starts the thread that encodes and stores one worker's hour batches, finishing each
-/// batch's ticket once its files are in place.
-fn spawn_writer(
+/// The queues to one worker's lake writer threads. All batches of an hour go to the same
+/// thread, so they are written in order (a later batch replaces the hour's tables).
+struct WriterQueues(Vec<std::sync::mpsc::SyncSender<(HourBatch, Ticket)>>);
+
+impl WriterQueues {
+    /// Queues `b` for its hour's writer; blocks while that queue is full (backpressure).
+    fn send(&self, b: HourBatch, ticket: Ticket) {
+        let q = &self.0[b.hour.rem_euclid(self.0.len() as i64) as usize];
+        // A writer thread is gone only after a fatal error, recorded in status.
+        if let Err(SendError((_, ticket))) = q.send((b, ticket)) {
+            ticket.fail("the lake writer has stopped".into());
+        }
+    }
+}
+
+/// Starts the [`LakeWriter::writers`] threads that encode and store one worker's hour
+/// batches, finishing each batch's ticket once its files are in place. Several threads
+/// overlap the waits of storage (an fsync, an upload) with each other.
+fn spawn_writers(
     index: usize,
     lake: Arc<LakeWriter>,
     st: Arc<Status>,
-) -> (
-    std::sync::mpsc::SyncSender<(HourBatch, Ticket)>,
-    std::thread::JoinHandle<()>,
-) {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(HourBatch, Ticket)>(WRITER_QUEUE);
-    let handle = std::thread::Builder::new()
-        .name(format!("lake-writer-{index}"))
-        .spawn(move || {
-            for (b, ticket) in rx {
-                if let Some(e) = st.error() {
-                    ticket.fail(format!("not written: the run has failed ({e})"));
-                    continue;
-                }
-                match lake.write(&b) {
-                    Ok(w) => {
-                        if b.hourly.is_some() || b.quality.is_some() {
-                            let counter = if b.seq == 0 {
-                                &st.hours_sealed
-                            } else {
-                                &st.late_rewrites
-                            };
-                            counter.fetch_add(1, Relaxed);
-                        }
-                        st.files_written.fetch_add(w.files, Relaxed);
-                        st.rows_written.fetch_add(w.rows, Relaxed);
-                        ticket.finish();
+) -> (WriterQueues, Vec<std::thread::JoinHandle<()>>) {
+    let n = lake.writers();
+    let (queues, threads) = (0..n)
+        .map(|k| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(HourBatch, Ticket)>(WRITER_QUEUE);
+            let (lake, st) = (lake.clone(), st.clone());
+            let name = if n == 1 {
+                format!("lake-writer-{index}")
+            } else {
+                format!("lake-writer-{index}.{k}")
+            };
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    for (b, ticket) in rx {
+                        write_one(&lake, &st, b, ticket);
                     }
-                    Err(e) => {
-                        let e = format!("writing hour {} to the lake: {e}", b.hour);
-                        st.fail(e.clone());
-                        ticket.fail(e);
-                    }
-                }
-            }
+                })
+                .expect("spawning a lake writer thread");
+            (tx, handle)
         })
-        .expect("spawning a lake writer thread");
-    (tx, handle)
+        .unzip();
+    (WriterQueues(queues), threads)
+}
+
+/// Encodes and stores one batch, then finishes its ticket (or fails it and the run).
+fn write_one(lake: &LakeWriter, st: &Status, b: HourBatch, ticket: Ticket) {
+    if let Some(e) = st.error() {
+        ticket.fail(format!("not written: the run has failed ({e})"));
+        return;
+    }
+    match lake.write(&b) {
+        Ok(w) => {
+            if b.hourly.is_some() || b.quality.is_some() {
+                let counter = if b.seq == 0 {
+                    &st.hours_sealed
+                } else {
+                    &st.late_rewrites
+                };
+                counter.fetch_add(1, Relaxed);
+            }
+            st.files_written.fetch_add(w.files, Relaxed);
+            st.rows_written.fetch_add(w.rows, Relaxed);
+            ticket.finish();
+        }
+        Err(e) => {
+            let e = format!("writing hour {} to the lake: {e}", b.hour);
+            st.fail(e.clone());
+            ticket.fail(e);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -97,8 +97,9 @@ fn replay_lands_every_row_once_at_any_worker_count() {
     let dirty_total: u64 = dirty.values().sum();
 
     let mut lakes = Vec::new();
-    for workers in ["1", "3"] {
-        let lake = dir.path().join(format!("lake-{workers}"));
+    // Several writer threads per worker: an hour's late rewrites must still land in order.
+    for (workers, writers) in [("1", "1"), ("3", "1"), ("2", "3")] {
+        let lake = dir.path().join(format!("lake-{workers}-{writers}"));
         let out = Command::new(common::bin())
             .args(["run", "--source"])
             .arg(format!("file:{}", input.display()))
@@ -107,6 +108,7 @@ fn replay_lands_every_row_once_at_any_worker_count() {
             .args(["--workers", workers])
             .env("FMSFLOW_FLEET__DEVICES", "30")
             .env("FMSFLOW_ENGINE__BATCH", "1000")
+            .env("FMSFLOW_LAKE__WRITERS", writers)
             .output()
             .unwrap();
         assert!(
@@ -130,6 +132,7 @@ fn replay_lands_every_row_once_at_any_worker_count() {
         lakes.push((rows, rej, hourly));
     }
     assert!(lakes[0] == lakes[1], "the lake does not depend on the worker count");
+    assert!(lakes[0] == lakes[2], "the lake does not depend on the writer threads");
 }
 
 #[test]

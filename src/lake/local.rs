@@ -1,5 +1,7 @@
 //! The local-directory backend: write to a hidden temporary file beside the target, fsync,
-//! rename over the target.
+//! rename over the target, fsync the directory (so the rename itself survives a crash of
+//! the machine, not only of the process; a directory made for the file is synced into its
+//! parent the same way).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,6 +23,11 @@ impl LocalStorage {
     }
 }
 
+/// Flushes a directory's entries (a rename or a new name in it) to the disk.
+fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 impl Storage for LocalStorage {
     fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
         let path = self.root.join(key);
@@ -30,7 +37,16 @@ impl Storage for LocalStorage {
             source,
         };
         let dir = path.parent().unwrap_or(&self.root);
+        // The directories this write makes: each must be synced into its parent.
+        let made: Vec<&std::path::Path> = if self.fsync {
+            dir.ancestors().take_while(|d| !d.exists()).collect()
+        } else {
+            Vec::new()
+        };
         std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+        for d in made.iter().rev() {
+            sync_dir(d.parent().unwrap_or(d)).map_err(|e| io("syncing the parent directory of", e))?;
+        }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("part");
         // Unique per process and write, so concurrent writers never share a temporary file.
         let n = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -41,7 +57,11 @@ impl Storage for LocalStorage {
             f.sync_all().map_err(|e| io("syncing", e))?;
         }
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e))
+        std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e))?;
+        if self.fsync {
+            sync_dir(dir).map_err(|e| io("syncing the directory of", e))?;
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {

@@ -92,15 +92,30 @@ pub struct Written {
 pub struct LakeWriter {
     storage: Arc<dyn Storage>,
     row_group_rows: usize,
+    writers: usize,
 }
 
 impl LakeWriter {
-    /// A writer over `storage`.
+    /// A writer over `storage`, with one writer thread per engine worker.
     pub fn new(storage: Arc<dyn Storage>, row_group_rows: usize) -> Self {
         LakeWriter {
             storage,
             row_group_rows,
+            writers: 1,
         }
+    }
+
+    /// The same, with `writers` writer threads per engine worker (at least 1).
+    pub fn with_writers(self, writers: usize) -> Self {
+        LakeWriter {
+            writers: writers.max(1),
+            ..self
+        }
+    }
+
+    /// Writer threads per engine worker.
+    pub fn writers(&self) -> usize {
+        self.writers
     }
 
     /// The partition directory of `hour` in `table`.
