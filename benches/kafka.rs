@@ -32,6 +32,7 @@ fn env_num(name: &str, default: u32) -> u32 {
 }
 
 fn main() {
+    fmsflow::no_huge_pages();
     let Ok(brokers) = std::env::var("FMSFLOW_KAFKA_BOOTSTRAP") else {
         eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench-kafka, which starts Kafka");
         std::process::exit(2);

@@ -61,6 +61,7 @@ fn report(what: &str, workers: usize, n: usize, t: Duration, cpu: Option<Duratio
 }
 
 fn main() {
+    fmsflow::no_huge_pages();
     let hours: u32 = std::env::var("FMSFLOW_BENCH_HOURS")
         .ok()
         .and_then(|h| h.parse().ok())
