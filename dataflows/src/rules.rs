@@ -648,22 +648,36 @@ impl<'a> Wire<'a> {
     fn layout(p: &'a [u8]) -> Option<Wire<'a>> {
         let mut s = Scan { p, i: 0 };
         let mut w = Wire::default();
-        let sep = |s: &mut Scan, k: usize| {
-            let hit = s.p[s.i..].starts_with(LAYOUT[k]);
-            s.i += LAYOUT[k].len();
-            hit.then_some(())
-        };
-        sep(&mut s, 0)?;
+        // Each separator is a constant, so its comparison compiles to a few word compares
+        // (through an index that varies, it was a call to `memcmp`).
+        macro_rules! sep {
+            ($k:literal) => {{
+                const SEP: &[u8] = LAYOUT[$k];
+                if !s.p[s.i..].starts_with(SEP) {
+                    return None;
+                }
+                s.i += SEP.len();
+            }};
+        }
+        macro_rules! metric {
+            ($m:literal, $k:literal) => {{
+                sep!($k);
+                w.metrics[$m] = Some(s.number_words()?);
+            }};
+        }
+        sep!(0);
         w.time = Some(Cow::Borrowed(s.plain_str()?));
         // `plain_str` took the closing quote, which the next separator starts with.
         s.i -= 1;
-        sep(&mut s, 1)?;
+        sep!(1);
         w.device_id = Some(s.unsigned()?);
-        for m in 0..6 {
-            sep(&mut s, 2 + m)?;
-            w.metrics[m] = Some(s.number_words()?);
-        }
-        sep(&mut s, 8)?;
+        metric!(0, 2);
+        metric!(1, 3);
+        metric!(2, 4);
+        metric!(3, 5);
+        metric!(4, 6);
+        metric!(5, 7);
+        sep!(8);
         w.is_fail = Some(match &s.p[s.i..] {
             b"true}" => true,
             b"false}" => false,
