@@ -36,6 +36,7 @@ fn encode(
     fields: Vec<Field>,
     columns: Vec<ArrayRef>,
     row_group_rows: usize,
+    no_statistics: &[&str],
 ) -> Result<Vec<u8>, LakeError> {
     let err = |e: &dyn std::fmt::Display| LakeError::Encode {
         table,
@@ -54,6 +55,9 @@ fn encode(
         ) {
             props = props.set_column_encoding(ColumnPath::from(f.name().as_str()), Encoding::DELTA_BINARY_PACKED);
         }
+    }
+    for name in no_statistics {
+        props = props.set_column_statistics_enabled(ColumnPath::from(*name), EnabledStatistics::None);
     }
     let props = props
         .set_compression(Compression::SNAPPY)
@@ -100,7 +104,10 @@ pub fn readings(rows: &ReadingColumns, hour: i64, row_group_rows: usize) -> Resu
         Arc::new(Int32Array::from_iter_values(rows.pos.iter().map(|p| p.source as i32))),
         Arc::new(Int64Array::from_iter_values(rows.pos.iter().map(|p| p.offset as i64))),
     ]);
-    encode("readings", hour, fields, cols, row_group_rows)
+    // A row group spans many devices and a whole hour, so the min and max of a metric there
+    // cover nearly its whole range and prune nothing; computing them cost 15-20 % of the
+    // encoding (docs/BENCHMARKS.md).
+    encode("readings", hour, fields, cols, row_group_rows, &METRICS)
 }
 
 /// `hourly/`: one row per device with readings in the hour.
@@ -150,7 +157,7 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
         Arc::new(last.finish()),
     ];
     cols.extend(stats.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-    encode("hourly", hour, fields, cols, row_group_rows)
+    encode("hourly", hour, fields, cols, row_group_rows, &[])
 }
 
 /// `quality/`: one row per (device, outcome) in the hour; outcome `valid` or a rule name.
@@ -174,7 +181,7 @@ pub fn quality(rows: &[((u32, Outcome), i64)], hour: i64, row_group_rows: usize)
         Arc::new(outcome.finish()),
         Arc::new(count.finish()),
     ];
-    encode("quality", hour, fields, cols, row_group_rows)
+    encode("quality", hour, fields, cols, row_group_rows, &[])
 }
 
 /// `rejects/`: the dead letters: original bytes, rule, reason, source position.
@@ -218,7 +225,7 @@ pub fn rejects(rows: &[Rejection], hour: i64, row_group_rows: usize) -> Result<V
         Arc::new(source.finish()),
         Arc::new(offset.finish()),
     ];
-    encode("rejects", hour, fields, cols, row_group_rows)
+    encode("rejects", hour, fields, cols, row_group_rows, &[])
 }
 
 /// Merges a file with an update of some of its rows: rows of `old` whose key columns match a
@@ -282,7 +289,7 @@ pub fn merge(
         })
         .collect::<Result<Vec<ArrayRef>, LakeError>>()?;
     let fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    encode(table, hour, fields, columns, row_group_rows)
+    encode(table, hour, fields, columns, row_group_rows, &[])
 }
 
 #[cfg(test)]
@@ -291,6 +298,31 @@ mod tests {
     use arrow_array::cast::AsArray;
     use fmsflow_dataflows::{Reading, Rule, SourcePos};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    #[test]
+    fn readings_have_statistics_for_keys_not_for_metrics() {
+        let mut cols = ReadingColumns::default();
+        for (i, d) in [3u32, 3, 7].into_iter().enumerate() {
+            let r = Reading {
+                device: d,
+                time_ms: 1000 * i as i64,
+                metrics: [i as f64; 6],
+                is_fail: false,
+                ingest_ms: Some(5),
+                pos: SourcePos::default(),
+                payload_at: Default::default(),
+            };
+            cols.push(&r);
+        }
+        let bytes = readings(&cols, 0, 16).unwrap();
+        let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+        let rg = b.metadata().row_group(0);
+        for c in rg.columns() {
+            let name = c.column_path().string();
+            let has = c.statistics().is_some();
+            assert_eq!(has, !METRICS.contains(&name.as_str()), "statistics of {name}");
+        }
+    }
 
     fn stats(device: u32, v: f64) -> (u32, HourStats) {
         let r = Reading {
