@@ -60,12 +60,18 @@ fn report(what: &str, workers: usize, n: usize, t: Duration, cpu: Option<Duratio
     );
 }
 
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn main() {
     fmsflow::no_huge_pages();
-    let hours: u32 = std::env::var("FMSFLOW_BENCH_HOURS")
-        .ok()
-        .and_then(|h| h.parse().ok())
-        .unwrap_or(28);
+    let hours: u32 = env_or("FMSFLOW_BENCH_HOURS", 28);
+    let (batch, writers): (usize, usize) = (
+        env_or("FMSFLOW_BENCH_BATCH", 50_000),
+        env_or("FMSFLOW_BENCH_WRITERS", 1),
+    );
     let data = Arc::new(records(hours));
     let n = data.len();
     println!(
@@ -109,20 +115,13 @@ fn main() {
             let dir = tempfile::tempdir().expect("temp dir");
             let writer = with_lake.then(|| {
                 let storage = lake::open(&format!("file://{}", dir.path().display()), fsync).expect("lake");
-                let writers = std::env::var("FMSFLOW_BENCH_WRITERS")
-                    .ok()
-                    .and_then(|w| w.parse().ok())
-                    .unwrap_or(1);
                 Arc::new(LakeWriter::new(storage, 16_384).with_writers(writers))
             });
             let status = Arc::new(Status::default());
             let settings = EngineSettings {
                 flow: FlowConfig::default(),
                 workers,
-                batch: std::env::var("FMSFLOW_BENCH_BATCH")
-                    .ok()
-                    .and_then(|b| b.parse().ok())
-                    .unwrap_or(50_000),
+                batch,
                 epoch: Duration::from_millis(200),
                 cluster: None,
             };
