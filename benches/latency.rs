@@ -1,7 +1,8 @@
 //! Live latency from produce to aggregate update, at fixed input rates.
 //!
 //! For each rate (default 1,000 and 10,000 msg/s; `FMSFLOW_BENCH_RATES=1000,10000`), for
-//! `FMSFLOW_BENCH_SECS` seconds (default 10, after 2 s of warm-up that are not measured): a
+//! `FMSFLOW_BENCH_SECS` seconds (default 10, after `FMSFLOW_BENCH_WARMUP` seconds, default 2,
+//! that are produced but not measured): a
 //! producer writes clean readings of `rate`
 //! devices (one reading per device per second, stamped now) to a fresh raw topic while the
 //! engine follows it (`engine.epoch` = `FMSFLOW_BENCH_EPOCH_MS`, default 20 ms) and writes
@@ -26,9 +27,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-
-/// Seconds produced before measuring.
-const WARMUP: u64 = 2;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -97,6 +95,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    let warmup: u64 = std::env::var("FMSFLOW_BENCH_WARMUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let epoch_ms: u64 = std::env::var("FMSFLOW_BENCH_EPOCH_MS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -105,11 +107,11 @@ fn main() {
         "fmsflow live latency benchmark: produce -> aggregate update, {secs} s per rate, engine epoch {epoch_ms} ms, 2 workers, brokers {brokers}"
     );
     for rate in rates {
-        run(&brokers, rate, secs, epoch_ms);
+        run(&brokers, rate, warmup, secs, epoch_ms);
     }
 }
 
-fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
+fn run(brokers: &str, rate: u32, warmup: u64, secs: u64, epoch_ms: u64) {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -154,8 +156,8 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
     let start_wall = now_ms();
     let mut sent = 0u64;
     let show_timeline = std::env::var("FMSFLOW_BENCH_TIMELINE").is_ok_and(|v| v == "1");
-    // The first WARMUP seconds are produced but not measured: the engine is still connecting.
-    let total = rate as u64 * (secs + WARMUP);
+    // The first `warmup` seconds are produced but not measured.
+    let total = rate as u64 * (secs + warmup);
     while sent < total {
         // Sends what is due, then sleeps a millisecond: sleeping before every record would
         // keep this thread busy on timers (a whole core at 10,000 msg/s), taking the core
@@ -197,6 +199,12 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
     // Wait until the engine has taken every reading in, then let it finish and stop.
     let wait_start = Instant::now();
     while status.valid.load(Relaxed) < total {
+        if engine.is_finished() {
+            match engine.join() {
+                Ok(Err(e)) => panic!("the engine stopped early: {e}"),
+                _ => panic!("the engine stopped early"),
+            }
+        }
         assert!(
             wait_start.elapsed() < Duration::from_secs(120),
             "the engine accepted {} of {total} readings",
@@ -210,7 +218,7 @@ fn run(brokers: &str, rate: u32, secs: u64, epoch_ms: u64) {
 
     // The k-th reading of each (device, hour), in partition order, and its produce time.
     let mut produced: BTreeMap<String, Vec<(i64, bool)>> = BTreeMap::new();
-    let measured_from = (start_wall / 1000 + WARMUP as i64) * 1000;
+    let measured_from = (start_wall / 1000 + warmup as i64) * 1000;
     for (key, ts, value) in read_all(brokers, &raw) {
         let v: serde_json::Value = serde_json::from_slice(&value).unwrap();
         let t = fmsflow_dataflows::time::parse_rfc3339(v["time"].as_str().unwrap()).unwrap();

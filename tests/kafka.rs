@@ -452,3 +452,26 @@ fn following_after_a_resume_takes_what_recovery_left() {
         .collect();
     assert_eq!(offsets, expected, "every record once");
 }
+
+/// A raw topic created a moment ago is opened once its partitions have leaders (until then
+/// the brokers answer "not leader" or do not know it yet); one that does not exist is an
+/// error naming it.
+#[test]
+fn a_topic_just_created_is_opened_and_a_missing_one_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = unique("fresh");
+    create_topic(&raw, 4);
+    // Empty, and read to its end: the run ends as soon as every partition is open.
+    replay(&raw, 4, "earliest", &dir.path().join("fresh"), 2);
+
+    let missing = unique("missing");
+    let out = run_command(&missing, 4, "earliest", &dir.path().join("missing"), 1)
+        .output()
+        .expect("running fmsflow run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a run on a missing topic succeeded:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("topic {missing:?} does not exist")),
+        "the error does not name the missing topic:\n{stderr}"
+    );
+}

@@ -56,6 +56,58 @@ fn client_err(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaConnEr
     move |source| KafkaConnError::Client { what, source }
 }
 
+/// How long a request about the raw topic's partitions is retried while it fails for a
+/// reason that passes by itself (see [`passing`]).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a topic the brokers do not know may be one just created, whose metadata has not
+/// reached the broker that answers yet.
+const UNKNOWN_TOPIC_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether a request failed for a reason that passes by itself: a partition without a leader
+/// for a moment (a topic just created, a broker restarting, a leader election), metadata not
+/// yet propagated, or a broker that did not answer in time.
+fn passing(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::PreferredLeaderNotAvailable
+                | C::FencedLeaderEpoch
+                | C::UnknownLeaderEpoch
+                | C::UnknownTopicOrPartition
+                | C::RequestTimedOut
+                | C::BrokerNotAvailable
+                | C::OperationTimedOut
+                | C::AllBrokersDown
+                | C::BrokerTransportFailure
+        )
+    )
+}
+
+/// Runs `request` until it succeeds, fails for a reason that does not pass by itself, or
+/// has failed for [`SETTLE_TIMEOUT`]; between tries it waits 50 ms, doubling up to 1 s.
+fn settled<T>(
+    what: impl Fn() -> String,
+    mut request: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaConnError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match request() {
+            Ok(v) => return Ok(v),
+            Err(e) if passing(&e) && start.elapsed() + pause < SETTLE_TIMEOUT => {
+                tracing::info!(error = %e, "kafka: {}: retrying in {pause:?}", what());
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(client_err(what())(e)),
+        }
+    }
+}
+
 /// Where the brokers are and what the topics are called: `[kafka]` in the configuration.
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +306,14 @@ impl KafkaProducer {
         let delivery = Arc::new(Delivery::default());
         let inner = base_config(brokers)
             .set("enable.idempotence", "true")
+            // One produce request in flight per broker. librdkafka (2.12) lets an idempotent
+            // partition have one request of 5 or more records in flight at a time; while it
+            // waits, a partition with a batch due keeps its broker thread polling without
+            // sleeping. With more requests allowed, every due partition spins like that: a
+            // core per producer while a broker is slow to answer, which on a shared machine
+            // makes the broker slower still (docs/BENCHMARKS.md, live latency). With one,
+            // the next request is built and waits to be sent, and the thread sleeps.
+            .set("max.in.flight.requests.per.connection", "1")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
@@ -479,22 +539,35 @@ impl PartitionReader {
             .set("auto.offset.reset", "error")
             .create_with_context(LogContext)
             .map_err(client_err("creating a consumer"))?;
-        let md = consumer
-            .fetch_metadata(Some(&s.raw_topic), REQUEST_TIMEOUT)
-            .map_err(client_err(format!("reading the metadata of {:?}", s.raw_topic)))?;
-        let count = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == s.raw_topic && t.error().is_none())
-            .map(|t| t.partitions().len())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| KafkaConnError::NoTopic(s.raw_topic.clone()))?;
+        // A topic just created may be unknown to the broker that answers, or have no leaders
+        // yet, for a moment: its metadata then shows a topic error, or partitions with one. A
+        // topic still unknown after a few seconds does not exist.
+        let asked = Instant::now();
+        let count = settled(
+            || format!("reading the metadata of {:?}", s.raw_topic),
+            || {
+                let md = consumer.fetch_metadata(Some(&s.raw_topic), REQUEST_TIMEOUT)?;
+                let Some(t) = md.topics().iter().find(|t| t.name() == s.raw_topic) else {
+                    return Ok(0);
+                };
+                let error = t.error().or_else(|| t.partitions().iter().find_map(|p| p.error()));
+                match error.map(RDKafkaErrorCode::from) {
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) if asked.elapsed() > UNKNOWN_TOPIC_GRACE => Ok(0),
+                    Some(code) => Err(KafkaError::MetadataFetch(code)),
+                    None => Ok(t.partitions().len()),
+                }
+            },
+        )?;
+        if count == 0 {
+            return Err(KafkaConnError::NoTopic(s.raw_topic.clone()));
+        }
         let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
         let mut parts = Vec::new();
         for &p in &mine {
-            let (low, high) = consumer
-                .fetch_watermarks(&s.raw_topic, p, REQUEST_TIMEOUT)
-                .map_err(client_err(format!("reading the offsets of partition {p}")))?;
+            let (low, high) = settled(
+                || format!("reading the offsets of partition {p}"),
+                || consumer.fetch_watermarks(&s.raw_topic, p, REQUEST_TIMEOUT),
+            )?;
             let start = match &spec.from {
                 StartAt::Earliest => low,
                 StartAt::Latest => high,
@@ -510,9 +583,10 @@ impl PartitionReader {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition_offset(&s.raw_topic, p, Offset::Offset(*ts))
                         .map_err(client_err("building an offset request"))?;
-                    let found = consumer
-                        .offsets_for_times(tpl, REQUEST_TIMEOUT)
-                        .map_err(client_err(format!("looking up partition {p} by time")))?;
+                    let found = settled(
+                        || format!("looking up partition {p} by time"),
+                        || consumer.offsets_for_times(tpl.clone(), REQUEST_TIMEOUT),
+                    )?;
                     match found.find_partition(&s.raw_topic, p).map(|e| e.offset()) {
                         Some(Offset::Offset(o)) => o,
                         _ => high,
