@@ -174,7 +174,11 @@ fn engine_ingest(brokers: &str, topic: &str, n: usize, workers: usize, with_lake
     );
     let dir = tempfile::tempdir().unwrap();
     let writer = with_lake.then(|| {
-        let storage = lake::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        let storage = lake::open(
+            &format!("file://{}", dir.path().display()),
+            &lake::StorageOptions::default(),
+        )
+        .unwrap();
         Arc::new(LakeWriter::new(storage, 16_384))
     });
     let status = Arc::new(Status::default());

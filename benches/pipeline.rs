@@ -114,7 +114,14 @@ fn main() {
             }
             let dir = tempfile::tempdir().expect("temp dir");
             let writer = with_lake.then(|| {
-                let storage = lake::open(&format!("file://{}", dir.path().display()), fsync).expect("lake");
+                let storage = lake::open(
+                    &format!("file://{}", dir.path().display()),
+                    &lake::StorageOptions {
+                        fsync,
+                        ..Default::default()
+                    },
+                )
+                .expect("lake");
                 Arc::new(LakeWriter::new(storage, 16_384).with_writers(writers))
             });
             let status = Arc::new(Status::default());

@@ -148,6 +148,40 @@ pub struct Lake {
     /// Writer threads per engine worker: each encodes and stores whole hours, so more of
     /// them overlap storage waits (fsync, uploads).
     pub writers: usize,
+    /// S3: endpoint URL of an S3-compatible server; empty for AWS (or `AWS_ENDPOINT_URL`).
+    pub s3_endpoint: String,
+    /// S3: region; empty takes it from the AWS chain (`AWS_REGION`, the profile).
+    pub s3_region: String,
+    /// S3: path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub s3_path_style: bool,
+    /// S3: server-side encryption of every object, `AES256` or `aws:kms`; empty for the
+    /// bucket's default.
+    pub s3_sse: String,
+    /// S3: objects of this many bytes or more are uploaded in parts.
+    pub s3_multipart_threshold: usize,
+    /// S3: bytes per part of a multipart upload (at least 5 MiB).
+    pub s3_part_size: usize,
+    /// S3: tries of one request (throttling, timeouts and 5xx are retried with backoff).
+    pub s3_max_attempts: u32,
+}
+
+impl Lake {
+    /// The storage options these settings give.
+    pub fn storage_options(&self) -> crate::lake::StorageOptions {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        crate::lake::StorageOptions {
+            fsync: self.fsync,
+            s3: crate::lake::s3::S3Options {
+                endpoint: some(&self.s3_endpoint),
+                region: some(&self.s3_region),
+                path_style: self.s3_path_style,
+                sse: some(&self.s3_sse),
+                multipart_threshold: self.s3_multipart_threshold,
+                part_size: self.s3_part_size,
+                max_attempts: self.s3_max_attempts,
+            },
+        }
+    }
 }
 
 /// `[collector]`
@@ -278,6 +312,18 @@ impl Config {
         }
         if self.lake.row_group_rows == 0 {
             return bad("lake.row_group_rows", "must be at least 1");
+        }
+        if !self.lake.s3_sse.is_empty() && !crate::lake::s3::SSE_VALUES.contains(&self.lake.s3_sse.as_str()) {
+            return bad("lake.s3_sse", "must be empty, AES256 or aws:kms");
+        }
+        if self.lake.s3_part_size < 5 << 20 {
+            return bad(
+                "lake.s3_part_size",
+                "must be at least 5242880 (5 MiB, the least S3 takes)",
+            );
+        }
+        if self.lake.s3_max_attempts == 0 {
+            return bad("lake.s3_max_attempts", "must be at least 1");
         }
         for (name, [lo, hi]) in self.rules.ranges.named() {
             let max = fmsflow_dataflows::stats::MAX_ABS;
@@ -425,6 +471,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lake.writers"), "{e}");
+        for (k, v, field) in [
+            ("FMSFLOW_LAKE__S3_SSE", "rot13", "lake.s3_sse"),
+            ("FMSFLOW_LAKE__S3_PART_SIZE", "1048576", "lake.s3_part_size"),
+            ("FMSFLOW_LAKE__S3_MAX_ATTEMPTS", "0", "lake.s3_max_attempts"),
+        ] {
+            let e = Config::from_sources(None, &env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(field), "{k}={v}: {e}");
+        }
+        let c = Config::from_sources(
+            None,
+            &env(&[
+                ("FMSFLOW_LAKE__S3_SSE", "aws:kms"),
+                ("FMSFLOW_LAKE__S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ]),
+        )
+        .unwrap();
+        let o = c.lake.storage_options();
+        assert_eq!(o.s3.sse.as_deref(), Some("aws:kms"));
+        assert_eq!(o.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(o.s3.region, None);
     }
 
     #[test]

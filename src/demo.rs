@@ -35,7 +35,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         Some(s) => Clock::fast(s),
         None => Clock::real(),
     };
-    let storage = lake::open(&cfg.lake.url, cfg.lake.fsync)?;
+    let storage = lake::open(&cfg.lake.url, &cfg.lake.storage_options())?;
     eprintln!(
         "fmsflow demo: {} devices, {} workers, lake in {}",
         cfg.fleet.devices,

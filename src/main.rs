@@ -423,7 +423,7 @@ fn run_engine(
     cluster: Option<engine::Cluster>,
 ) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storage = lake::open(&cfg.lake.url, cfg.lake.fsync)?;
+    let storage = lake::open(&cfg.lake.url, &cfg.lake.storage_options())?;
     let mut flow = cfg.flow_config();
     let (source, sinks) = if source == "kafka" {
         let k = cfg.kafka.clone();

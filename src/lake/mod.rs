@@ -1,5 +1,6 @@
 //! The Parquet lake: where an hour's files go once it is sealed. Storage is chosen by URL
-//! (`file://` now; `s3://` and `hdfs://` come with the storage work) behind one small trait.
+//! (`file://` a local directory, `s3://bucket/prefix` S3; `hdfs://` comes with the HDFS
+//! backend) behind one small trait.
 //!
 //! Layout (Hive style, readable as-is by DuckDB, Spark, Athena):
 //! `{readings,hourly,quality,rejects}/dt=YYYY-MM-DD/hour=HH/part-*.parquet`.
@@ -10,6 +11,7 @@
 
 pub mod local;
 pub mod parquet;
+pub mod s3;
 
 use std::sync::Arc;
 
@@ -60,22 +62,44 @@ pub trait Storage: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Opens the storage a lake URL names.
-/// `fsync`: make each file durable before it is renamed into place (the default); without
-/// it a crash of the machine (not of fmsflow) can lose files the lake already showed.
-pub fn open(url: &str, fsync: bool) -> Result<Arc<dyn Storage>, LakeError> {
+/// How to open a lake's storage, beside its URL (`[lake]`).
+#[derive(Clone, Debug)]
+pub struct StorageOptions {
+    /// Local directory: make each file durable before it is renamed into place (the
+    /// default); without it a crash of the machine (not of fmsflow) can lose files the lake
+    /// already showed.
+    pub fsync: bool,
+    /// S3: endpoint, region, addressing, encryption, multipart sizes, retries.
+    pub s3: s3::S3Options,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            fsync: true,
+            s3: s3::S3Options::default(),
+        }
+    }
+}
+
+/// Opens the storage a lake URL names: `file://<path>` or `s3://<bucket>[/<prefix>]`.
+pub fn open(url: &str, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LakeError> {
     let err = |problem: &str| LakeError::Url {
         url: url.to_string(),
         problem: problem.to_string(),
     };
     match url.split_once("://") {
-        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into(), fsync))),
+        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into(), opts.fsync))),
         Some(("file", _)) => Err(err("needs a path, e.g. file://./fmsflow-lake or file:///data/lake")),
-        Some(("s3" | "hdfs", _)) => Err(err(
-            "this build writes only file:// lakes; S3 and HDFS backends are not available yet",
+        Some(("s3", rest)) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            Ok(Arc::new(s3::S3Storage::open(bucket, prefix, &opts.s3)?))
+        }
+        Some(("hdfs", _)) => Err(err(
+            "this build writes file:// and s3:// lakes; the HDFS backend is not available yet",
         )),
-        Some((scheme, _)) => Err(err(&format!("unknown scheme `{scheme}`; use file://"))),
-        None => Err(err("is not a URL; use file://<path>")),
+        Some((scheme, _)) => Err(err(&format!("unknown scheme `{scheme}`; use file:// or s3://"))),
+        None => Err(err("is not a URL; use file://<path> or s3://<bucket>/<prefix>")),
     }
 }
 

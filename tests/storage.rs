@@ -1,0 +1,177 @@
+//! The lake's storage backends, one suite written once and run on each: a local directory
+//! and S3 (a real s3s-fs server on 127.0.0.1, which checks request signatures; `scripts/test`
+//! starts it with `scripts/s3`). Then a whole replay into S3 gives the same files, byte for
+//! byte, as the same replay into a local directory.
+
+mod common;
+
+use std::process::Command;
+
+use fmsflow::lake::s3::{S3Options, S3Storage};
+use fmsflow::lake::{local::LocalStorage, Storage};
+
+/// Bytes that do not repeat in any short period (so no layer can pass by compressing them).
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// What every backend must do. `big` is the size of the large object written (over the
+/// backend's multipart threshold where it has one).
+fn suite(s: &dyn Storage, big: usize) {
+    let a = "readings/dt=2025-07-07/hour=08/part-00000-w000.parquet";
+    let b = "readings/dt=2025-07-07/hour=09/part-00000-w001.parquet";
+    let c = "hourly/dt=2025-07-07/hour=08/part-00000.parquet";
+    let near = "readingsx/dt=2025-07-07/hour=08/part-00000-w000.parquet";
+
+    // Nothing yet: no object, no keys, and deleting nothing is no error.
+    assert_eq!(s.get(a).unwrap(), None, "{}", s.describe());
+    assert!(s.list("readings").unwrap().is_empty());
+    s.delete(a).unwrap();
+
+    s.put_atomic(a, b"one").unwrap();
+    s.put_atomic(b, b"two").unwrap();
+    s.put_atomic(c, b"three").unwrap();
+    s.put_atomic(near, b"near").unwrap();
+    assert_eq!(s.get(a).unwrap().as_deref(), Some(&b"one"[..]));
+    assert_eq!(s.get(c).unwrap().as_deref(), Some(&b"three"[..]));
+
+    // A folder lists every key under it at any depth, and nothing of a folder whose name
+    // only starts the same; a trailing slash changes nothing.
+    assert_eq!(sorted(s.list("readings").unwrap()), vec![a.to_string(), b.to_string()]);
+    assert_eq!(sorted(s.list("readings/").unwrap()), vec![a.to_string(), b.to_string()]);
+    assert_eq!(s.list("readings/dt=2025-07-07/hour=09").unwrap(), vec![b.to_string()]);
+    assert_eq!(s.list("hourly").unwrap(), vec![c.to_string()]);
+    assert!(s.list("quality").unwrap().is_empty());
+
+    // A write replaces the whole object.
+    s.put_atomic(a, b"uno, replaced").unwrap();
+    assert_eq!(s.get(a).unwrap().as_deref(), Some(&b"uno, replaced"[..]));
+
+    // An empty object, and a large one.
+    s.put_atomic("rejects/empty.parquet", b"").unwrap();
+    assert_eq!(s.get("rejects/empty.parquet").unwrap().as_deref(), Some(&b""[..]));
+    let large = noise(big, 7);
+    s.put_atomic("rejects/large.parquet", &large).unwrap();
+    assert!(
+        s.get("rejects/large.parquet").unwrap().unwrap() == large,
+        "the large object came back different"
+    );
+
+    // Deleting removes the object and its key, once.
+    s.delete(a).unwrap();
+    s.delete(a).unwrap();
+    assert_eq!(s.get(a).unwrap(), None);
+    assert_eq!(s.list("readings").unwrap(), vec![b.to_string()]);
+}
+
+#[test]
+fn a_local_directory_passes_the_storage_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    suite(&LocalStorage::new(dir.path().join("lake"), true), 12 << 20);
+}
+
+#[test]
+fn s3_passes_the_storage_suite_with_multipart_uploads() {
+    let bucket = common::s3::bucket("suite");
+    // Parts of the least size S3 takes, so the 12 MiB object goes up in 3 parts.
+    let opts = S3Options {
+        multipart_threshold: 5 << 20,
+        part_size: 5 << 20,
+        ..common::s3::options()
+    };
+    suite(&S3Storage::open(&bucket, "lake/", &opts).unwrap(), 12 << 20);
+    // The same bucket under another prefix is another lake.
+    let other = S3Storage::open(&bucket, "other", &opts).unwrap();
+    assert!(other.list("readings").unwrap().is_empty());
+}
+
+#[test]
+fn s3_refuses_a_missing_bucket_and_wrong_keys_at_open() {
+    let opts = common::s3::options();
+    let missing = match S3Storage::open("no-such-bucket-fmsflow", "", &opts) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a missing bucket opened"),
+    };
+    assert!(missing.contains("no-such-bucket-fmsflow"), "{missing}");
+
+    let bucket = common::s3::bucket("keys");
+    let out = Command::new(common::bin())
+        .args(["run", "--source", "file:/nonexistent/*.ndjson", "--lake"])
+        .arg(format!("s3://{bucket}/lake"))
+        .env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
+        .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true")
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a run with a wrong secret key succeeded");
+    assert!(stderr.contains(&bucket) && stderr.contains("credentials"), "{stderr}");
+    assert!(!stderr.contains("not-the-secret"), "the secret was printed: {stderr}");
+}
+
+#[test]
+fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let gen = Command::new(common::bin())
+        .args([
+            "gen",
+            "--devices",
+            "20",
+            "--hours",
+            "3",
+            "--dirty-rate",
+            "0.02",
+            "--out",
+        ])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let bucket = common::s3::bucket("replay");
+    let run = |lake: String| {
+        let out = Command::new(common::bin())
+            .args(["run", "--workers", "2", "--source"])
+            .arg(format!("file:{}", input.display()))
+            .arg("--lake")
+            .arg(&lake)
+            .env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
+            .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "run into {lake}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(format!("file://{}", dir.path().join("local").display()));
+    run(format!("s3://{bucket}/lake"));
+
+    let local = LocalStorage::new(dir.path().join("local"), false);
+    let s3 = S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
+    let mut n = 0;
+    for table in ["readings", "hourly", "quality", "rejects"] {
+        let keys = sorted(local.list(table).unwrap());
+        assert!(!keys.is_empty(), "no {table} files");
+        assert_eq!(keys, sorted(s3.list(table).unwrap()), "{table}: other files in S3");
+        for k in keys {
+            assert!(local.get(&k).unwrap() == s3.get(&k).unwrap(), "{k} differs in S3");
+            n += 1;
+        }
+    }
+    eprintln!("{n} files, the same in S3 as in the local directory");
+}
