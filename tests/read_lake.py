@@ -1,16 +1,50 @@
 """Reads an fmsflow lake with DuckDB and pyarrow, unchanged, and prints a JSON summary.
 
-Used by tests/demo_lake.rs: the lake must be readable by standard tools as it is.
-Usage: python3 read_lake.py <lake-dir>
+Used by the integration tests: the lake must be readable by standard tools as it is.
+Usage: python3 read_lake.py <lake-dir | s3://bucket/prefix>
+A local lake is read by DuckDB's own Parquet reader. An S3 lake is read through pyarrow's
+S3 filesystem (at AWS_ENDPOINT_URL, with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_REGION), each table a Hive-partitioned pyarrow dataset that DuckDB scans.
 """
 import json
+import os
 import sys
+from urllib.parse import urlparse
 
 import duckdb
 import pyarrow.dataset as ds
 
 lake = sys.argv[1]
 con = duckdb.connect()
+fs = None
+if lake.startswith("s3://"):
+    import pyarrow.fs
+
+    endpoint = urlparse(os.environ["AWS_ENDPOINT_URL"])
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint.netloc,
+        scheme=endpoint.scheme,
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        region=os.environ.get("AWS_REGION", "us-east-1"),
+        force_virtual_addressing=False,
+    )
+    lake = lake[len("s3://"):].rstrip("/")
+
+
+def dataset(table):
+    if fs is None:
+        return ds.dataset(f"{lake}/{table}", format="parquet", partitioning="hive")
+    # The files listed first: s3s-fs answers a HEAD of a folder's key with an error (S3
+    # answers 404), so pyarrow is not given the folder itself.
+    base = f"{lake}/{table}"
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(base)
+    return ds.dataset(
+        files, format="parquet", filesystem=fs, partitioning=ds.partitioning(flavor="hive"), partition_base_dir=base
+    )
 
 
 def q(sql):
@@ -18,7 +52,14 @@ def q(sql):
 
 
 def src(table):
-    return f"read_parquet('{lake}/{table}/**/*.parquet', hive_partitioning=true)"
+    if fs is None:
+        return f"read_parquet('{lake}/{table}/**/*.parquet', hive_partitioning=true)"
+    name = f"lake_{table}"
+    try:
+        con.register(name, dataset(table))
+    except FileNotFoundError:
+        raise duckdb.IOException(f"no {table} table")
+    return name
 
 
 out = {}
@@ -50,8 +91,5 @@ out["max_mean_error"] = q(
         using (device, dt, hour)"""
 )[0][0]
 # pyarrow reads every table as a Hive-partitioned dataset.
-out["pyarrow_rows"] = {
-    t: ds.dataset(f"{lake}/{t}", format="parquet", partitioning="hive").count_rows()
-    for t in ["readings", "hourly", "quality"]
-}
+out["pyarrow_rows"] = {t: dataset(t).count_rows() for t in ["readings", "hourly", "quality"]}
 print(json.dumps(out, default=str))

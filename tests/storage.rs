@@ -174,4 +174,30 @@ fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
         }
     }
     eprintln!("{n} files, the same in S3 as in the local directory");
+
+    // DuckDB and pyarrow read the S3 lake, through pyarrow's S3 filesystem, as they read
+    // the local one.
+    let (a, b) = (
+        common::read_lake(&dir.path().join("local")),
+        common::read_lake_at(&format!("s3://{bucket}/lake")),
+    );
+    for key in [
+        "readings",
+        "readings_distinct",
+        "readings_bad_hour",
+        "readings_by_hour",
+        "hourly_by_hour",
+        "quality",
+        "rejects",
+        "hourly_fails",
+        "readings_fails",
+        "pyarrow_rows",
+    ] {
+        assert_eq!(a[key], b[key], "{key}: local {} against S3 {}", a[key], b[key]);
+    }
+    assert!(
+        a["readings"].as_u64().unwrap() > 0 && !a["rejects"].as_object().unwrap().is_empty(),
+        "{a}"
+    );
+    assert!(b["max_mean_error"].as_f64().unwrap() < 1e-9, "{b}");
 }

@@ -31,10 +31,16 @@ pub fn python() -> String {
 
 /// Reads a lake with DuckDB and pyarrow (tests/read_lake.py) and returns its JSON summary.
 pub fn read_lake(dir: &Path) -> serde_json::Value {
+    read_lake_at(&dir.display().to_string())
+}
+
+/// [`read_lake`] of a lake directory or an `s3://bucket/prefix` lake (read through
+/// pyarrow's S3 filesystem at `AWS_ENDPOINT_URL`, with the keys of the environment).
+pub fn read_lake_at(location: &str) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/read_lake.py");
     let out = Command::new(python())
         .arg(script)
-        .arg(dir)
+        .arg(location)
         .output()
         .expect("running read_lake.py");
     assert!(
