@@ -148,6 +148,9 @@ pub struct Lake {
     /// Writer threads per engine worker: each encodes and stores whole hours, so more of
     /// them overlap storage waits (fsync, uploads).
     pub writers: usize,
+    /// How long a failing write to the lake (storage unreachable, disk full) is retried,
+    /// with growing pauses, before the run fails; the engine waits meanwhile.
+    pub retry_for: Dur,
     /// S3: endpoint URL of an S3-compatible server; empty for AWS (or `AWS_ENDPOINT_URL`).
     pub s3_endpoint: String,
     /// S3: region; empty takes it from the AWS chain (`AWS_REGION`, the profile).
@@ -166,6 +169,14 @@ pub struct Lake {
 }
 
 impl Lake {
+    /// How failed lake writes are retried.
+    pub fn retry(&self) -> crate::lake::Retry {
+        crate::lake::Retry {
+            limit: self.retry_for.0,
+            ..crate::lake::Retry::default()
+        }
+    }
+
     /// The storage options these settings give.
     pub fn storage_options(&self) -> crate::lake::StorageOptions {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_string());

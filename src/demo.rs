@@ -42,7 +42,11 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         cfg.engine.workers,
         storage.describe()
     );
-    let writer = Arc::new(LakeWriter::new(storage, cfg.lake.row_group_rows).with_writers(cfg.lake.writers));
+    let writer = Arc::new(
+        LakeWriter::new(storage, cfg.lake.row_group_rows)
+            .with_writers(cfg.lake.writers)
+            .with_retry(cfg.lake.retry()),
+    );
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 

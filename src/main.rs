@@ -483,7 +483,11 @@ fn run_engine(
     } else {
         anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");
     };
-    let writer = Arc::new(lake::LakeWriter::new(storage, cfg.lake.row_group_rows).with_writers(cfg.lake.writers));
+    let writer = Arc::new(
+        lake::LakeWriter::new(storage, cfg.lake.row_group_rows)
+            .with_writers(cfg.lake.writers)
+            .with_retry(cfg.lake.retry()),
+    );
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {
         flow,

@@ -117,6 +117,26 @@ pub struct LakeWriter {
     storage: Arc<dyn Storage>,
     row_group_rows: usize,
     writers: usize,
+    retry: Retry,
+}
+
+/// How long a failing storage operation is retried: for `limit` in all, pausing `first`,
+/// then twice as long each time, up to 30 s.
+#[derive(Clone, Copy, Debug)]
+pub struct Retry {
+    /// Total time an operation may keep failing before the run fails.
+    pub limit: std::time::Duration,
+    /// The first pause.
+    pub first: std::time::Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            limit: std::time::Duration::from_secs(600),
+            first: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 impl LakeWriter {
@@ -126,6 +146,35 @@ impl LakeWriter {
             storage,
             row_group_rows,
             writers: 1,
+            retry: Retry::default(),
+        }
+    }
+
+    /// The same, retrying failed storage operations as `retry` says (an unreachable S3
+    /// server, a full disk) instead of failing the run at once. While a write waits, its
+    /// writer's queue fills and the engine's workers wait for it (backpressure).
+    pub fn with_retry(self, retry: Retry) -> Self {
+        LakeWriter { retry, ..self }
+    }
+
+    /// Runs `op` until it succeeds, fails with an error no retry can help, or has failed for
+    /// the retry limit.
+    fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> Result<T, LakeError>) -> Result<T, LakeError> {
+        let start = std::time::Instant::now();
+        let mut pause = self.retry.first;
+        loop {
+            match op() {
+                Err(e) if e.retryable() && start.elapsed() + pause <= self.retry.limit => {
+                    tracing::warn!(
+                        "lake: {what} failed, retrying in {pause:?} (failing for {:?} of at most {:?}): {e}",
+                        start.elapsed(),
+                        self.retry.limit
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -160,7 +209,7 @@ impl LakeWriter {
         let rg = self.row_group_rows;
         let storage = &self.storage;
         let mut put = |key: String, bytes: Vec<u8>, rows: usize| -> Result<(), LakeError> {
-            storage.put_atomic(&key, &bytes)?;
+            self.retrying(&format!("storing {key}"), || storage.put_atomic(&key, &bytes))?;
             w.files += 1;
             w.rows += rows as u64;
             Ok(())
@@ -187,7 +236,10 @@ impl LakeWriter {
         // state was dropped) carries only the keys that changed: merge them into the file.
         let mut replace = |table: &'static str, bytes: Vec<u8>, key: &[&str], rows: usize| -> Result<(), LakeError> {
             let path = format!("{}/part-00000.parquet", Self::dir(table, b.hour));
-            let bytes = match b.partial.then(|| storage.get(&path)).transpose()?.flatten() {
+            let old = b
+                .partial
+                .then(|| self.retrying(&format!("reading {path}"), || storage.get(&path)));
+            let bytes = match old.transpose()?.flatten() {
                 Some(old) => parquet::merge(&old, &bytes, table, b.hour, rg, key)?,
                 None => bytes,
             };
@@ -280,6 +332,76 @@ pub fn clean_after_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory whose first `fail` writes fail as an unreachable server's would.
+    struct Flaky {
+        inner: local::LocalStorage,
+        fail: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Storage for Flaky {
+        fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
+            use std::sync::atomic::Ordering::Relaxed;
+            if self.fail.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok() {
+                return Err(LakeError::Io {
+                    op: "uploading",
+                    path: key.into(),
+                    source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                });
+            }
+            self.inner.put_atomic(key, bytes)
+        }
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
+            self.inner.get(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), LakeError> {
+            self.inner.delete(key)
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    #[test]
+    fn failed_writes_are_retried_within_the_limit_then_fail_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = |fail| {
+            Arc::new(Flaky {
+                inner: local::LocalStorage::new(dir.path().to_path_buf(), false),
+                fail: std::sync::atomic::AtomicUsize::new(fail),
+            })
+        };
+        let batch = HourBatch {
+            hour: 481_000,
+            seq: 0,
+            worker: 0,
+            partial: false,
+            readings: Default::default(),
+            rejections: Vec::new(),
+            hourly: Some(vec![(1, Default::default())]),
+            quality: None,
+        };
+        let retry = |limit_ms| Retry {
+            limit: std::time::Duration::from_millis(limit_ms),
+            first: std::time::Duration::from_millis(10),
+        };
+        // Three failures (pauses of 10, 20 and 40 ms) fit in a limit of 1 s.
+        let storage = flaky(3);
+        let w = LakeWriter::new(storage.clone(), 100).with_retry(retry(1000));
+        assert_eq!(w.write(&batch).unwrap().files, 1);
+        assert_eq!(storage.fail.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(storage
+            .get(&format!("{}/part-00000.parquet", LakeWriter::dir("hourly", 481_000)))
+            .unwrap()
+            .is_some());
+        // Past the limit the error is the write's.
+        let w = LakeWriter::new(flaky(100), 100).with_retry(retry(50));
+        let e = w.write(&batch).unwrap_err();
+        assert!(e.retryable() && e.to_string().contains("uploading"), "{e}");
+    }
 
     #[test]
     fn keys_name_their_hour_and_part() {
