@@ -113,6 +113,7 @@ pub fn run(
         (Some(spec), Some(lake)) => Some(Arc::new(Checkpointer {
             recorder: Recorder::default(),
             storage: lake.storage().clone(),
+            retry: lake.retry(),
             topic: spec.settings.raw_topic.clone(),
             workers,
             processes: settings.cluster.as_ref().map_or(1, |c| c.addresses.len()),
@@ -562,6 +563,8 @@ pub fn recovery_epochs(
 struct Checkpointer {
     recorder: Recorder,
     storage: Arc<dyn crate::lake::Storage>,
+    /// Retries of a failed save, as for the lake's files.
+    retry: crate::lake::Retry,
     topic: String,
     workers: usize,
     processes: usize,
@@ -570,13 +573,17 @@ struct Checkpointer {
 
 impl Checkpointer {
     /// Saves the checkpoint of `epoch`, whose outputs are all stored (`Epoch::MAX`: the end
-    /// of the run). A failure fails the run: without checkpoints a crash cannot be resumed.
+    /// of the run). A failure that outlasts the retries fails the run: without checkpoints a
+    /// crash cannot be resumed.
     fn save(&self, epoch: Epoch, st: &Status) {
         if let Some(c) = self
             .recorder
             .take(epoch, &self.topic, self.workers, self.processes, &self.flow)
         {
-            if let Err(e) = c.save(self.storage.as_ref()) {
+            if let Err(e) = self
+                .retry
+                .run("storing the checkpoint", || c.save(self.storage.as_ref()))
+            {
                 st.fail(format!("writing the checkpoint: {e}"));
             }
         }

@@ -102,18 +102,7 @@ fn a_broker_restarted_mid_stream_loses_nothing() {
 
     // The engine follows the raw topic from its start.
     let (engine_log, out, err) = log_file(dir.path(), "engine.log");
-    let engine = kafka_env(&mut Command::new(common::bin()), &raw, partitions)
-        .args([
-            "run",
-            "--source",
-            "kafka",
-            "--from",
-            "earliest",
-            "--workers",
-            "2",
-            "--lake",
-        ])
-        .arg(format!("file://{}", lake.display()))
+    let engine = common::kafka::follow_command(&raw, partitions, &format!("file://{}", lake.display()))
         .stdout(out)
         .stderr(err)
         .spawn()

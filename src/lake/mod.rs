@@ -130,6 +130,29 @@ pub struct Retry {
     pub first: std::time::Duration,
 }
 
+impl Retry {
+    /// Runs `op` until it succeeds, fails with an error no retry can help, or has failed for
+    /// the limit; logs each failure it retries.
+    pub fn run<T>(&self, what: &str, mut op: impl FnMut() -> Result<T, LakeError>) -> Result<T, LakeError> {
+        let start = std::time::Instant::now();
+        let mut pause = self.first;
+        loop {
+            match op() {
+                Err(e) if e.retryable() && start.elapsed() + pause <= self.limit => {
+                    tracing::warn!(
+                        "lake: {what} failed, retrying in {pause:?} (failing for {:?} of at most {:?}): {e}",
+                        start.elapsed(),
+                        self.limit
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 impl Default for Retry {
     fn default() -> Self {
         Retry {
@@ -157,25 +180,9 @@ impl LakeWriter {
         LakeWriter { retry, ..self }
     }
 
-    /// Runs `op` until it succeeds, fails with an error no retry can help, or has failed for
-    /// the retry limit.
-    fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> Result<T, LakeError>) -> Result<T, LakeError> {
-        let start = std::time::Instant::now();
-        let mut pause = self.retry.first;
-        loop {
-            match op() {
-                Err(e) if e.retryable() && start.elapsed() + pause <= self.retry.limit => {
-                    tracing::warn!(
-                        "lake: {what} failed, retrying in {pause:?} (failing for {:?} of at most {:?}): {e}",
-                        start.elapsed(),
-                        self.retry.limit
-                    );
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
-                }
-                other => return other,
-            }
-        }
+    /// The retry policy of this writer's storage operations.
+    pub fn retry(&self) -> Retry {
+        self.retry
     }
 
     /// The same, with `writers` writer threads per engine worker (at least 1).
@@ -209,7 +216,8 @@ impl LakeWriter {
         let rg = self.row_group_rows;
         let storage = &self.storage;
         let mut put = |key: String, bytes: Vec<u8>, rows: usize| -> Result<(), LakeError> {
-            self.retrying(&format!("storing {key}"), || storage.put_atomic(&key, &bytes))?;
+            self.retry
+                .run(&format!("storing {key}"), || storage.put_atomic(&key, &bytes))?;
             w.files += 1;
             w.rows += rows as u64;
             Ok(())
@@ -238,7 +246,7 @@ impl LakeWriter {
             let path = format!("{}/part-00000.parquet", Self::dir(table, b.hour));
             let old = b
                 .partial
-                .then(|| self.retrying(&format!("reading {path}"), || storage.get(&path)));
+                .then(|| self.retry.run(&format!("reading {path}"), || storage.get(&path)));
             let bytes = match old.transpose()?.flatten() {
                 Some(old) => parquet::merge(&old, &bytes, table, b.hour, rg, key)?,
                 None => bytes,

@@ -45,6 +45,24 @@ pub fn kafka_env<'a>(cmd: &'a mut Command, raw: &str, partitions: i32) -> &'a mu
         .env("FMSFLOW_LOG", "warn")
 }
 
+/// `fmsflow run` following the raw topic from its start on 2 workers into the lake `lake`
+/// (a URL), pointed at the test cluster by [`kafka_env`].
+pub fn follow_command(raw: &str, partitions: i32, lake: &str) -> Command {
+    let mut cmd = Command::new(super::bin());
+    kafka_env(&mut cmd, raw, partitions).args([
+        "run",
+        "--source",
+        "kafka",
+        "--from",
+        "earliest",
+        "--workers",
+        "2",
+        "--lake",
+        lake,
+    ]);
+    cmd
+}
+
 /// The offsets `group` has committed for each of `topic`'s first `partitions` partitions.
 pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     let c: BaseConsumer = ClientConfig::new()
