@@ -20,13 +20,29 @@ use fmsflow::lake::Storage;
 
 /// `fmsflow run --source kafka --from <from> --until end --workers <workers>` into `lake`.
 fn run_command(raw: &str, partitions: i32, from: &str, lake: &Path, workers: usize) -> Command {
+    run_command_at(raw, partitions, from, &format!("file://{}", lake.display()), workers)
+}
+
+/// [`run_command`] into the lake at a URL; an `s3://` one on the test S3 server.
+fn run_command_at(raw: &str, partitions: i32, from: &str, lake: &str, workers: usize) -> Command {
     let mut cmd = Command::new(common::bin());
     kafka_env(&mut cmd, raw, partitions)
         .args(["run", "--source", "kafka", "--until", "end", "--from", from])
-        .args(["--workers", &workers.to_string()])
-        .arg("--lake")
-        .arg(format!("file://{}", lake.display()));
+        .args(["--workers", &workers.to_string(), "--lake", lake]);
+    if lake.starts_with("s3://") {
+        cmd.env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
+            .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true");
+    }
     cmd
+}
+
+/// The storage of a lake URL (the test S3 server's settings for `s3://`).
+fn storage_at(lake: &str) -> std::sync::Arc<dyn Storage> {
+    let mut opts = fmsflow::lake::StorageOptions::default();
+    if lake.starts_with("s3://") {
+        opts.s3 = common::s3::options();
+    }
+    fmsflow::lake::open(lake, &opts).unwrap()
 }
 
 /// Runs `fmsflow run --source kafka --from <from> --until end` into `lake`; its stdout.
@@ -307,8 +323,11 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     let partitions = 3;
     produce_generated(&raw, partitions, 4, "0.02");
     let dir = tempfile::tempdir().unwrap();
+    // The lakes, by URL: the checks below read them through the storage trait, so they hold
+    // for any backend.
+    let lake_url = |lake: &str| format!("file://{}", dir.path().join(lake).display());
     // The run's processes (a cluster on fresh loopback ports when there are several).
-    let run = |lake: &Path, from: &str, outputs: &str| -> Vec<std::process::Child> {
+    let run = |lake: &str, from: &str, outputs: &str| -> Vec<std::process::Child> {
         let listeners: Vec<std::net::TcpListener> = (0..processes)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -316,7 +335,7 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
         drop(listeners);
         (0..processes)
             .map(|i| {
-                let mut cmd = run_command(&raw, partitions, from, lake, workers);
+                let mut cmd = run_command_at(&raw, partitions, from, lake, workers);
                 if processes > 1 {
                     cmd.args(["--cluster", &addresses.join(","), "--process", &i.to_string()]);
                 }
@@ -345,20 +364,21 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
             .collect()
     };
 
-    let whole = dir.path().join("whole");
+    let whole = lake_url("whole");
     finish(run(&whole, "earliest", "whole"), "the uninterrupted run");
+    let key = fmsflow::checkpoint::KEY;
     assert!(
-        whole.join("_fmsflow/checkpoint.json").exists(),
+        storage_at(&whole).get(key).unwrap().is_some(),
         "a finished run leaves its checkpoint"
     );
 
-    let resumed = dir.path().join("resumed");
+    let resumed = lake_url("resumed");
     let mut killed = run(&resumed, "earliest", "resumed");
-    let checkpoint = resumed.join("_fmsflow/checkpoint.json");
+    let resumed_storage = storage_at(&resumed);
+    let checkpoint = || resumed_storage.get(key).ok().flatten();
     // Killed once an hour is sealed and more is still to come.
     let sealed_some = || {
-        std::fs::read(&checkpoint)
-            .ok()
+        checkpoint()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .is_some_and(|c| c["next_seq"].as_array().is_some_and(|a| !a.is_empty()))
     };
@@ -375,7 +395,7 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
             "process {i} finished before it could be killed; the run must be killed mid-run"
         );
     }
-    let ck: serde_json::Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
+    let ck: serde_json::Value = serde_json::from_slice(&checkpoint().unwrap()).unwrap();
     assert_eq!(ck["processes"], processes, "{ck}");
     let errs = finish(run(&resumed, "checkpoint", "resumed"), "the resumed run");
     for err in &errs {
@@ -386,7 +406,8 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
         errs[0].lines().find(|l| l.contains("resuming")).unwrap_or("")
     );
 
-    let (mut a, mut b) = (common::read_lake(&whole), common::read_lake(&resumed));
+    let read = |url: &str| common::read_lake_at(url.strip_prefix("file://").unwrap_or(url));
+    let (mut a, mut b) = (read(&whole), read(&resumed));
     assert_eq!(a["readings"], a["readings_distinct"], "{a}");
     // DuckDB's mean over the readings depends on how they are split into files, in the last
     // bits only; everything else must be equal.
@@ -491,14 +512,20 @@ fn a_topic_just_created_is_opened_and_a_missing_one_named() {
 
 /// An S3 outage mid-run: the S3 server stopped for 60 s while hours seal, then started again.
 /// The engine retries its writes and waits meanwhile; the lake it leaves in S3 holds the rows
-/// an uninterrupted run leaves, none lost, none twice.
+/// an uninterrupted run leaves, none lost, none twice. The server is one of its own (started
+/// with `scripts/s3` on a free port), so no other test sees the outage.
 #[test]
 fn an_s3_outage_mid_run_loses_nothing() {
     common::python();
-    let s3_dir = std::env::var("FMSFLOW_S3_DIR")
-        .expect("FMSFLOW_S3_DIR is not set: run the tests with `bash scripts/test`, which starts the S3 server");
-    let endpoint = common::s3::endpoint();
-    let port = endpoint.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let s3_dir = dir.path().join("s3").display().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let endpoint = format!("http://127.0.0.1:{port}");
     let s3_script = |cmd: &str| {
         let st = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3"))
             .args([cmd, "--dir", &s3_dir])
@@ -507,6 +534,15 @@ fn an_s3_outage_mid_run_loses_nothing() {
             .unwrap();
         assert!(st.success(), "scripts/s3 {cmd} failed");
     };
+    s3_script("start");
+    // Stops the server however the test ends.
+    struct Stop<F: Fn(&str)>(F);
+    impl<F: Fn(&str)> Drop for Stop<F> {
+        fn drop(&mut self) {
+            (self.0)("stop");
+        }
+    }
+    let stop = Stop(&s3_script);
     let raw = unique("s3-outage");
     let partitions = 2;
     let records = generated(4, "0.02");
@@ -514,8 +550,7 @@ fn an_s3_outage_mid_run_loses_nothing() {
     let half = records.len() / 2;
     produce(&raw, &records[..half]);
 
-    let bucket = common::s3::bucket("outage");
-    let dir = tempfile::tempdir().unwrap();
+    let bucket = common::s3::bucket_at(&endpoint, "outage");
     let log = dir.path().join("run.log");
     let mut cmd = common::kafka::follow_command(&raw, partitions, &format!("s3://{bucket}/lake"));
     cmd.env("FMSFLOW_LAKE__S3_ENDPOINT", &endpoint)
@@ -528,7 +563,11 @@ fn an_s3_outage_mid_run_loses_nothing() {
     let mut engine = common::kafka::Killed(cmd.spawn().expect("starting fmsflow run"));
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
 
-    let s3 = fmsflow::lake::s3::S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
+    let opts = fmsflow::lake::s3::S3Options {
+        endpoint: Some(endpoint.clone()),
+        ..common::s3::options()
+    };
+    let s3 = fmsflow::lake::s3::S3Storage::open(&bucket, "lake", &opts).unwrap();
     common::wait_for("a sealed hour in S3", Duration::from_secs(120), || {
         !s3.list("hourly").unwrap().is_empty()
     });
@@ -570,8 +609,9 @@ fn an_s3_outage_mid_run_loses_nothing() {
     replay(&raw, partitions, "earliest", &local, 2);
     let (a, b) = (
         common::read_lake(&local),
-        common::read_lake_at(&format!("s3://{bucket}/lake")),
+        common::read_lake_with(&format!("s3://{bucket}/lake"), &[("AWS_ENDPOINT_URL", &endpoint)]),
     );
+    drop(stop);
     for key in [
         "readings",
         "readings_distinct",

@@ -37,10 +37,17 @@ pub fn read_lake(dir: &Path) -> serde_json::Value {
 /// [`read_lake`] of a lake directory or an `s3://bucket/prefix` lake (read through
 /// pyarrow's S3 filesystem at `AWS_ENDPOINT_URL`, with the keys of the environment).
 pub fn read_lake_at(location: &str) -> serde_json::Value {
+    read_lake_with(location, &[])
+}
+
+/// [`read_lake_at`] with these environment variables set for the reader (another
+/// `AWS_ENDPOINT_URL`, say).
+pub fn read_lake_with(location: &str, env: &[(&str, &str)]) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/read_lake.py");
     let out = Command::new(python())
         .arg(script)
         .arg(location)
+        .envs(env.iter().copied())
         .output()
         .expect("running read_lake.py");
     assert!(

@@ -25,6 +25,11 @@ pub fn options() -> S3Options {
 
 /// Creates a bucket of its own for a test (unique per run) and returns its name.
 pub fn bucket(name: &str) -> String {
+    bucket_at(&endpoint(), name)
+}
+
+/// [`bucket`] on the server at `endpoint`.
+pub fn bucket_at(endpoint: &str, name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -40,7 +45,7 @@ pub fn bucket(name: &str) -> String {
             .load()
             .await;
         let conf = aws_sdk_s3::config::Builder::from(&shared)
-            .endpoint_url(endpoint())
+            .endpoint_url(endpoint)
             .force_path_style(true)
             .build();
         aws_sdk_s3::Client::from_conf(conf)
