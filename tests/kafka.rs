@@ -288,9 +288,23 @@ fn replays_from_offsets_and_times_and_twice_identically() {
 }
 
 /// The (partition, offset) of every dead letter in `topic`, and how many letters there are.
+/// Each letter also carries its record's ingest time in a header, and is stamped with the
+/// time it was sent (within the last hour), not with that ingest time.
 fn dead_letter_sources(topic: &str) -> (BTreeSet<(String, String)>, usize) {
     let all = consume_all(topic);
     let n = all.len();
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000;
+    for r in &all {
+        assert!(r.headers["ingest_ms"].parse::<i64>().is_ok(), "{r:?}");
+        assert!(
+            r.timestamp.is_some_and(|t| t > an_hour_ago),
+            "not stamped when sent: {r:?}"
+        );
+    }
     (
         all.into_iter()
             .map(|r| (r.headers["source"].clone(), r.headers["offset"].clone()))

@@ -895,19 +895,22 @@ impl KafkaSinks {
                 value: Some(&text(t.to_string())),
             });
         }
+        if let Some(t) = r.ingest_ms {
+            h = h.insert(Header {
+                key: "ingest_ms",
+                value: Some(&text(t.to_string())),
+            });
+        }
         let key = if r.device == 0 {
             String::new()
         } else {
             r.device.to_string()
         };
-        self.producer.send(
-            &self.rejects_topic,
-            key.as_bytes(),
-            &r.payload,
-            r.ingest_ms,
-            Some(h),
-            ticket,
-        )
+        // Stamped when sent, not with the record's ingest time: a replay of records older
+        // than the topic's retention would otherwise have its dead letters deleted by time
+        // retention minutes after they were written. The ingest time is in a header.
+        self.producer
+            .send(&self.rejects_topic, key.as_bytes(), &r.payload, None, Some(h), ticket)
     }
 
     /// Sends the current aggregate of (device, hour), valid as of dataflow time `epoch`.
