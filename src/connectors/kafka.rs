@@ -89,23 +89,16 @@ fn passing(e: &KafkaError) -> bool {
 
 /// Runs `request` until it succeeds, fails for a reason that does not pass by itself, or
 /// has failed for [`SETTLE_TIMEOUT`]; between tries it waits 50 ms, doubling up to 1 s.
-fn settled<T>(
-    what: impl Fn() -> String,
-    mut request: impl FnMut() -> Result<T, KafkaError>,
-) -> Result<T, KafkaConnError> {
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match request() {
-            Ok(v) => return Ok(v),
-            Err(e) if passing(&e) && start.elapsed() + pause < SETTLE_TIMEOUT => {
-                tracing::info!(error = %e, "kafka: {}: retrying in {pause:?}", what());
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => return Err(client_err(what())(e)),
-        }
-    }
+fn settled<T>(what: impl Fn() -> String, request: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaConnError> {
+    crate::backoff::retry(
+        SETTLE_TIMEOUT,
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+        passing,
+        |e, pause, _| tracing::info!(error = %e, "kafka: {}: retrying in {pause:?}", what()),
+        request,
+    )
+    .map_err(|e| client_err(what())(e))
 }
 
 /// Where the brokers are and what the topics are called: `[kafka]` in the configuration.

@@ -133,23 +133,20 @@ pub struct Retry {
 impl Retry {
     /// Runs `op` until it succeeds, fails with an error no retry can help, or has failed for
     /// the limit; logs each failure it retries.
-    pub fn run<T>(&self, what: &str, mut op: impl FnMut() -> Result<T, LakeError>) -> Result<T, LakeError> {
-        let start = std::time::Instant::now();
-        let mut pause = self.first;
-        loop {
-            match op() {
-                Err(e) if e.retryable() && start.elapsed() + pause <= self.limit => {
-                    tracing::warn!(
-                        "lake: {what} failed, retrying in {pause:?} (failing for {:?} of at most {:?}): {e}",
-                        start.elapsed(),
-                        self.limit
-                    );
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
-                }
-                other => return other,
-            }
-        }
+    pub fn run<T>(&self, what: &str, op: impl FnMut() -> Result<T, LakeError>) -> Result<T, LakeError> {
+        crate::backoff::retry(
+            self.limit,
+            self.first,
+            std::time::Duration::from_secs(30),
+            LakeError::retryable,
+            |e, pause, failing| {
+                tracing::warn!(
+                    "lake: {what} failed, retrying in {pause:?} (failing for {failing:?} of at most {:?}): {e}",
+                    self.limit
+                )
+            },
+            op,
+        )
     }
 }
 
