@@ -749,12 +749,12 @@ fn spawn_writers(
 }
 
 /// Encodes and stores one batch, then finishes its ticket (or fails it and the run).
-fn write_one(lake: &LakeWriter, st: &Status, b: HourBatch, ticket: Ticket) {
+fn write_one(lake: &LakeWriter, st: &Status, mut b: HourBatch, ticket: Ticket) {
     if let Some(e) = st.error() {
         ticket.fail(format!("not written: the run has failed ({e})"));
         return;
     }
-    match lake.write(&b) {
+    match lake.write(&mut b) {
         Ok(w) => {
             if b.hourly.is_some() || b.quality.is_some() {
                 let counter = if b.seq == 0 {

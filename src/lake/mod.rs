@@ -207,8 +207,9 @@ impl LakeWriter {
     }
 
     /// Writes one batch: new readings and rejects as a new part, current aggregates and
-    /// quality counts as the hour's single (replaced) file.
-    pub fn write(&self, b: &HourBatch) -> Result<Written, LakeError> {
+    /// quality counts as the hour's single (replaced) file. The batch's readings are taken
+    /// (encoded without a copy); the rest of it is left as it was.
+    pub fn write(&self, b: &mut HourBatch) -> Result<Written, LakeError> {
         let mut w = Written::default();
         let rg = self.row_group_rows;
         let storage = &self.storage;
@@ -222,12 +223,9 @@ impl LakeWriter {
         // Appended tables: a new part per batch, named by sequence and worker.
         let part = format!("part-{:05}-w{:03}.parquet", b.seq, b.worker);
         if !b.readings.is_empty() {
-            let bytes = parquet::readings(&b.readings, b.hour, rg)?;
-            put(
-                format!("{}/{part}", Self::dir("readings", b.hour)),
-                bytes,
-                b.readings.len(),
-            )?;
+            let rows = b.readings.len();
+            let bytes = parquet::readings(std::mem::take(&mut b.readings), b.hour, rg)?;
+            put(format!("{}/{part}", Self::dir("readings", b.hour)), bytes, rows)?;
         }
         if !b.rejections.is_empty() {
             let bytes = parquet::rejects(&b.rejections, b.hour, rg)?;
@@ -379,7 +377,7 @@ mod tests {
                 fail: std::sync::atomic::AtomicUsize::new(fail),
             })
         };
-        let batch = HourBatch {
+        let mut batch = HourBatch {
             hour: 481_000,
             seq: 0,
             worker: 0,
@@ -396,7 +394,7 @@ mod tests {
         // Three failures (pauses of 10, 20 and 40 ms) fit in a limit of 1 s.
         let storage = flaky(3);
         let w = LakeWriter::new(storage.clone(), 100).with_retry(retry(1000));
-        assert_eq!(w.write(&batch).unwrap().files, 1);
+        assert_eq!(w.write(&mut batch).unwrap().files, 1);
         assert_eq!(storage.fail.load(std::sync::atomic::Ordering::Relaxed), 0);
         assert!(storage
             .get(&format!("{}/part-00000.parquet", LakeWriter::dir("hourly", 481_000)))
@@ -404,7 +402,7 @@ mod tests {
             .is_some());
         // Past the limit the error is the write's.
         let w = LakeWriter::new(flaky(100), 100).with_retry(retry(50));
-        let e = w.write(&batch).unwrap_err();
+        let e = w.write(&mut batch).unwrap_err();
         assert!(e.retryable() && e.to_string().contains("uploading"), "{e}");
     }
 
