@@ -100,6 +100,21 @@ struct Reports {
 }
 
 impl Recorder {
+    /// A recorder that goes on from a checkpoint: what the checkpoint covered is covered
+    /// still, whatever the resumed run reports. Without it, a checkpoint taken before the
+    /// restart had re-read everything would forget the parts of hours sealed before the
+    /// crash, and a second restart would delete them.
+    pub fn resuming(read_end: &BTreeMap<i32, i64>, recovery: &Recovery) -> Recorder {
+        let r = Recorder::default();
+        {
+            let mut g = r.lock();
+            g.read_end = read_end.clone();
+            g.watermark = Some(recovery.watermark);
+            g.next_seq = recovery.next_seq.clone();
+        }
+        r
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Reports> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -219,5 +234,32 @@ mod tests {
         assert_eq!(Checkpoint::load(&s).unwrap(), None);
         c.save(&s).unwrap();
         assert_eq!(Checkpoint::load(&s).unwrap(), Some(c));
+    }
+
+    #[test]
+    fn a_resumed_recorder_keeps_what_the_checkpoint_covered() {
+        let flow = FlowConfig::default();
+        let old = Recorder::default();
+        old.positions(0, &[(0, 100), (1, 80)]);
+        old.watermark(0, 7_200_000);
+        old.part(0, 0, 1, 0);
+        old.part(0, 1, 0, 2);
+        let ck = old.take(0, "t", 2, 1, &flow).unwrap();
+        // The restart re-reads from before the checkpoint: its first epochs report less.
+        let r = Recorder::resuming(&ck.read_end, &ck.recovery(3));
+        r.positions(0, &[(0, 40), (1, 30)]);
+        r.watermark(0, 1_000);
+        let again = r.take(0, "t", 2, 1, &flow).unwrap();
+        assert_eq!(
+            (again.read_end.clone(), again.watermark, again.next_seq.clone()),
+            (ck.read_end.clone(), ck.watermark, ck.next_seq.clone()),
+            "a checkpoint taken while re-reading must not forget the parts of the hours sealed before"
+        );
+        // New parts and positions past the checkpoint are added to it.
+        r.positions(4, &[(0, 120)]);
+        r.part(4, 1, 0, 2);
+        let later = r.take(4, "t", 2, 1, &flow).unwrap();
+        assert_eq!(later.read_end, [(0, 120), (1, 80)].into_iter().collect());
+        assert_eq!(later.next_seq, vec![(0, 1, 1), (1, 0, 3)]);
     }
 }

@@ -16,7 +16,7 @@ use timely::dataflow::ProbeHandle;
 
 use crate::checkpoint::{Recorder, Report};
 use crate::connectors::file::FileReader;
-use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec};
+use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec, StartAt};
 use crate::durable::{durable_sink, Tally, Ticket};
 use crate::lake::LakeWriter;
 use crate::status::Status;
@@ -111,7 +111,10 @@ pub fn run(
     // reporting dataflow; only worker 0's recorder is used.
     let recorder = match (&kafka, &lake) {
         (Some(spec), Some(lake)) => Some(Arc::new(Checkpointer {
-            recorder: Recorder::default(),
+            recorder: match (&spec.from, &settings.flow.recovery) {
+                (StartAt::Resume(plan), Some(recovery)) => Recorder::resuming(&plan.read_end, recovery),
+                _ => Recorder::default(),
+            },
             storage: lake.storage().clone(),
             retry: lake.retry(),
             topic: spec.settings.raw_topic.clone(),

@@ -331,6 +331,98 @@ fn a_killed_cluster_resumes_from_its_checkpoint() {
     killed_run_resumes("resume-cluster", 2, 1);
 }
 
+/// Starts `fmsflow run --source kafka --until end` of `raw` into `lake` as `processes`
+/// processes of `workers` workers (a cluster on fresh loopback ports when there are several),
+/// its outputs named after `outputs`.
+fn start_run(
+    raw: &str,
+    partitions: i32,
+    lake: &str,
+    from: &str,
+    outputs: &str,
+    processes: usize,
+    workers: usize,
+) -> Vec<std::process::Child> {
+    let listeners: Vec<std::net::TcpListener> = (0..processes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addresses: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    drop(listeners);
+    (0..processes)
+        .map(|i| {
+            let mut cmd = run_command_at(raw, partitions, from, lake, workers);
+            if processes > 1 {
+                cmd.args(["--cluster", &addresses.join(","), "--process", &i.to_string()]);
+            }
+            cmd.env("FMSFLOW_ENGINE__BATCH", "400")
+                .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.{outputs}.rejects"))
+                .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.{outputs}.hourly"))
+                .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.{outputs}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting fmsflow run")
+        })
+        .collect()
+}
+
+/// Waits for every process of a run; their standard errors. Fails if one failed.
+fn finish(children: Vec<std::process::Child>, what: &str) -> Vec<String> {
+    children
+        .into_iter()
+        .enumerate()
+        .map(|(i, child)| {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "{what}, process {i} failed:\n{err}");
+            err
+        })
+        .collect()
+}
+
+/// SIGKILLs every process of a run: whether any had already finished by itself, and the
+/// lines of their standard errors that say how they resumed.
+fn kill_all(children: Vec<std::process::Child>) -> (bool, Vec<String>) {
+    let mut any_finished = false;
+    let mut resumed = Vec::new();
+    for mut k in children {
+        let _ = k.kill();
+        let out = k.wait_with_output().unwrap();
+        any_finished |= out.status.success();
+        let err = String::from_utf8_lossy(&out.stderr);
+        resumed.extend(err.lines().filter(|l| l.contains("resuming")).map(str::to_string));
+    }
+    (any_finished, resumed)
+}
+
+/// The lakes `whole` (an uninterrupted run of topic `raw`'s outputs "whole") and `resumed`
+/// (a run killed and resumed, outputs "resumed") hold the same rows, table by table, as
+/// DuckDB reads them, with no reading twice; both runs sent the same set of dead letters.
+fn assert_same_lakes(raw: &str, whole: &str, resumed: &str) {
+    let read = |url: &str| common::read_lake_at(url.strip_prefix("file://").unwrap_or(url));
+    let (mut a, mut b) = (read(whole), read(resumed));
+    assert_eq!(a["readings"], a["readings_distinct"], "{a}");
+    // DuckDB's mean over the readings depends on how they are split into files, in the last
+    // bits only; everything else must be equal.
+    for v in [&mut a, &mut b] {
+        let e = v.as_object_mut().unwrap().remove("max_mean_error").unwrap();
+        assert!(
+            e.as_f64().unwrap() < 1e-9,
+            "hourly means differ from the readings by {e}"
+        );
+    }
+    assert_eq!(a, b, "the resumed lake differs from the uninterrupted one");
+    let (whole_letters, n) = dead_letter_sources(&format!("{raw}.whole.rejects"));
+    assert_eq!(
+        whole_letters.len(),
+        n,
+        "an uninterrupted run sends each dead letter once"
+    );
+    let (resumed_letters, m) = dead_letter_sources(&format!("{raw}.resumed.rejects"));
+    assert_eq!(resumed_letters, whole_letters, "dead letters lost or made up");
+    eprintln!("{n} dead letters; the killed and resumed runs sent {m}");
+}
+
 fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     common::python();
     let raw = unique(name);
@@ -340,43 +432,8 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     // The lakes, by URL: the checks below read them through the storage trait, so they hold
     // for any backend.
     let lake_url = |lake: &str| format!("file://{}", dir.path().join(lake).display());
-    // The run's processes (a cluster on fresh loopback ports when there are several).
-    let run = |lake: &str, from: &str, outputs: &str| -> Vec<std::process::Child> {
-        let listeners: Vec<std::net::TcpListener> = (0..processes)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addresses: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-        drop(listeners);
-        (0..processes)
-            .map(|i| {
-                let mut cmd = run_command_at(&raw, partitions, from, lake, workers);
-                if processes > 1 {
-                    cmd.args(["--cluster", &addresses.join(","), "--process", &i.to_string()]);
-                }
-                cmd.env("FMSFLOW_ENGINE__BATCH", "400")
-                    .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.{outputs}.rejects"))
-                    .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.{outputs}.hourly"))
-                    .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.{outputs}"))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("starting fmsflow run")
-            })
-            .collect()
-    };
-    // Waits for every process; their standard errors.
-    let finish = |children: Vec<std::process::Child>, what: &str| -> Vec<String> {
-        children
-            .into_iter()
-            .enumerate()
-            .map(|(i, child)| {
-                let out = child.wait_with_output().unwrap();
-                let err = String::from_utf8_lossy(&out.stderr).into_owned();
-                assert!(out.status.success(), "{what}, process {i} failed:\n{err}");
-                err
-            })
-            .collect()
-    };
+    let run =
+        |lake: &str, from: &str, outputs: &str| start_run(&raw, partitions, lake, from, outputs, processes, workers);
 
     let whole = lake_url("whole");
     finish(run(&whole, "earliest", "whole"), "the uninterrupted run");
@@ -399,16 +456,10 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     common::wait_for("a checkpoint with a sealed hour", Duration::from_secs(120), || {
         sealed_some() || killed.iter_mut().any(|k| k.try_wait().unwrap().is_some())
     });
-    for k in &mut killed {
-        k.kill().unwrap();
-    }
-    for (i, k) in killed.iter_mut().enumerate() {
-        let status = k.wait().unwrap();
-        assert!(
-            !status.success(),
-            "process {i} finished before it could be killed; the run must be killed mid-run"
-        );
-    }
+    assert!(
+        !kill_all(killed).0,
+        "a process finished before it could be killed; the run must be killed mid-run"
+    );
     let ck: serde_json::Value = serde_json::from_slice(&checkpoint().unwrap()).unwrap();
     assert_eq!(ck["processes"], processes, "{ck}");
     let errs = finish(run(&resumed, "checkpoint", "resumed"), "the resumed run");
@@ -419,29 +470,136 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
         "killed after the checkpoint {ck}; {}",
         errs[0].lines().find(|l| l.contains("resuming")).unwrap_or("")
     );
+    assert_same_lakes(&raw, &whole, &resumed);
+}
 
-    let read = |url: &str| common::read_lake_at(url.strip_prefix("file://").unwrap_or(url));
-    let (mut a, mut b) = (read(&whole), read(&resumed));
-    assert_eq!(a["readings"], a["readings_distinct"], "{a}");
-    // DuckDB's mean over the readings depends on how they are split into files, in the last
-    // bits only; everything else must be equal.
-    for v in [&mut a, &mut b] {
-        let e = v.as_object_mut().unwrap().remove("max_mean_error").unwrap();
-        assert!(
-            e.as_f64().unwrap() < 1e-9,
-            "hourly means differ from the readings by {e}"
-        );
+/// A small random number generator for the crash test's kill points (xorshift64*), seeded
+/// from `FMSFLOW_CRASH_SEED` or the clock, the seed printed so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("FMSFLOW_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("kill points from FMSFLOW_CRASH_SEED={seed}");
+        Rng(seed.max(1))
     }
-    assert_eq!(a, b, "the resumed lake differs from the uninterrupted one");
-    let (whole_letters, n) = dead_letter_sources(&format!("{raw}.whole.rejects"));
+
+    /// Uniform in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The crash test of the lake: a run over a fixed input, killed with SIGKILL at 20 random
+/// points and restarted from its checkpoint after each, ends with the lake of a run that was
+/// never killed, row for row. A quarter of the kills come while a life starts or recovers (a
+/// random moment in its first 0.6 s), the rest once its checkpoint has passed a random share
+/// of the input left, plus a random 0-30 ms.
+fn crash_test(name: &str, lake: &str) {
+    common::python();
+    let raw = unique(name);
+    let partitions = 3;
+    let total = produce_generated(&raw, partitions, 6, "0.02").len() as f64;
+    let (processes, workers) = (1, 2);
+    let run =
+        |lake: &str, from: &str, outputs: &str| start_run(&raw, partitions, lake, from, outputs, processes, workers);
+    let dir = tempfile::tempdir().unwrap();
+    let whole = format!("file://{}", dir.path().join("whole").display());
+    finish(run(&whole, "earliest", "whole"), "the uninterrupted run");
+
+    let storage = storage_at(lake);
+    let key = fmsflow::checkpoint::KEY;
+    let checkpoint = || {
+        storage
+            .get(key)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    };
+    // How many records the checkpoint covers.
+    let covered = |c: &serde_json::Value| -> f64 {
+        c["read_end"]
+            .as_object()
+            .map_or(0.0, |m| m.values().filter_map(|v| v.as_f64()).sum())
+    };
+    let kills = 20;
+    let mut rng = Rng::new();
+    let mut made = 0;
+    for k in 0..kills {
+        let ck = checkpoint();
+        let from = if ck.is_some() { "checkpoint" } else { "earliest" };
+        // Each life is killed past a random share of what is left, sized so that the
+        // remaining lives find input left to be killed in.
+        let covered_at_start = ck.as_ref().map_or(0.0, covered);
+        let share = (1.5 * rng.next() / (kills - k) as f64).min(0.8);
+        let goal = covered_at_start + share * (total - covered_at_start);
+        let mut life = run(lake, from, "resumed");
+        let started = std::time::Instant::now();
+        let what = if rng.next() < 0.25 {
+            let at = Duration::from_secs_f64(0.6 * rng.next());
+            common::wait_for("the moment of a kill", Duration::from_secs(5), || {
+                started.elapsed() >= at || life.iter_mut().any(|p| p.try_wait().unwrap().is_some())
+            });
+            format!("{:.0} ms after its start", at.as_secs_f64() * 1e3)
+        } else {
+            common::wait_for(
+                &format!("the checkpoint to cover {goal:.0} records"),
+                Duration::from_secs(120),
+                || {
+                    checkpoint().is_some_and(|c| covered(&c) >= goal)
+                        || life.iter_mut().any(|p| p.try_wait().unwrap().is_some())
+                },
+            );
+            std::thread::sleep(Duration::from_secs_f64(0.03 * rng.next()));
+            format!("once its checkpoint covered {goal:.0} records")
+        };
+        let (finished, resumed) = kill_all(life);
+        for line in resumed {
+            eprintln!("  {line}");
+        }
+        if finished {
+            eprintln!("life {k} finished before its kill ({what})");
+            break;
+        }
+        made += 1;
+        let at = checkpoint().map_or("no checkpoint yet".to_string(), |c| {
+            format!("checkpoint of epoch {} covering {:.0} records", c["epoch"], covered(&c))
+        });
+        eprintln!("life {k} (--from {from}) killed {what}; {at}");
+    }
     assert_eq!(
-        whole_letters.len(),
-        n,
-        "an uninterrupted run sends each dead letter once"
+        made, kills,
+        "only {made} of {kills} lives were killed before they finished: the input is too short"
     );
-    let (resumed_letters, m) = dead_letter_sources(&format!("{raw}.resumed.rejects"));
-    assert_eq!(resumed_letters, whole_letters, "dead letters lost or made up");
-    eprintln!("{n} dead letters; the killed and resumed runs sent {m}");
+    let from = if checkpoint().is_some() {
+        "checkpoint"
+    } else {
+        "earliest"
+    };
+    finish(run(lake, from, "resumed"), "the last life");
+    assert_same_lakes(&raw, &whole, lake);
+}
+
+#[test]
+fn twenty_kills_on_local_storage_lose_nothing_and_double_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    crash_test("crash-local", &format!("file://{}", dir.path().join("lake").display()));
+}
+
+#[test]
+fn twenty_kills_on_s3_lose_nothing_and_double_nothing() {
+    crash_test("crash-s3", &format!("s3://{}/lake", common::s3::bucket("crash")));
 }
 
 /// Following a topic after a resume: records the reader received beyond the recovery epochs'

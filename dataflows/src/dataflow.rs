@@ -649,57 +649,60 @@ fn seal<'scope>(
 
             let frontier = joined_frontier(frontiers);
             let done = |t: &Epoch| !frontier.less_equal(t);
-            let mut complete = None;
-            for (t, batches) in split_done(&mut pending_read, done) {
-                complete = complete.max(Some(t));
-                for (hour, chunk) in batches.into_iter().flat_map(split_by_hour) {
+            // The complete epochs, each handled on its own and in order: what an epoch's
+            // records change goes out at that epoch, never later. A checkpoint of epoch E
+            // (the records read by E) then covers exactly the files emitted by E; emitted
+            // at a later epoch, a crash between the two would lose them.
+            let mut epochs: Vec<Epoch> = pending_read
+                .keys()
+                .chain(pending_rej.keys())
+                .chain(pending_hourly.keys())
+                .chain(pending_quality.keys())
+                .chain(pending_wm.keys())
+                .copied()
+                .filter(done)
+                .collect();
+            epochs.sort_unstable();
+            epochs.dedup();
+            let finished = frontier.is_empty();
+            if epochs.is_empty() && finished {
+                // The input has ended: whatever is still open goes out now.
+                epochs.extend(caps.first().map(|c| *c.time()));
+            }
+            let last = epochs.last().copied();
+            for t in epochs {
+                for (hour, chunk) in pending_read.remove(&t).into_iter().flatten().flat_map(split_by_hour) {
                     if !hours_of.stored(t, hour) {
                         hours_of.state(&mut hours, &dropped, hour).readings.push(chunk);
                     }
                 }
-            }
-            for (t, v) in split_done(&mut pending_rej, done) {
-                complete = complete.max(Some(t));
-                for r in v {
+                for r in pending_rej.remove(&t).into_iter().flatten() {
                     if !hours_of.stored(t, r.hour()) {
                         hours_of.state(&mut hours, &dropped, r.hour()).rejections.push(r);
                     }
                 }
-            }
-            for (t, v) in split_done(&mut pending_hourly, done) {
-                complete = complete.max(Some(t));
-                for ((device, hour), stats) in v {
+                for ((device, hour), stats) in pending_hourly.remove(&t).into_iter().flatten() {
                     let stored = hours_of.stored(t, hour);
                     let h = hours_of.state(&mut hours, &dropped, hour);
                     h.hourly.insert(device, stats);
                     h.hourly_dirty |= !stored;
                 }
-            }
-            for (t, v) in split_done(&mut pending_quality, done) {
-                complete = complete.max(Some(t));
-                for ((device, hour, outcome), n) in v {
+                for ((device, hour, outcome), n) in pending_quality.remove(&t).into_iter().flatten() {
                     let stored = hours_of.stored(t, hour);
                     let h = hours_of.state(&mut hours, &dropped, hour);
                     h.quality.insert((device, outcome), n as i64);
                     h.quality_dirty |= !stored;
                 }
-            }
-            for (t, w) in split_done(&mut pending_wm, done) {
-                complete = complete.max(Some(t));
-                watermark = watermark.max(w);
-            }
-
-            let finished = frontier.is_empty();
-            if let Some(t) = complete.or(if finished {
-                caps.first().map(|c| *c.time())
-            } else {
-                None
-            }) {
+                if let Some(w) = pending_wm.remove(&t) {
+                    watermark = watermark.max(w);
+                }
+                // Once the input has ended, every hour is sealed with the last epoch.
+                let all = finished && Some(t) == last;
                 let cap = caps[0].delayed(&t);
                 let mut out = o_sealed.activate();
                 let mut session = out.session(&cap);
                 for (hour, state) in hours.iter_mut() {
-                    let sealable = finished || watermark >= (hour + 1) * HOUR_MS + grace_ms;
+                    let sealable = all || watermark >= (hour + 1) * HOUR_MS + grace_ms;
                     if sealable && (!state.sealed || state.dirty()) {
                         state.sealed = true;
                         session.give(state.take_batch(*hour, worker));
