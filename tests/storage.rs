@@ -23,6 +23,26 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `fmsflow run --source file:<input> --lake <lake> --workers <workers>` with these
+/// environment variables (and the test S3 server's settings); fails if the run fails.
+fn replay_into(input: &std::path::Path, lake: &str, workers: usize, env: &[(&str, &str)]) {
+    let out = Command::new(common::bin())
+        .args(["run", "--workers", &workers.to_string(), "--source"])
+        .arg(format!("file:{}", input.display()))
+        .arg("--lake")
+        .arg(lake)
+        .env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
+        .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "run into {lake}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
@@ -142,24 +162,13 @@ fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
         .unwrap();
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
     let bucket = common::s3::bucket("replay");
-    let run = |lake: String| {
-        let out = Command::new(common::bin())
-            .args(["run", "--workers", "2", "--source"])
-            .arg(format!("file:{}", input.display()))
-            .arg("--lake")
-            .arg(&lake)
-            .env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
-            .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "run into {lake}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(format!("file://{}", dir.path().join("local").display()));
-    run(format!("s3://{bucket}/lake"));
+    replay_into(
+        &input,
+        &format!("file://{}", dir.path().join("local").display()),
+        2,
+        &[],
+    );
+    replay_into(&input, &format!("s3://{bucket}/lake"), 2, &[]);
 
     let local = LocalStorage::new(dir.path().join("local"), false);
     let s3 = S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
@@ -200,4 +209,88 @@ fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
         "{a}"
     );
     assert!(b["max_mean_error"].as_f64().unwrap() < 1e-9, "{b}");
+}
+
+/// A replay in which a reading of hour 00 arrives after the hour was sealed (the watermark
+/// past 01:05), into the lake at `url`. Afterwards each table shows one version of hour 00:
+/// the hour's `hourly` and `quality` are one file each, rewritten with the late reading
+/// counted once, and its readings are the sealed part plus one part holding the late reading.
+fn late_data_leaves_one_version_of_the_hour(url: &str, storage: &dyn Storage) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("late.ndjson");
+    let line = |device: u32, secs: i64, v: f64| {
+        let t = 1_751_846_400 + secs; // 2025-07-07T00:00:00Z + secs
+        let time = fmsflow_dataflows::time::format_rfc3339(t * 1000);
+        format!(
+            "{} {{\"time\": \"{time}\", \"DeviceId\": {device}, \"sensor1\": {v}, \"sensor2\": 1.5, \"sensor3\": 2.5, \
+             \"motor1\": 100.0, \"motor2\": 200.0, \"motor3\": 300.0, \"isFail\": false}}\n",
+            t * 1000 + 100
+        )
+    };
+    let mut text = String::new();
+    // Hour 00 and the first 10 minutes of hour 01 for devices 1 and 2, every 60 s: hour 00 is
+    // sealed once a reading at 01:05 is accepted.
+    for s in (0..4200).step_by(60) {
+        for d in [1, 2] {
+            text += &line(d, s, 10.0 + (s / 60) as f64);
+        }
+    }
+    // The late reading: device 1 at 00:30:30, a time no other reading has, arriving at 01:10
+    // (its ingest time is what a replay line carries).
+    let late = line(1, 1830, 77.0);
+    let (_, body) = late.split_once(' ').unwrap();
+    text += &format!("{} {body}", (1_751_846_400i64 + 4200) * 1000);
+    // More of hour 01, so the late reading's epoch is neither the first nor the last.
+    for s in (4260..4800).step_by(60) {
+        for d in [1, 2] {
+            text += &line(d, s, 50.0);
+        }
+    }
+    std::fs::write(&input, text).unwrap();
+    // Small epochs: the hour is sealed several epochs before the late reading comes.
+    replay_into(&input, url, 1, &[("FMSFLOW_ENGINE__BATCH", "20")]);
+    let hour00 = |table: &str| sorted(storage.list(&format!("{table}/dt=2025-07-07/hour=00")).unwrap());
+    assert_eq!(
+        hour00("hourly"),
+        vec!["hourly/dt=2025-07-07/hour=00/part-00000.parquet"],
+        "one hourly file for the hour, and nothing else in its folder"
+    );
+    assert_eq!(
+        hour00("quality"),
+        vec!["quality/dt=2025-07-07/hour=00/part-00000.parquet"]
+    );
+    assert_eq!(
+        hour00("readings"),
+        vec![
+            "readings/dt=2025-07-07/hour=00/part-00000-w000.parquet",
+            "readings/dt=2025-07-07/hour=00/part-00001-w000.parquet",
+        ],
+        "the sealed part, then one part for the late reading"
+    );
+    // What a reader sees: one row per device in hour 00, the late reading counted once.
+    let lake = common::read_lake_at(url.strip_prefix("file://").unwrap_or(url));
+    let by_hour = lake["hourly_by_hour"].as_array().unwrap();
+    let h0 = by_hour.iter().find(|h| h["hour"] == 0).unwrap();
+    assert_eq!(
+        (h0["rows"].as_u64(), h0["count"].as_u64()),
+        (Some(2), Some(121)),
+        "{lake}"
+    );
+    assert_eq!(lake["readings_by_hour"]["2025-07-07/00"], 121, "{lake}");
+    assert_eq!(lake["readings"], lake["readings_distinct"], "{lake}");
+    assert!(lake["max_mean_error"].as_f64().unwrap() < 1e-9, "{lake}");
+}
+
+#[test]
+fn late_data_leaves_one_version_of_the_hour_on_local_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = LocalStorage::new(dir.path().join("lake"), false);
+    late_data_leaves_one_version_of_the_hour(&format!("file://{}", dir.path().join("lake").display()), &storage);
+}
+
+#[test]
+fn late_data_leaves_one_version_of_the_hour_on_s3() {
+    let bucket = common::s3::bucket("late");
+    let storage = S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
+    late_data_leaves_one_version_of_the_hour(&format!("s3://{bucket}/lake"), &storage);
 }
