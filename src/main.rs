@@ -424,6 +424,13 @@ fn run_engine(
 ) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storage = lake::open(&cfg.lake.url, &cfg.lake.storage_options())?;
+    let swept = storage.sweep_abandoned()?;
+    if swept > 0 {
+        eprintln!(
+            "deleted {swept} temporary file(s) that writes killed before they finished left in {}",
+            storage.describe()
+        );
+    }
     let mut flow = cfg.flow_config();
     let (source, sinks) = if source == "kafka" {
         let k = cfg.kafka.clone();

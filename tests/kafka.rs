@@ -589,6 +589,14 @@ fn crash_test(name: &str, lake: &str) {
     };
     finish(run(lake, from, "resumed"), "the last life");
     assert_same_lakes(&raw, &whole, lake);
+    // The killed writes' temporary files are gone: each life sweeps them at its start.
+    if let Some(dir) = lake.strip_prefix("file://") {
+        let left: Vec<String> = files(Path::new(dir))
+            .into_keys()
+            .filter(|k| k.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left in the lake: {left:?}");
+    }
 }
 
 #[test]

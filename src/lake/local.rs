@@ -131,4 +131,77 @@ impl Storage for LocalStorage {
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }
+
+    /// Temporary files (`.NAME.PID-N.tmp`) of processes no longer running: a write killed
+    /// between creating its temporary file and renaming it into place.
+    fn sweep_abandoned(&self) -> Result<usize, LakeError> {
+        let mut swept = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if temp_file_owner(&name).is_some_and(|pid| !process_runs(pid)) {
+                    std::fs::remove_file(&path).map_err(|source| LakeError::Io {
+                        op: "deleting an abandoned temporary file",
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                    swept += 1;
+                }
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// The process id in the name of one of [`LocalStorage::put_atomic`]'s temporary files.
+fn temp_file_owner(name: &str) -> Option<u32> {
+    let stem = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, tail) = stem.rsplit_once('.')?;
+    let (pid, n) = tail.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether a process with this id runs on this machine (Linux: `/proc/PID`); this process
+/// counts as running.
+fn process_runs(pid: u32) -> bool {
+    pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abandoned_temporary_files_are_swept_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage::new(dir.path().to_path_buf(), false);
+        s.put_atomic("readings/dt=2025-07-07/hour=00/part-00000-w000.parquet", b"x")
+            .unwrap();
+        let hour = dir.path().join("readings/dt=2025-07-07/hour=00");
+        // A dead process: pid_max on Linux is at most 2^22, so this id runs nowhere.
+        let dead = hour.join(".part-00001-w000.parquet.4294967294-7.tmp");
+        let live = hour.join(format!(".part-00002-w000.parquet.{}-8.tmp", std::process::id()));
+        let other = hour.join(".notes.tmp");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        assert_eq!(s.sweep_abandoned().unwrap(), 1);
+        assert!(!dead.exists() && live.exists() && other.exists());
+        assert_eq!(
+            s.list("readings").unwrap(),
+            vec!["readings/dt=2025-07-07/hour=00/part-00000-w000.parquet"]
+        );
+        assert_eq!(temp_file_owner(".checkpoint.json.1234-5.tmp"), Some(1234));
+        assert_eq!(temp_file_owner("part-00000.parquet"), None);
+    }
 }

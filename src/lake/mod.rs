@@ -60,6 +60,11 @@ pub trait Storage: Send + Sync {
     fn delete(&self, key: &str) -> Result<(), LakeError>;
     /// A human description (for logs).
     fn describe(&self) -> String;
+    /// Deletes what writes of processes that died mid-write left behind (their temporary
+    /// files); how many. Writes in progress are left alone.
+    fn sweep_abandoned(&self) -> Result<usize, LakeError> {
+        Ok(0)
+    }
 }
 
 /// How to open a lake's storage, beside its URL (`[lake]`).
