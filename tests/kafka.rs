@@ -738,6 +738,8 @@ fn an_s3_outage_mid_run_loses_nothing() {
         .env("FMSFLOW_LAKE__RETRY_FOR", "5m")
         // Our retries take over after the SDK's second try, so the test sees them soon.
         .env("FMSFLOW_LAKE__S3_MAX_ATTEMPTS", "2")
+        // At most batch × 3 records per worker wait for their outputs to be stored.
+        .env("FMSFLOW_ENGINE__BATCH", "200")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     let mut engine = common::kafka::Killed(cmd.spawn().expect("starting fmsflow run"));
@@ -764,6 +766,22 @@ fn an_s3_outage_mid_run_loses_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(60).saturating_sub(stopped.elapsed()));
+    // Backpressure: with the lake down, the engine stops reading once 3 batches per worker
+    // wait to be stored, instead of holding the whole backlog in memory.
+    let read_in_outage = logged()
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .split_once(" records in,")
+                .and_then(|(n, _)| n.parse::<usize>().ok())
+        })
+        .last()
+        .unwrap_or(0);
+    assert!(
+        read_in_outage <= half + 2 * 3 * 200,
+        "the engine read {read_in_outage} of {} records while the lake was down: no backpressure",
+        records.len()
+    );
     s3_script("start");
     let all = format!(" {} records in,", records.len());
     common::wait_for("the engine reading every record", Duration::from_secs(180), || {
@@ -811,7 +829,9 @@ fn an_s3_outage_mid_run_loses_nothing() {
     assert_eq!(b["readings"], b["readings_distinct"], "{b}");
     let retries = logged().matches("retrying in").count();
     eprintln!(
-        "{} readings; the run retried {retries} lake writes through a 60 s outage",
-        b["readings"]
+        "{} readings; the run retried {retries} lake writes through a 60 s outage, during which \
+         it had read {read_in_outage} of {} records",
+        b["readings"],
+        records.len()
     );
 }
