@@ -770,12 +770,12 @@ fn an_s3_outage_mid_run_loses_nothing() {
     // wait to be stored, instead of holding the whole backlog in memory.
     let read_in_outage = logged()
         .lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             l.trim()
                 .split_once(" records in,")
                 .and_then(|(n, _)| n.parse::<usize>().ok())
         })
-        .last()
         .unwrap_or(0);
     assert!(
         read_in_outage <= half + 2 * 3 * 200,
