@@ -148,6 +148,9 @@ pub struct Lake {
     /// Writer threads per engine worker: each encodes and stores whole hours, so more of
     /// them overlap storage waits (fsync, uploads).
     pub writers: usize,
+    /// `readings/` gets a `device=D` level under each hour: one file per device and part.
+    /// Readers of one device open only its files, at the cost of many small files.
+    pub device_partitions: bool,
     /// How long a failing write to the lake (storage unreachable, disk full) is retried,
     /// with growing pauses, before the run fails; the engine waits meanwhile.
     pub retry_for: Dur,

@@ -45,7 +45,8 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     let writer = Arc::new(
         LakeWriter::new(storage, cfg.lake.row_group_rows)
             .with_writers(cfg.lake.writers)
-            .with_retry(cfg.lake.retry()),
+            .with_retry(cfg.lake.retry())
+            .with_device_partitions(cfg.lake.device_partitions),
     );
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));

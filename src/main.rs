@@ -493,7 +493,8 @@ fn run_engine(
     let writer = Arc::new(
         lake::LakeWriter::new(storage, cfg.lake.row_group_rows)
             .with_writers(cfg.lake.writers)
-            .with_retry(cfg.lake.retry()),
+            .with_retry(cfg.lake.retry())
+            .with_device_partitions(cfg.lake.device_partitions),
     );
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {

@@ -164,6 +164,31 @@ impl ReadingColumns {
     pub fn keys(&self) -> impl Iterator<Item = (u32, i64, SourcePos)> + '_ {
         (0..self.len()).map(|i| (self.device[i], self.time_ms[i], self.pos[i]))
     }
+
+    /// The rows of each device, in row order, for rows grouped by device (as the sealing
+    /// stage orders them): one `(device, columns)` per run of equal devices.
+    pub fn split_by_device(self) -> Vec<(u32, ReadingColumns)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < self.len() {
+            let device = self.device[start];
+            let end = start + self.device[start..].iter().take_while(|&&d| d == device).count();
+            let range = start..end;
+            out.push((
+                device,
+                ReadingColumns {
+                    device: self.device[range.clone()].to_vec(),
+                    time_ms: self.time_ms[range.clone()].to_vec(),
+                    metrics: std::array::from_fn(|m| self.metrics[m][range.clone()].to_vec()),
+                    is_fail: self.is_fail[range.clone()].to_vec(),
+                    ingest_ms: self.ingest_ms[range.clone()].to_vec(),
+                    pos: self.pos[range].to_vec(),
+                },
+            ));
+            start = end;
+        }
+        out
+    }
 }
 
 /// A device's newest accepted reading among one epoch's readings at one worker, and how many

@@ -123,6 +123,7 @@ pub struct LakeWriter {
     row_group_rows: usize,
     writers: usize,
     retry: Retry,
+    device_partitions: bool,
 }
 
 /// How long a failing storage operation is retried: for `limit` in all, pausing `first`,
@@ -172,6 +173,7 @@ impl LakeWriter {
             row_group_rows,
             writers: 1,
             retry: Retry::default(),
+            device_partitions: false,
         }
     }
 
@@ -180,6 +182,14 @@ impl LakeWriter {
     /// writer's queue fills and the engine's workers wait for it (backpressure).
     pub fn with_retry(self, retry: Retry) -> Self {
         LakeWriter { retry, ..self }
+    }
+
+    /// Writes `readings/` with a `device=D` level under each hour (`lake.device_partitions`).
+    pub fn with_device_partitions(self, device_partitions: bool) -> Self {
+        LakeWriter {
+            device_partitions,
+            ..self
+        }
     }
 
     /// The retry policy of this writer's storage operations.
@@ -228,9 +238,18 @@ impl LakeWriter {
         // Appended tables: a new part per batch, named by sequence and worker.
         let part = format!("part-{:05}-w{:03}.parquet", b.seq, b.worker);
         if !b.readings.is_empty() {
-            let rows = b.readings.len();
-            let bytes = parquet::readings(std::mem::take(&mut b.readings), b.hour, rg)?;
-            put(format!("{}/{part}", Self::dir("readings", b.hour)), bytes, rows)?;
+            let dir = Self::dir("readings", b.hour);
+            let readings = std::mem::take(&mut b.readings);
+            if self.device_partitions {
+                for (device, rows) in readings.split_by_device() {
+                    let n = rows.len();
+                    let bytes = parquet::readings(rows, b.hour, rg)?;
+                    put(format!("{dir}/device={device}/{part}"), bytes, n)?;
+                }
+            } else {
+                let rows = readings.len();
+                put(format!("{dir}/{part}"), parquet::readings(readings, b.hour, rg)?, rows)?;
+            }
         }
         if !b.rejections.is_empty() {
             let bytes = parquet::rejects(&b.rejections, b.hour, rg)?;

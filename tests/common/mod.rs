@@ -66,3 +66,30 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The entries of a [`read_lake_at`] summary that depend only on the rows (not on how they
+/// are split into files).
+pub const ROW_SUMMARY: [&str; 10] = [
+    "readings",
+    "readings_distinct",
+    "readings_bad_hour",
+    "readings_by_hour",
+    "hourly_by_hour",
+    "quality",
+    "rejects",
+    "hourly_fails",
+    "readings_fails",
+    "pyarrow_rows",
+];
+
+/// Fails unless two lakes' summaries agree on every entry of [`ROW_SUMMARY`], naming the
+/// entry and the two lakes (`names`) when they do not.
+pub fn assert_same_rows(a: &serde_json::Value, b: &serde_json::Value, names: (&str, &str)) {
+    for key in ROW_SUMMARY {
+        assert_eq!(
+            a[key], b[key],
+            "{key}: {} {} against {} {}",
+            names.0, a[key], names.1, b[key]
+        );
+    }
+}
