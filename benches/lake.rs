@@ -4,10 +4,11 @@
 //! the storage's atomic put), on one thread. Prints rows/s and MB/s of Parquet stored per
 //! backend, beside encoding alone (no storage) as the comparison.
 //!
-//! Run `scripts/bench-lake`, which starts a private S3 server (s3s-fs) for the S3 case; with
-//! `cargo bench --bench lake` alone, S3 is measured when `FMSFLOW_BENCH_S3` names a lake URL
-//! (`s3://bucket/prefix`) and `AWS_ENDPOINT_URL` and the keys are set, and skipped with a
-//! message otherwise. `FMSFLOW_BENCH_HOURS` sets the number of hours (default 48).
+//! Run `scripts/bench-lake`, which starts a private S3 server (s3s-fs) and HDFS for those
+//! cases; with `cargo bench --bench lake` alone, S3 is measured when `FMSFLOW_BENCH_S3` names
+//! a lake URL (`s3://bucket/prefix`) and `AWS_ENDPOINT_URL` and the keys are set, HDFS when
+//! `FMSFLOW_BENCH_HDFS` names one (`hdfs://host:port/path`, built with `--features hdfs`,
+//! `CLASSPATH` set), and each is skipped with a message otherwise. `FMSFLOW_BENCH_HOURS` sets the number of hours (default 48).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -145,6 +146,10 @@ fn main() {
             },
         )),
         Err(_) => println!("S3: skipped (FMSFLOW_BENCH_S3 is not set; scripts/bench-lake sets it)"),
+    }
+    match std::env::var("FMSFLOW_BENCH_HDFS") {
+        Ok(url) => cases.push(("HDFS (1 DataNode, 127.0.0.1)".into(), url, StorageOptions::default())),
+        Err(_) => println!("HDFS: skipped (FMSFLOW_BENCH_HDFS is not set; scripts/bench-lake sets it)"),
     }
     for (what, url, opts) in cases {
         let storage = lake::open(&url, &opts).unwrap_or_else(|e| panic!("opening {url}: {e}"));

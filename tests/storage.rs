@@ -142,8 +142,10 @@ fn s3_refuses_a_missing_bucket_and_wrong_keys_at_open() {
     assert!(!stderr.contains("not-the-secret"), "the secret was printed: {stderr}");
 }
 
-#[test]
-fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
+/// Generates 20 devices × 3 hours of readings, replays them into a local directory and into
+/// `url`, and checks that `storage` (the lake at `url`) holds the same files, byte for byte.
+/// Returns the local lake's folder and the generated input's folder.
+fn replay_matches_local(url: &str, storage: &dyn Storage, what: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.ndjson");
     let gen = Command::new(common::bin())
@@ -161,29 +163,40 @@ fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
         .output()
         .unwrap();
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
-    let bucket = common::s3::bucket("replay");
     replay_into(
         &input,
         &format!("file://{}", dir.path().join("local").display()),
         2,
         &[],
     );
-    replay_into(&input, &format!("s3://{bucket}/lake"), 2, &[]);
-
+    replay_into(&input, url, 2, &[]);
     let local = LocalStorage::new(dir.path().join("local"), false);
-    let s3 = S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
     let mut n = 0;
     for table in ["readings", "hourly", "quality", "rejects"] {
         let keys = sorted(local.list(table).unwrap());
         assert!(!keys.is_empty(), "no {table} files");
-        assert_eq!(keys, sorted(s3.list(table).unwrap()), "{table}: other files in S3");
+        assert_eq!(
+            keys,
+            sorted(storage.list(table).unwrap()),
+            "{table}: other files in {what}"
+        );
         for k in keys {
-            assert!(local.get(&k).unwrap() == s3.get(&k).unwrap(), "{k} differs in S3");
+            assert!(
+                local.get(&k).unwrap() == storage.get(&k).unwrap(),
+                "{k} differs in {what}"
+            );
             n += 1;
         }
     }
-    eprintln!("{n} files, the same in S3 as in the local directory");
+    eprintln!("{n} files, the same in {what} as in the local directory");
+    dir
+}
 
+#[test]
+fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
+    let bucket = common::s3::bucket("replay");
+    let s3 = S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
+    let dir = replay_matches_local(&format!("s3://{bucket}/lake"), &s3, "S3");
     // DuckDB and pyarrow read the S3 lake, through pyarrow's S3 filesystem, as they read
     // the local one.
     let (a, b) = (
@@ -196,6 +209,53 @@ fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
         "{a}"
     );
     assert!(b["max_mean_error"].as_f64().unwrap() < 1e-9, "{b}");
+}
+
+#[test]
+fn hdfs_passes_the_storage_suite() {
+    let (_, storage) = common::hdfs::lake("suite");
+    suite(storage.as_ref(), 12 << 20);
+}
+
+#[test]
+fn hdfs_refuses_an_unreachable_namenode_at_open() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("hdfs://127.0.0.1:{port}/lake");
+    let e = match fmsflow::lake::open(&url, &Default::default()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("opened {url} with no NameNode there"),
+    };
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("is HDFS running"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_replay_into_hdfs_stores_the_files_a_local_replay_does() {
+    let (url, storage) = common::hdfs::lake("replay");
+    let dir = replay_matches_local(&url, storage.as_ref(), "HDFS");
+    // DuckDB and pyarrow read the files as fetched from HDFS (pyarrow's HDFS filesystem needs
+    // a libhdfs.so from a Hadoop install, which the tests do not have).
+    let fetched = dir.path().join("from-hdfs");
+    for table in ["readings", "hourly", "quality", "rejects"] {
+        for k in storage.list(table).unwrap() {
+            let path = fetched.join(&k);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, storage.get(&k).unwrap().unwrap()).unwrap();
+        }
+    }
+    let (a, b) = (
+        common::read_lake(&dir.path().join("local")),
+        common::read_lake(&fetched),
+    );
+    common::assert_same_rows(&a, &b, ("local", "HDFS"));
+    assert!(a["readings"].as_u64().unwrap() > 0, "{a}");
 }
 
 /// A replay in which a reading of hour 00 arrives after the hour was sealed (the watermark

@@ -1,6 +1,6 @@
 //! The Parquet lake: where an hour's files go once it is sealed. Storage is chosen by URL
-//! (`file://` a local directory, `s3://bucket/prefix` S3; `hdfs://` comes with the HDFS
-//! backend) behind one small trait.
+//! (`file://` a local directory, `s3://bucket/prefix` S3, `hdfs://host:port/path` HDFS with
+//! the `hdfs` feature) behind one small trait.
 //!
 //! Layout (Hive style, readable as-is by DuckDB, Spark, Athena):
 //! `{readings,hourly,quality,rejects}/dt=YYYY-MM-DD/hour=HH/part-*.parquet`.
@@ -9,6 +9,8 @@
 //! data changes the hour. Every file is written under a hidden temporary name and renamed,
 //! so a reader never sees half a file.
 
+#[cfg(feature = "hdfs")]
+pub mod hdfs;
 pub mod local;
 pub mod parquet;
 pub mod s3;
@@ -87,7 +89,8 @@ impl Default for StorageOptions {
     }
 }
 
-/// Opens the storage a lake URL names: `file://<path>` or `s3://<bucket>[/<prefix>]`.
+/// Opens the storage a lake URL names: `file://<path>`, `s3://<bucket>[/<prefix>]` or (with
+/// the `hdfs` feature) `hdfs://<host>:<port>/<path>`.
 pub fn open(url: &str, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LakeError> {
     let err = |problem: &str| LakeError::Url {
         url: url.to_string(),
@@ -100,11 +103,19 @@ pub fn open(url: &str, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LakeEr
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             Ok(Arc::new(s3::S3Storage::open(bucket, prefix, &opts.s3)?))
         }
+        #[cfg(feature = "hdfs")]
+        Some(("hdfs", _)) => Ok(Arc::new(hdfs::HdfsStorage::open(url)?)),
+        #[cfg(not(feature = "hdfs"))]
         Some(("hdfs", _)) => Err(err(
-            "this build writes file:// and s3:// lakes; the HDFS backend is not available yet",
+            "this fmsflow was built without HDFS; build it with `cargo build --release --features hdfs` \
+             (needs a JDK), or use file:// or s3://",
         )),
-        Some((scheme, _)) => Err(err(&format!("unknown scheme `{scheme}`; use file:// or s3://"))),
-        None => Err(err("is not a URL; use file://<path> or s3://<bucket>/<prefix>")),
+        Some((scheme, _)) => Err(err(&format!(
+            "unknown scheme `{scheme}`; use file://, s3:// or hdfs://"
+        ))),
+        None => Err(err(
+            "is not a URL; use file://<path>, s3://<bucket>/<prefix> or hdfs://<host>:<port>/<path>",
+        )),
     }
 }
 
