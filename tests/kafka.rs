@@ -399,7 +399,14 @@ fn kill_all(children: Vec<std::process::Child>) -> (bool, Vec<String>) {
 /// (a run killed and resumed, outputs "resumed") hold the same rows, table by table, as
 /// DuckDB reads them, with no reading twice; both runs sent the same set of dead letters.
 fn assert_same_lakes(raw: &str, whole: &str, resumed: &str) {
-    let read = |url: &str| common::read_lake_at(url.strip_prefix("file://").unwrap_or(url));
+    let fetched = tempfile::tempdir().unwrap();
+    let read = |url: &str| {
+        if url.starts_with("hdfs://") {
+            common::hdfs::fetch(url, fetched.path());
+            return common::read_lake(fetched.path());
+        }
+        common::read_lake_at(url.strip_prefix("file://").unwrap_or(url))
+    };
     let (mut a, mut b) = (read(whole), read(resumed));
     assert_eq!(a["readings"], a["readings_distinct"], "{a}");
     // DuckDB's mean over the readings depends on how they are split into files, in the last
@@ -603,6 +610,12 @@ fn crash_test(name: &str, lake: &str) {
 fn twenty_kills_on_local_storage_lose_nothing_and_double_nothing() {
     let dir = tempfile::tempdir().unwrap();
     crash_test("crash-local", &format!("file://{}", dir.path().join("lake").display()));
+}
+
+#[test]
+fn twenty_kills_on_hdfs_lose_nothing_and_double_nothing() {
+    let (url, _) = common::hdfs::lake("crash");
+    crash_test("crash-hdfs", &url);
 }
 
 #[test]

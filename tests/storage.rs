@@ -243,13 +243,7 @@ fn a_replay_into_hdfs_stores_the_files_a_local_replay_does() {
     // DuckDB and pyarrow read the files as fetched from HDFS (pyarrow's HDFS filesystem needs
     // a libhdfs.so from a Hadoop install, which the tests do not have).
     let fetched = dir.path().join("from-hdfs");
-    for table in ["readings", "hourly", "quality", "rejects"] {
-        for k in storage.list(table).unwrap() {
-            let path = fetched.join(&k);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, storage.get(&k).unwrap().unwrap()).unwrap();
-        }
-    }
+    common::hdfs::fetch(&url, &fetched);
     let (a, b) = (
         common::read_lake(&dir.path().join("local")),
         common::read_lake(&fetched),

@@ -26,3 +26,16 @@ pub fn lake(name: &str) -> (String, Arc<dyn Storage>) {
     let storage = fmsflow::lake::open(&url, &Default::default()).unwrap_or_else(|e| panic!("opening {url}: {e}"));
     (url, storage)
 }
+
+/// Copies every table file of the lake at `url` (on HDFS) into `dir`, for DuckDB and pyarrow
+/// to read (pyarrow's HDFS filesystem needs a libhdfs.so from a Hadoop install).
+pub fn fetch(url: &str, dir: &std::path::Path) {
+    let storage = fmsflow::lake::open(url, &Default::default()).unwrap_or_else(|e| panic!("opening {url}: {e}"));
+    for table in ["readings", "hourly", "quality", "rejects"] {
+        for k in storage.list(table).unwrap() {
+            let path = dir.join(&k);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, storage.get(&k).unwrap().unwrap()).unwrap();
+        }
+    }
+}
