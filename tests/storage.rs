@@ -43,6 +43,19 @@ fn replay_into(input: &std::path::Path, lake: &str, workers: usize, env: &[(&str
     );
 }
 
+/// `fmsflow gen` of `devices` × `hours` with 2 % dirty records, into `dir/in.ndjson`.
+fn generated_input(dir: &std::path::Path, devices: u32, hours: u32) -> std::path::PathBuf {
+    let input = dir.join("in.ndjson");
+    let gen = Command::new(common::bin())
+        .args(["gen", "--devices", &devices.to_string(), "--hours", &hours.to_string()])
+        .args(["--dirty-rate", "0.02", "--out"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    input
+}
+
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
@@ -144,25 +157,10 @@ fn s3_refuses_a_missing_bucket_and_wrong_keys_at_open() {
 
 /// Generates 20 devices × 3 hours of readings, replays them into a local directory and into
 /// `url`, and checks that `storage` (the lake at `url`) holds the same files, byte for byte.
-/// Returns the local lake's folder and the generated input's folder.
+/// Returns the folder holding the input and the local lake (`local/`).
 fn replay_matches_local(url: &str, storage: &dyn Storage, what: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.ndjson");
-    let gen = Command::new(common::bin())
-        .args([
-            "gen",
-            "--devices",
-            "20",
-            "--hours",
-            "3",
-            "--dirty-rate",
-            "0.02",
-            "--out",
-        ])
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let input = generated_input(dir.path(), 20, 3);
     replay_into(
         &input,
         &format!("file://{}", dir.path().join("local").display()),
@@ -342,13 +340,7 @@ fn late_data_leaves_one_version_of_the_hour_on_s3() {
 #[test]
 fn device_partitions_hold_the_same_rows_locally_and_on_s3() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.ndjson");
-    let gen = Command::new(common::bin())
-        .args(["gen", "--devices", "5", "--hours", "2", "--dirty-rate", "0.02", "--out"])
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let input = generated_input(dir.path(), 5, 2);
     let by_device = [("FMSFLOW_LAKE__DEVICE_PARTITIONS", "true")];
     let plain = dir.path().join("plain");
     replay_into(&input, &format!("file://{}", plain.display()), 2, &[]);
