@@ -76,9 +76,32 @@ impl Checkpoint {
 pub enum Report {
     /// Each partition's position after the epoch.
     Positions(Vec<(i32, i64)>),
-    /// Part `seq` of `hour` by `worker`.
-    Part { hour: i64, worker: usize, seq: u32 },
+    /// Part `seq` of `hour` by `worker`, stored under the keys `files`.
+    Part {
+        hour: i64,
+        worker: usize,
+        seq: u32,
+        files: Vec<String>,
+    },
 }
+
+/// What [`Recorder::take`] folds in at an epoch whose outputs are stored.
+#[derive(Debug, PartialEq)]
+pub struct Taken {
+    /// The checkpoint to save (Kafka runs; `None` until something was read).
+    pub checkpoint: Option<Checkpoint>,
+    /// Per hour, the files stored in the epochs folded in, in order: what the hour's
+    /// manifest adds.
+    pub files: BTreeMap<i64, Vec<String>>,
+    /// The oldest hour the sealing stage still holds: older hours change no more (but for
+    /// data later than the retention, which reopens an hour).
+    pub oldest: i64,
+    /// The source positions covered (the checkpoint's `read_end`; empty but for Kafka).
+    pub read_end: BTreeMap<i32, i64>,
+}
+
+/// (hour, worker, seq, files) of a [`Report::Part`].
+type PartReport = (i64, usize, u32, Vec<String>);
 
 /// What the workers report, by epoch, until a checkpoint folds it in.
 #[derive(Default)]
@@ -90,7 +113,7 @@ pub struct Recorder {
 struct Reports {
     positions: BTreeMap<Epoch, Vec<(i32, i64)>>,
     watermarks: BTreeMap<Epoch, i64>,
-    parts: BTreeMap<Epoch, Vec<(i64, usize, u32)>>,
+    parts: BTreeMap<Epoch, Vec<PartReport>>,
     // Folded: everything up to the last checkpoint.
     read_end: BTreeMap<i32, i64>,
     watermark: Option<i64>,
@@ -123,7 +146,12 @@ impl Recorder {
     pub fn record(&self, epoch: Epoch, r: &Report) {
         match r {
             Report::Positions(p) => self.positions(epoch, p),
-            Report::Part { hour, worker, seq } => self.part(epoch, *hour, *worker, *seq),
+            Report::Part {
+                hour,
+                worker,
+                seq,
+                files,
+            } => self.part(epoch, *hour, *worker, *seq, files.clone()),
         }
     }
 
@@ -142,13 +170,16 @@ impl Recorder {
     }
 
     /// A part handed to a lake writer at `epoch`.
-    fn part(&self, epoch: Epoch, hour: i64, worker: usize, seq: u32) {
-        self.lock().parts.entry(epoch).or_default().push((hour, worker, seq));
+    fn part(&self, epoch: Epoch, hour: i64, worker: usize, seq: u32, files: Vec<String>) {
+        self.lock()
+            .parts
+            .entry(epoch)
+            .or_default()
+            .push((hour, worker, seq, files));
     }
 
-    /// Folds in every report of epochs up to `epoch` (whose outputs must be stored) and
-    /// returns the checkpoint, or `None` if one was already taken at or past `epoch`, or
-    /// nothing has been read yet.
+    /// Folds in every report of epochs up to `epoch` (whose outputs must be stored), or
+    /// `None` if that was done already at or past `epoch`.
     pub fn take(
         &self,
         epoch: Epoch,
@@ -156,7 +187,7 @@ impl Recorder {
         workers: usize,
         processes: usize,
         flow: &FlowConfig,
-    ) -> Option<Checkpoint> {
+    ) -> Option<Taken> {
         let mut g = self.lock();
         if g.last.is_some_and(|l| l >= epoch) {
             return None;
@@ -171,14 +202,13 @@ impl Recorder {
         for (_, w) in up_to(&mut g.watermarks, epoch) {
             g.watermark = Some(g.watermark.map_or(w, |v| v.max(w)));
         }
+        let mut files: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         for (_, parts) in up_to(&mut g.parts, epoch) {
-            for (h, w, seq) in parts {
+            for (h, w, seq, keys) in parts {
                 let n = g.next_seq.entry((h, w)).or_default();
                 *n = (*n).max(seq + 1);
+                files.entry(h).or_default().extend(keys);
             }
-        }
-        if g.read_end.is_empty() {
-            return None;
         }
         // The end of a run: the last epoch reported.
         let epoch = if epoch == Epoch::MAX { g.max_epoch } else { epoch };
@@ -186,7 +216,7 @@ impl Recorder {
         // Hours older than the oldest one kept cannot be written again.
         let oldest = Recovery::oldest_kept_hour(watermark, flow);
         g.next_seq.retain(|(h, _), _| *h >= oldest);
-        Some(Checkpoint {
+        let checkpoint = (!g.read_end.is_empty()).then(|| Checkpoint {
             version: 1,
             topic: topic.to_string(),
             workers,
@@ -195,6 +225,12 @@ impl Recorder {
             watermark,
             read_end: g.read_end.clone(),
             next_seq: g.next_seq.iter().map(|(&(h, w), &n)| (h, w, n)).collect(),
+        });
+        Some(Taken {
+            checkpoint,
+            files,
+            oldest,
+            read_end: g.read_end.clone(),
         })
     }
 }
@@ -213,22 +249,32 @@ mod tests {
     fn folds_reports_up_to_the_epoch() {
         let r = Recorder::default();
         let flow = FlowConfig::default();
-        assert_eq!(r.take(0, "t", 2, 1, &flow), None, "nothing read yet");
+        let t = r.take(0, "t", 2, 1, &flow).unwrap();
+        assert_eq!((t.checkpoint, t.files.len()), (None, 0), "nothing read yet");
         r.positions(0, &[(0, 10)]);
         r.positions(0, &[(1, 5)]);
         r.positions(2, &[(0, 30)]);
         r.watermark(0, 1_000);
         r.watermark(2, 9_000);
-        r.part(1, 0, 1, 0);
-        r.part(3, 0, 1, 1);
-        let c = r.take(1, "t", 2, 1, &flow).unwrap();
+        r.part(1, 0, 1, 0, vec!["a".into()]);
+        r.part(1, 0, 0, 0, vec!["b".into(), "c".into()]);
+        r.part(3, 0, 1, 1, vec!["d".into()]);
+        let t = r.take(1, "t", 2, 1, &flow).unwrap();
+        assert_eq!(
+            t.files,
+            [(0, vec!["a".into(), "b".into(), "c".into()])].into_iter().collect()
+        );
+        let c = t.checkpoint.unwrap();
         assert_eq!(c.read_end, [(0, 10), (1, 5)].into_iter().collect());
+        assert_eq!(t.read_end, c.read_end);
         assert_eq!((c.epoch, c.watermark), (1, 1_000));
-        assert_eq!(c.next_seq, vec![(0, 1, 1)]);
+        assert_eq!(c.next_seq, vec![(0, 0, 1), (0, 1, 1)]);
         assert_eq!(r.take(1, "t", 2, 1, &flow), None, "taken already");
-        let c = r.take(5, "t", 2, 1, &flow).unwrap();
+        let t = r.take(5, "t", 2, 1, &flow).unwrap();
+        assert_eq!(t.files, [(0, vec!["d".into()])].into_iter().collect());
+        let c = t.checkpoint.unwrap();
         assert_eq!(c.read_end, [(0, 30), (1, 5)].into_iter().collect());
-        assert_eq!((c.watermark, c.next_seq.clone()), (9_000, vec![(0, 1, 2)]));
+        assert_eq!((c.watermark, c.next_seq.clone()), (9_000, vec![(0, 0, 1), (0, 1, 2)]));
         let dir = tempfile::tempdir().unwrap();
         let s = crate::lake::local::LocalStorage::new(dir.path().to_path_buf(), false);
         assert_eq!(Checkpoint::load(&s).unwrap(), None);
@@ -242,14 +288,14 @@ mod tests {
         let old = Recorder::default();
         old.positions(0, &[(0, 100), (1, 80)]);
         old.watermark(0, 7_200_000);
-        old.part(0, 0, 1, 0);
-        old.part(0, 1, 0, 2);
-        let ck = old.take(0, "t", 2, 1, &flow).unwrap();
+        old.part(0, 0, 1, 0, vec![]);
+        old.part(0, 1, 0, 2, vec![]);
+        let ck = old.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         // The restart re-reads from before the checkpoint: its first epochs report less.
         let r = Recorder::resuming(&ck.read_end, &ck.recovery(3));
         r.positions(0, &[(0, 40), (1, 30)]);
         r.watermark(0, 1_000);
-        let again = r.take(0, "t", 2, 1, &flow).unwrap();
+        let again = r.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         assert_eq!(
             (again.read_end.clone(), again.watermark, again.next_seq.clone()),
             (ck.read_end.clone(), ck.watermark, ck.next_seq.clone()),
@@ -257,8 +303,8 @@ mod tests {
         );
         // New parts and positions past the checkpoint are added to it.
         r.positions(4, &[(0, 120)]);
-        r.part(4, 1, 0, 2);
-        let later = r.take(4, "t", 2, 1, &flow).unwrap();
+        r.part(4, 1, 0, 2, vec![]);
+        let later = r.take(4, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         assert_eq!(later.read_end, [(0, 120), (1, 80)].into_iter().collect());
         assert_eq!(later.next_seq, vec![(0, 1, 1), (1, 0, 3)]);
     }

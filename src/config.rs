@@ -151,6 +151,9 @@ pub struct Lake {
     /// `readings/` gets a `device=D` level under each hour: one file per device and part.
     /// Readers of one device open only its files, at the cost of many small files.
     pub device_partitions: bool,
+    /// How long a version of an hour's `hourly` or `quality` file that a newer one replaced
+    /// stays, for readers of the manifest that listed it (0: deleted at once).
+    pub keep_replaced: Dur,
     /// How long a failing write to the lake (storage unreachable, disk full) is retried,
     /// with growing pauses, before the run fails; the engine waits meanwhile.
     pub retry_for: Dur,
@@ -178,6 +181,15 @@ impl Lake {
             limit: self.retry_for.0,
             ..crate::lake::Retry::default()
         }
+    }
+
+    /// The lake writer these settings give, over `storage`.
+    pub fn writer(&self, storage: std::sync::Arc<dyn crate::lake::Storage>) -> crate::lake::LakeWriter {
+        crate::lake::LakeWriter::new(storage, self.row_group_rows)
+            .with_writers(self.writers)
+            .with_retry(self.retry())
+            .with_device_partitions(self.device_partitions)
+            .with_keep_replaced(self.keep_replaced.0)
     }
 
     /// The storage options these settings give.

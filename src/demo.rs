@@ -14,7 +14,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::connectors::fms_http::{poll, PollSettings};
 use crate::engine::{self, EngineSettings, Source};
-use crate::lake::{self, LakeWriter};
+use crate::lake;
 use crate::sim::{Sim, SimSettings};
 use crate::status::Status;
 
@@ -42,12 +42,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         cfg.engine.workers,
         storage.describe()
     );
-    let writer = Arc::new(
-        LakeWriter::new(storage, cfg.lake.row_group_rows)
-            .with_writers(cfg.lake.writers)
-            .with_retry(cfg.lake.retry())
-            .with_device_partitions(cfg.lake.device_partitions),
-    );
+    let writer = Arc::new(cfg.lake.writer(storage));
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 

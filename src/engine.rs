@@ -18,6 +18,7 @@ use crate::checkpoint::{Recorder, Report};
 use crate::connectors::file::FileReader;
 use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec, StartAt};
 use crate::durable::{durable_sink, Tally, Ticket};
+use crate::lake::manifest::Manifest;
 use crate::lake::LakeWriter;
 use crate::status::Status;
 
@@ -106,24 +107,25 @@ pub fn run(
     let live = Arc::new(Mutex::new(
         receivers.map(|rx| rx.into_iter().map(Some).collect::<Vec<_>>()),
     ));
-    // Kafka into a lake: checkpoints in the lake (docs/RECOVERY.md), written by worker 0 from
-    // what every worker reports to it through the dataflow. Every process builds the same
-    // reporting dataflow; only worker 0's recorder is used.
-    let recorder = match (&kafka, &lake) {
-        (Some(spec), Some(lake)) => Some(Arc::new(Checkpointer {
-            recorder: match (&spec.from, &settings.flow.recovery) {
-                (StartAt::Resume(plan), Some(recovery)) => Recorder::resuming(&plan.read_end, recovery),
+    // Into a lake: the hours' manifests, and from Kafka the checkpoints too (docs/LAKE.md,
+    // docs/RECOVERY.md), written by worker 0 from what every worker reports to it through the
+    // dataflow. Every process builds the same reporting dataflow; only worker 0's recorder
+    // is used.
+    let recorder = lake.as_ref().map(|lake| {
+        Arc::new(Committer {
+            recorder: match kafka.as_ref().map(|k| (&k.from, &settings.flow.recovery)) {
+                Some((StartAt::Resume(plan), Some(recovery))) => Recorder::resuming(&plan.read_end, recovery),
                 _ => Recorder::default(),
             },
-            storage: lake.storage().clone(),
-            retry: lake.retry(),
-            topic: spec.settings.raw_topic.clone(),
+            lake: lake.clone(),
+            topic: kafka.as_ref().map(|k| k.settings.raw_topic.clone()).unwrap_or_default(),
             workers,
             processes: settings.cluster.as_ref().map_or(1, |c| c.addresses.len()),
             flow: settings.flow.clone(),
-        })),
-        _ => None,
-    };
+            manifests: Mutex::default(),
+            replaced: Mutex::default(),
+        })
+    });
     let recovery_epochs = settings.flow.recovery_epochs();
     let st = status.clone();
     let guards = timely::execute(settings.timely_config(), move |worker| {
@@ -170,7 +172,7 @@ pub fn run(
             }
             let reports = recorder.clone().map(|c| {
                 let (handle, positions) = scope.new_input::<Report>();
-                let parts = sealed.clone().map(report_parts);
+                let parts = sealed.clone().map(|s| report_parts(s, c.lake.clone()));
                 report_to_worker_0(positions, parts, c, index).probe_with(&probe);
                 handle
             });
@@ -193,8 +195,11 @@ pub fn run(
                 )
                 .probe_with(&probe);
             }
-            (handle, reports)
+            // Only a Kafka reader reports positions: other sources close that input at once.
+            (handle, reports.filter(|_| kafka.is_some()))
         });
+        // Worker 0 commits what the other sources' epochs stored as it goes.
+        let committer = recorder.as_deref().filter(|_| index == 0);
 
         let mut epoch: Epoch = 0;
         let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
@@ -225,6 +230,7 @@ pub fn run(
                     };
                     if buf.len() >= settings.batch {
                         ship(worker, &mut input, &probe, &st, &mut buf, &mut epoch);
+                        commit_stored(committer, &probe, &st);
                     }
                     if !more || st.error().is_some() {
                         break;
@@ -257,6 +263,7 @@ pub fn run(
             while it.peek().is_some() {
                 buf.extend(it.by_ref().take(settings.batch).cloned());
                 ship(worker, &mut input, &probe, &st, &mut buf, &mut epoch);
+                commit_stored(committer, &probe, &st);
             }
         } else {
             let rx = live
@@ -267,6 +274,7 @@ pub fn run(
             let started = Instant::now();
             let period = settings.epoch;
             if let Some(rx) = rx {
+                let mut committed_at = Instant::now();
                 loop {
                     let now = (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
                     if now > epoch {
@@ -286,6 +294,10 @@ pub fn run(
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
                     worker.step();
+                    if committed_at.elapsed() >= FOLLOW_COMMIT_EVERY {
+                        commit_stored(committer, &probe, &st);
+                        committed_at = Instant::now();
+                    }
                 }
             } else {
                 // No channel for this worker: its input closes at once and the others go on.
@@ -296,12 +308,12 @@ pub fn run(
         drop(reports);
         // A failed write holds its epoch for good: stop waiting once the run has failed.
         worker.step_or_park_while(Some(PARK), || !probe.done() && st.error().is_none());
+        if let (Some(c), None) = (committer, st.error()) {
+            // Every worker has reported its last positions and parts: they are in before its
+            // input closed, and the probe is done only after every input closed.
+            c.save(Epoch::MAX, &st);
+        }
         if let (Some((reader, end)), None) = (final_commit, st.error()) {
-            if let (Some(c), 0) = (&recorder, index) {
-                // Every worker has reported its last positions: they are in before its input
-                // closed, and the probe is done only after every input closed.
-                c.save(Epoch::MAX, &st);
-            }
             if let Err(e) = reader.commit(&end, true) {
                 tracing::warn!(error = %e, "committing the final offsets failed");
             }
@@ -420,7 +432,7 @@ fn read_kafka(
     mut reader: PartitionReader,
     settings: &EngineSettings,
     epoch: &mut Epoch,
-    ck: Option<(&Checkpointer, bool)>,
+    ck: Option<(&Committer, bool)>,
 ) -> (PartitionReader, Vec<(i32, i64)>) {
     let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
     // Reports the positions after epoch `e` for the checkpoint (through the dataflow, at
@@ -562,40 +574,103 @@ pub fn recovery_epochs(
         .unwrap_or(0)
 }
 
-/// Writes the lake's checkpoints (docs/RECOVERY.md) from what the workers report.
-struct Checkpointer {
+/// Commits what the workers stored: the lake's checkpoints (Kafka runs, docs/RECOVERY.md)
+/// and the hours' manifests (docs/LAKE.md), from what the workers report.
+struct Committer {
     recorder: Recorder,
-    storage: Arc<dyn crate::lake::Storage>,
-    /// Retries of a failed save, as for the lake's files.
-    retry: crate::lake::Retry,
+    /// The lake: its storage, its retries, its keys.
+    lake: Arc<LakeWriter>,
     topic: String,
     workers: usize,
     processes: usize,
     flow: FlowConfig,
+    /// The manifests of the hours committed lately (the others are loaded when changed).
+    manifests: Mutex<std::collections::BTreeMap<i64, Manifest>>,
+    /// Replaced table versions no manifest lists any more, and when to delete them.
+    replaced: Mutex<std::collections::VecDeque<(Instant, String)>>,
 }
 
-impl Checkpointer {
-    /// Saves the checkpoint of `epoch`, whose outputs are all stored (`Epoch::MAX`: the end
-    /// of the run). A failure that outlasts the retries fails the run: without checkpoints a
-    /// crash cannot be resumed.
+impl Committer {
+    /// Commits every epoch up to `epoch`, whose outputs are all stored (`Epoch::MAX`: the end
+    /// of the run): saves the checkpoint, then the manifest of each hour those epochs
+    /// changed, then deletes the table versions the manifests stopped listing at least
+    /// `lake.keep_replaced` ago (at the end of the run, all of them). A failure
+    /// that outlasts the retries fails the run: without checkpoints a crash cannot be
+    /// resumed, and without manifests readers that follow them would not see new data.
     fn save(&self, epoch: Epoch, st: &Status) {
-        if let Some(c) = self
+        let Some(taken) = self
             .recorder
             .take(epoch, &self.topic, self.workers, self.processes, &self.flow)
-        {
-            if let Err(e) = self
-                .retry
-                .run("storing the checkpoint", || c.save(self.storage.as_ref()))
-            {
-                st.fail(format!("writing the checkpoint: {e}"));
+        else {
+            return;
+        };
+        if let Err(e) = self.commit(&taken, epoch == Epoch::MAX) {
+            st.fail(e);
+        }
+    }
+
+    fn commit(&self, taken: &crate::checkpoint::Taken, last: bool) -> Result<(), String> {
+        let (storage, retry) = (self.lake.storage().as_ref(), self.lake.retry());
+        if let Some(c) = &taken.checkpoint {
+            retry
+                .run("storing the checkpoint", || c.save(storage))
+                .map_err(|e| format!("writing the checkpoint: {e}"))?;
+        }
+        let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        for (&hour, keys) in &taken.files {
+            let m = match manifests.entry(hour) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let stored = retry
+                        .run("reading a manifest", || Manifest::load(storage, hour))
+                        .map_err(|e| format!("reading the manifest of an hour: {e}"))?;
+                    v.insert(stored.unwrap_or_else(|| Manifest::new(hour)))
+                }
+            };
+            let superseded = m.add(keys.iter().cloned());
+            m.commit += 1;
+            m.read_end = taken.read_end.clone();
+            retry
+                .run("storing a manifest", || m.save(storage, hour))
+                .map_err(|e| format!("writing the manifest of {}: {e}", m.hour))?;
+            let due = Instant::now() + self.lake.keep_replaced();
+            let mut replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
+            replaced.extend(superseded.into_iter().map(|k| (due, k)));
+        }
+        // Older hours change no more (a late reopening loads its manifest again).
+        manifests.retain(|&h, _| h >= taken.oldest);
+        let mut replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while let Some((due, k)) = replaced.front() {
+            if !last && *due > now {
+                break;
             }
+            retry
+                .run(&format!("deleting {k}"), || storage.delete(k))
+                .map_err(|e| format!("deleting a replaced file: {e}"))?;
+            replaced.pop_front();
+        }
+        Ok(())
+    }
+}
+
+/// Worker 0 of a run from files, memory or the demo's collector: commits every epoch the
+/// probe has passed (Kafka runs commit with their offsets, in `read_kafka`).
+fn commit_stored(committer: Option<&Committer>, probe: &ProbeHandle<Epoch>, st: &Status) {
+    if let Some(c) = committer {
+        if let Some(done) = probe
+            .with_frontier(|f| f.first().copied())
+            .and_then(|t| t.checked_sub(1))
+        {
+            c.save(done, st);
         }
     }
 }
 
-/// The part each sealed batch becomes, as a report for the checkpoint.
+/// The part each sealed batch becomes, as a report for the checkpoint and the manifests.
 fn report_parts<'scope>(
     sealed: timely::dataflow::Stream<'scope, Epoch, Vec<HourBatch>>,
+    lake: Arc<LakeWriter>,
 ) -> timely::dataflow::Stream<'scope, Epoch, Vec<Report>> {
     use timely::dataflow::channels::pact::Pipeline;
     use timely::dataflow::operators::generic::Operator;
@@ -607,6 +682,7 @@ fn report_parts<'scope>(
                         hour: b.hour,
                         worker: b.worker,
                         seq: b.seq,
+                        files: lake.keys(b),
                     }));
                 }
             });
@@ -619,7 +695,7 @@ fn report_parts<'scope>(
 fn report_to_worker_0<'scope>(
     positions: timely::dataflow::Stream<'scope, Epoch, Vec<Report>>,
     parts: Option<timely::dataflow::Stream<'scope, Epoch, Vec<Report>>>,
-    c: Arc<Checkpointer>,
+    c: Arc<Committer>,
     index: usize,
 ) -> timely::dataflow::Stream<'scope, Epoch, Vec<()>> {
     use timely::dataflow::channels::pact::Exchange;

@@ -142,6 +142,28 @@ enum Command {
         #[arg(long, default_value = "2025-07-07T00:00:00Z")]
         start: String,
     },
+    /// Print the files of one table that the lake's manifests list: each hour's committed
+    /// version, whole (see docs/LAKE.md, "Reading a consistent lake").
+    Files {
+        /// Lake URL (default from config).
+        #[arg(long)]
+        lake: Option<String>,
+        /// The table.
+        #[arg(long, value_parser = ["readings", "rejects", "hourly", "quality"])]
+        table: String,
+        /// Print one DuckDB `read_parquet([...])` expression instead of one location a line.
+        #[arg(long)]
+        sql: bool,
+    },
+    /// Check a lake as a reader that follows its manifests sees it: every listed file is
+    /// there, one version of each hour's tables, hourly counts equal to the readings. Fails
+    /// on the first problem; lists files no manifest lists (written by a run still going,
+    /// or left by one that ended badly).
+    Verify {
+        /// Lake URL (default from config).
+        #[arg(long)]
+        lake: Option<String>,
+    },
 }
 
 // Many short-lived record buffers: mimalloc is markedly faster than glibc's malloc here.
@@ -299,6 +321,42 @@ fn real_main() -> anyhow::Result<()> {
             };
             run_engine(&cfg, &source, &from, until.is_some(), cluster)
         }
+        Command::Files { lake, table, sql } => {
+            let url = lake.unwrap_or(cfg.lake.url.clone());
+            let storage = lake::open(&url, &cfg.lake.storage_options())?;
+            let root = url.strip_prefix("file://").unwrap_or(&url).trim_end_matches('/');
+            let files: Vec<String> = lake::manifest::load_all(storage.as_ref())?
+                .values()
+                .flat_map(|m| m.files.get(&table).into_iter().flatten())
+                .map(|k| format!("{root}/{k}"))
+                .collect();
+            if sql {
+                let list: Vec<String> = files.iter().map(|f| format!("'{}'", f.replace('\'', "''"))).collect();
+                println!("read_parquet([{}], hive_partitioning = true)", list.join(", "));
+            } else {
+                for f in files {
+                    println!("{f}");
+                }
+            }
+            Ok(())
+        }
+        Command::Verify { lake } => {
+            let url = lake.unwrap_or(cfg.lake.url.clone());
+            let storage = lake::open(&url, &cfg.lake.storage_options())?;
+            let v = lake::manifest::verify(storage.as_ref())?;
+            for k in &v.unlisted {
+                println!("not in any manifest: {k}");
+            }
+            println!(
+                "{url}: {} hour(s), {} file(s), {} readings; every listed file is there and the hourly counts \
+                 equal the readings; {} file(s) not in any manifest",
+                v.hours,
+                v.files,
+                v.readings,
+                v.unlisted.len()
+            );
+            Ok(())
+        }
         Command::Gen {
             devices,
             hours,
@@ -375,14 +433,23 @@ fn plan_resume(
     let flow = cfg.flow_config();
     let oldest = Recovery::oldest_kept_hour(ck.watermark, &flow);
     let mut recovery = ck.recovery(0);
+    let covered = lake::Covered {
+        oldest,
+        sealed: |hour| recovery.sealed(hour, flow.grace_ms),
+        next_seq: &recovery.next_seq,
+    };
     let deleted = lake::clean_after_checkpoint(
         storage,
-        oldest,
-        |hour| recovery.sealed(hour, flow.grace_ms),
-        &recovery.next_seq,
+        &covered,
         // This process's workers are process * workers .. (process + 1) * workers.
         |worker, hour| worker.unwrap_or_else(|| hour_owner(hour, peers)) / workers == process,
     )?;
+    // The manifests are worker 0's: they list what the checkpoint covers.
+    let rebuilt = if process == 0 {
+        lake::manifest::rebuild(storage, &covered, &ck.read_end)?
+    } else {
+        Default::default()
+    };
     // Each partition is re-read from its first record stamped at or after the re-read time.
     let from_ms = Recovery::reread_from_ms(ck.watermark, &flow);
     let probe = connectors::kafka::SourceSpec {
@@ -398,11 +465,13 @@ fn plan_resume(
         .collect();
     let epochs = engine::recovery_epochs(&start, &ck.read_end, peers, cfg.engine.batch);
     eprintln!(
-        "resuming from the checkpoint of epoch {} (watermark {}): deleted {} file(s) written after it; \
-         re-reading from {} ({} recovery epochs)",
+        "resuming from the checkpoint of epoch {} (watermark {}): deleted {} file(s) written after it, \
+         {} old table version(s); rewrote {} manifest(s); re-reading from {} ({} recovery epochs)",
         ck.epoch,
         fmsflow_dataflows::time::format_rfc3339(ck.watermark),
         deleted.len(),
+        rebuilt.superseded,
+        rebuilt.manifests,
         fmsflow_dataflows::time::format_rfc3339(from_ms),
         epochs
     );
@@ -490,12 +559,7 @@ fn run_engine(
     } else {
         anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");
     };
-    let writer = Arc::new(
-        lake::LakeWriter::new(storage, cfg.lake.row_group_rows)
-            .with_writers(cfg.lake.writers)
-            .with_retry(cfg.lake.retry())
-            .with_device_partitions(cfg.lake.device_partitions),
-    );
+    let writer = Arc::new(cfg.lake.writer(storage));
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {
         flow,

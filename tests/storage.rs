@@ -24,30 +24,42 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// `fmsflow run --source file:<input> --lake <lake> --workers <workers>` with these
-/// environment variables (and the test S3 server's settings); fails if the run fails.
-fn replay_into(input: &std::path::Path, lake: &str, workers: usize, env: &[(&str, &str)]) {
-    let out = Command::new(common::bin())
-        .args(["run", "--workers", &workers.to_string(), "--source"])
+/// environment variables (and the test S3 server's settings), not yet started.
+fn replay_command(input: &std::path::Path, lake: &str, workers: usize, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["run", "--workers", &workers.to_string(), "--source"])
         .arg(format!("file:{}", input.display()))
         .arg("--lake")
         .arg(lake)
         .env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
         .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+        .envs(env.iter().copied());
+    cmd
+}
+
+/// Runs [`replay_command`]; fails if the run fails, or if the lake it leaves is not whole
+/// and committed ([`common::assert_committed`]).
+fn replay_into(input: &std::path::Path, lake: &str, workers: usize, env: &[(&str, &str)]) {
+    let out = replay_command(input, lake, workers, env).output().unwrap();
     assert!(
         out.status.success(),
         "run into {lake}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    common::assert_committed(lake);
 }
 
 /// `fmsflow gen` of `devices` × `hours` with 2 % dirty records, into `dir/in.ndjson`.
 fn generated_input(dir: &std::path::Path, devices: u32, hours: u32) -> std::path::PathBuf {
+    generated_input_late(dir, devices, hours, 0.0)
+}
+
+/// [`generated_input`] with a share `late` of readings delivered up to 30 minutes late.
+fn generated_input_late(dir: &std::path::Path, devices: u32, hours: u32, late: f64) -> std::path::PathBuf {
     let input = dir.join("in.ndjson");
     let gen = Command::new(common::bin())
         .args(["gen", "--devices", &devices.to_string(), "--hours", &hours.to_string()])
+        .args(["--late-rate", &late.to_string()])
         .args(["--dirty-rate", "0.02", "--out"])
         .arg(&input)
         .output()
@@ -291,13 +303,20 @@ fn late_data_leaves_one_version_of_the_hour(url: &str, storage: &dyn Storage) {
     let hour00 = |table: &str| sorted(storage.list(&format!("{table}/dt=2025-07-07/hour=00")).unwrap());
     assert_eq!(
         hour00("hourly"),
-        vec!["hourly/dt=2025-07-07/hour=00/part-00000.parquet"],
-        "one hourly file for the hour, and nothing else in its folder"
+        vec!["hourly/dt=2025-07-07/hour=00/part-00001-w000.parquet"],
+        "one hourly file for the hour, the late version (the sealed one is deleted), and nothing else"
     );
     assert_eq!(
         hour00("quality"),
-        vec!["quality/dt=2025-07-07/hour=00/part-00000.parquet"]
+        vec!["quality/dt=2025-07-07/hour=00/part-00001-w000.parquet"]
     );
+    // The hour's manifest lists these files.
+    let m = fmsflow::lake::manifest::Manifest::load(storage, fmsflow::lake::hour_of_key(&hour00("hourly")[0]).unwrap())
+        .unwrap()
+        .unwrap();
+    for table in ["hourly", "quality", "readings"] {
+        assert_eq!(m.files[table], hour00(table), "{m:?}");
+    }
     assert_eq!(
         hour00("readings"),
         vec![
@@ -332,6 +351,113 @@ fn late_data_leaves_one_version_of_the_hour_on_s3() {
     let bucket = common::s3::bucket("late");
     let storage = S3Storage::open(&bucket, "lake", &common::s3::options()).unwrap();
     late_data_leaves_one_version_of_the_hour(&format!("s3://{bucket}/lake"), &storage);
+}
+
+/// While a replay with late data commits version after version of its hours, a reader that
+/// follows the manifests reads the hours again and again: each time, the hour it reads is
+/// whole and of one version (the files listed are there, one version of each table, the
+/// hourly counts equal to the readings). A file it misses must be one a newer commit of
+/// its hour replaced, and the reader then reads the hour again, as docs/LAKE.md tells
+/// readers to.
+fn readers_following_the_manifests_see_whole_hours(url: &str, env: &[(&str, &str)], min_read: usize) {
+    use fmsflow::lake::manifest::{self, Manifest, VerifyError};
+    let dir = tempfile::tempdir().unwrap();
+    let input = generated_input_late(dir.path(), 10, 24, 0.05);
+    let storage = common::open_lake(url);
+    // Small epochs: many commits, each hour rewritten many times by late readings.
+    let mut run = replay_command(&input, url, 2, &[&[("FMSFLOW_ENGINE__BATCH", "50")], env].concat())
+        .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // (hour, commit) of every version read whole, and reads to do again.
+    let (mut seen, mut retried) = (std::collections::BTreeSet::new(), 0);
+    let started = std::time::Instant::now();
+    let status = 'run: loop {
+        // The two newest hours: those the run is committing.
+        let mut hours: Vec<i64> = storage
+            .list(manifest::DIR)
+            .unwrap()
+            .iter()
+            .filter_map(|k| manifest::hour_of(k))
+            .collect();
+        hours.sort_unstable();
+        for &hour in hours.iter().rev().take(2) {
+            let checked = Manifest::load(storage.as_ref(), hour)
+                .map_err(|e| VerifyError::Retry(e.to_string()))
+                .and_then(|m| {
+                    Ok((
+                        m.as_ref()
+                            .map(|m| manifest::verify_hour(storage.as_ref(), hour, m))
+                            .transpose()?,
+                        m,
+                    ))
+                });
+            match checked {
+                Ok((_, Some(m))) => {
+                    seen.insert((hour, m.commit));
+                }
+                Ok((_, None)) => {}
+                // (s3s-fs replaces an object in place: a read of a manifest being replaced
+                // can come back torn, which the SDK's checksum catches. S3 replaces whole.)
+                Err(VerifyError::Retry(e)) => {
+                    eprintln!("again: {e}");
+                    retried += 1
+                }
+                Err(e) => {
+                    let _ = run.kill();
+                    panic!("a reader following the manifests saw a broken hour: {e}");
+                }
+            }
+            if let Some(status) = run.try_wait().unwrap() {
+                break 'run status;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(300),
+            "the replay did not end in 300 s"
+        );
+    };
+    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let end = common::assert_committed(url);
+    let last: std::collections::BTreeMap<i64, u64> = manifest::load_all(storage.as_ref())
+        .unwrap()
+        .into_iter()
+        .map(|(h, m)| (h, m.commit))
+        .collect();
+    // Versions read while the run went on: older than the hour's last.
+    let during = seen.iter().filter(|(h, c)| last.get(h).is_some_and(|l| c < l)).count();
+    eprintln!(
+        "{during} versions of hours read whole while the run went on ({} in all), {retried} read again; \
+         at the end {} hours, {} commits",
+        seen.len(),
+        end.hours,
+        end.commits
+    );
+    assert!(
+        during >= min_read,
+        "the reader read too few versions during the run to test anything: {seen:?}"
+    );
+}
+
+#[test]
+fn readers_following_the_manifests_see_whole_hours_on_local_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    // Replaced versions are deleted at once: the reader reads hours again when it misses one.
+    readers_following_the_manifests_see_whole_hours(&format!("file://{}", dir.path().join("lake").display()), &[], 20);
+}
+
+#[test]
+fn readers_following_the_manifests_see_whole_hours_on_s3() {
+    let bucket = common::s3::bucket("readers");
+    // A reader of S3 takes a few milliseconds a file, longer for an hour than the commits
+    // in between: replaced versions stay for it a while (and are deleted at the run's end),
+    // and larger epochs give the hours fewer files.
+    readers_following_the_manifests_see_whole_hours(
+        &format!("s3://{bucket}/lake"),
+        &[("FMSFLOW_LAKE__KEEP_REPLACED", "30s"), ("FMSFLOW_ENGINE__BATCH", "300")],
+        3,
+    );
 }
 
 /// `lake.device_partitions`: the readings of each hour go one folder deeper, by device, and

@@ -633,14 +633,24 @@ fn seal<'scope>(
                 let v = pending_rej.entry(epoch_of(&cap)).or_default();
                 data.for_each(|b| v.append(b));
             });
-            // Only the new value of each key matters: count_total retracts the old one.
-            i_hourly.for_each_stamp(|cap, data| {
-                let v = pending_hourly.entry(epoch_of(&cap)).or_default();
-                data.for_each(|b| v.extend(b.drain(..).filter(|u| u.2 > 0).map(|u| u.0)));
+            // Only the new value of each key matters: count_total retracts the old one. A
+            // collection's message holds updates of its capability's epoch and of later
+            // ones: each update is filed under its own epoch, so an hour's tables go out
+            // with the readings of the same epochs (a file sealed at epoch E must not count
+            // a reading of E + 1, which a checkpoint of E does not cover).
+            i_hourly.for_each_stamp(|_, data| {
+                data.for_each(|b| {
+                    for (u, t, _) in b.drain(..).filter(|u| u.2 > 0) {
+                        pending_hourly.entry(t).or_default().push(u);
+                    }
+                })
             });
-            i_quality.for_each_stamp(|cap, data| {
-                let v = pending_quality.entry(epoch_of(&cap)).or_default();
-                data.for_each(|b| v.extend(b.drain(..).filter(|u| u.2 > 0).map(|u| u.0)));
+            i_quality.for_each_stamp(|_, data| {
+                data.for_each(|b| {
+                    for (u, t, _) in b.drain(..).filter(|u| u.2 > 0) {
+                        pending_quality.entry(t).or_default().push(u);
+                    }
+                })
             });
             i_wm.for_each_stamp(|cap, data| {
                 let w = pending_wm.entry(epoch_of(&cap)).or_insert(i64::MIN);

@@ -4,14 +4,18 @@
 //!
 //! Layout (Hive style, readable as-is by DuckDB, Spark, Athena):
 //! `{readings,hourly,quality,rejects}/dt=YYYY-MM-DD/hour=HH/part-*.parquet`.
-//! `readings/` and `rejects/` get a new part per batch and worker (`part-SSSSS-wWWW`: part 0
-//! when the hour seals, then one per late change); `hourly/` and `quality/` hold one file per hour, replaced whole when late
-//! data changes the hour. Every file is written under a hidden temporary name and renamed,
-//! so a reader never sees half a file.
+//! Every file is named by the batch that wrote it, `part-SSSSS-wWWW` (part `S` of worker `W`:
+//! 0 when the hour seals, then one per late change). `readings/` and `rejects/` get a new
+//! part per batch and worker; `hourly/` and `quality/` get a new version of the hour's one
+//! file, from the hour's owner, when late data changes the hour. Every file is written whole
+//! (a temporary name and a rename, or one upload), so a reader never sees half a file. An
+//! hour's per-hour manifest ([`manifest`]) then makes a set of files visible at once, and the
+//! versions it no longer lists are deleted.
 
 #[cfg(feature = "hdfs")]
 pub mod hdfs;
 pub mod local;
+pub mod manifest;
 pub mod parquet;
 pub mod s3;
 
@@ -135,6 +139,7 @@ pub struct LakeWriter {
     writers: usize,
     retry: Retry,
     device_partitions: bool,
+    keep_replaced: std::time::Duration,
 }
 
 /// How long a failing storage operation is retried: for `limit` in all, pausing `first`,
@@ -185,6 +190,7 @@ impl LakeWriter {
             writers: 1,
             retry: Retry::default(),
             device_partitions: false,
+            keep_replaced: std::time::Duration::ZERO,
         }
     }
 
@@ -201,6 +207,17 @@ impl LakeWriter {
             device_partitions,
             ..self
         }
+    }
+
+    /// Keeps a replaced version of an hour's table this long after the hour's manifest
+    /// stops listing it (`lake.keep_replaced`).
+    pub fn with_keep_replaced(self, keep_replaced: std::time::Duration) -> Self {
+        LakeWriter { keep_replaced, ..self }
+    }
+
+    /// See [`LakeWriter::with_keep_replaced`].
+    pub fn keep_replaced(&self) -> std::time::Duration {
+        self.keep_replaced
     }
 
     /// The retry policy of this writer's storage operations.
@@ -232,9 +249,38 @@ impl LakeWriter {
         &self.storage
     }
 
+    /// The name of batch `b`'s file in each table's hour directory.
+    pub fn part_name(b: &HourBatch) -> String {
+        format!("part-{:05}-w{:03}.parquet", b.seq, b.worker)
+    }
+
+    /// The keys [`LakeWriter::write`] stores `b` under, in the order it stores them.
+    pub fn keys(&self, b: &HourBatch) -> Vec<String> {
+        let part = Self::part_name(b);
+        let mut keys = Vec::new();
+        let dir = Self::dir("readings", b.hour);
+        if self.device_partitions {
+            let mut devices = b.readings.device.clone();
+            devices.dedup();
+            keys.extend(devices.iter().map(|d| format!("{dir}/device={d}/{part}")));
+        } else if !b.readings.is_empty() {
+            keys.push(format!("{dir}/{part}"));
+        }
+        let mut add = |table: &str, present: bool| {
+            if present {
+                keys.push(format!("{}/{part}", Self::dir(table, b.hour)));
+            }
+        };
+        add("rejects", !b.rejections.is_empty());
+        add("hourly", b.hourly.is_some());
+        add("quality", b.quality.is_some());
+        keys
+    }
+
     /// Writes one batch: new readings and rejects as a new part, current aggregates and
-    /// quality counts as the hour's single (replaced) file. The batch's readings are taken
-    /// (encoded without a copy); the rest of it is left as it was.
+    /// quality counts as a new version of the hour's file (under the keys
+    /// [`LakeWriter::keys`] gives). The batch's readings are taken (encoded without a copy);
+    /// the rest of it is left as it was.
     pub fn write(&self, b: &mut HourBatch) -> Result<Written, LakeError> {
         let mut w = Written::default();
         let rg = self.row_group_rows;
@@ -247,7 +293,7 @@ impl LakeWriter {
             Ok(())
         };
         // Appended tables: a new part per batch, named by sequence and worker.
-        let part = format!("part-{:05}-w{:03}.parquet", b.seq, b.worker);
+        let part = Self::part_name(b);
         if !b.readings.is_empty() {
             let dir = Self::dir("readings", b.hour);
             let readings = std::mem::take(&mut b.readings);
@@ -270,13 +316,23 @@ impl LakeWriter {
                 b.rejections.len(),
             )?;
         }
-        // Replaced tables: one file per hour. A partial batch (an hour reopened after its
-        // state was dropped) carries only the keys that changed: merge them into the file.
+        // Replaced tables: a new version of the hour's file. A partial batch (an hour
+        // reopened after its state was dropped) carries only the keys that changed: merge
+        // them into the newest version stored (this writer thread wrote it: all of an
+        // hour's batches go to one thread of its owner).
         let mut replace = |table: &'static str, bytes: Vec<u8>, key: &[&str], rows: usize| -> Result<(), LakeError> {
-            let path = format!("{}/part-00000.parquet", Self::dir(table, b.hour));
-            let old = b
-                .partial
-                .then(|| self.retry.run(&format!("reading {path}"), || storage.get(&path)));
+            let dir = Self::dir(table, b.hour);
+            let path = format!("{dir}/{part}");
+            let old = b.partial.then(|| {
+                self.retry.run(&format!("reading the newest version in {dir}"), || {
+                    let newest = storage
+                        .list(&dir)?
+                        .into_iter()
+                        .filter(|k| *k != path)
+                        .max_by_key(|k| part_of_key(k));
+                    newest.map_or(Ok(None), |k| storage.get(&k))
+                })
+            });
             let bytes = match old.transpose()?.flatten() {
                 Some(old) => parquet::merge(&old, &bytes, table, b.hour, rg, key)?,
                 None => bytes,
@@ -329,42 +385,83 @@ pub fn part_of_key(key: &str) -> Option<(u32, usize)> {
     Some((seq.parse().ok()?, worker.parse().ok()?))
 }
 
-/// Before a run resumes from a checkpoint: deletes the files written after it, from hour
-/// `oldest` on (the oldest hour the checkpoint kept). An hour `sealed` says the checkpoint
-/// had not sealed loses all its files; a sealed one loses its parts numbered from
-/// `next_seq[(hour, worker)]` on (0 when absent) and keeps its tables. Only the files `mine`
-/// accepts are looked at: it gets a part's worker (`None` for an hour's single table file)
-/// and the hour, so each process of a cluster cleans the files its own workers write, and
-/// none deletes what another has already started writing. Returns the deleted keys. See
+/// A table file as [`Covered::files`] sees it: key, hour, (part number, worker) if the name
+/// has them, and whether the checkpoint covers it.
+pub type LakeFile = (String, i64, Option<(u32, usize)>, bool);
+
+/// What a checkpoint covers of the lake's files, from hour `oldest` on (the oldest hour it
+/// kept; older hours cannot change).
+pub struct Covered<'a, S: Fn(i64) -> bool> {
+    /// The oldest hour kept.
+    pub oldest: i64,
+    /// Whether the checkpoint had sealed an hour.
+    pub sealed: S,
+    /// Parts written per (hour, worker) by the checkpoint (0 when absent).
+    pub next_seq: &'a std::collections::BTreeMap<(i64, usize), u32>,
+}
+
+impl<S: Fn(i64) -> bool> Covered<'_, S> {
+    /// Every file of every table from hour `oldest` on, as (key, hour, its part's
+    /// (seq, worker), covered by the checkpoint). An hour the checkpoint had not sealed
+    /// covers none of its files; a sealed one covers its parts numbered below its
+    /// `next_seq`, per worker.
+    pub fn files(&self, storage: &dyn Storage) -> Result<Vec<LakeFile>, LakeError> {
+        let mut out = Vec::new();
+        for table in APPENDED_TABLES.iter().chain(REPLACED_TABLES.iter()) {
+            for key in storage.list(table)? {
+                let Some(hour) = hour_of_key(&key).filter(|h| *h >= self.oldest) else {
+                    continue;
+                };
+                let part = part_of_key(&key);
+                let covered = (self.sealed)(hour)
+                    && part.is_none_or(|(seq, w)| seq < self.next_seq.get(&(hour, w)).copied().unwrap_or(0));
+                out.push((key, hour, part, covered));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Before a run resumes from a checkpoint: deletes the files written after it (those
+/// [`Covered::files`] says it does not cover). Only the files `mine` accepts are looked at:
+/// it gets a part's worker (`None` for a file of an older layout, not named by a part) and
+/// the hour, so each process of a cluster cleans the files its own workers write, and none
+/// deletes what another has already started writing. Returns the deleted keys. See
 /// docs/RECOVERY.md.
-pub fn clean_after_checkpoint(
+pub fn clean_after_checkpoint<S: Fn(i64) -> bool>(
     storage: &dyn Storage,
-    oldest: i64,
-    sealed: impl Fn(i64) -> bool,
-    next_seq: &std::collections::BTreeMap<(i64, usize), u32>,
+    covered: &Covered<'_, S>,
     mine: impl Fn(Option<usize>, i64) -> bool,
 ) -> Result<Vec<String>, LakeError> {
     let mut deleted = Vec::new();
-    for table in APPENDED_TABLES.iter().chain(REPLACED_TABLES.iter()) {
-        let appended = APPENDED_TABLES.contains(table);
-        for key in storage.list(table)? {
-            let Some(hour) = hour_of_key(&key).filter(|h| *h >= oldest) else {
-                continue;
-            };
-            let part = part_of_key(&key);
-            if !mine(part.map(|(_, w)| w), hour) {
-                continue;
-            }
-            let stale = !sealed(hour)
-                || (appended && part.is_some_and(|(seq, w)| seq >= next_seq.get(&(hour, w)).copied().unwrap_or(0)));
-            if stale {
-                storage.delete(&key)?;
-                deleted.push(key);
-            }
+    for (key, hour, part, covered) in covered.files(storage)? {
+        if !covered && mine(part.map(|(_, w)| w), hour) {
+            storage.delete(&key)?;
+            deleted.push(key);
         }
     }
     deleted.sort();
     Ok(deleted)
+}
+
+/// Scratch lakes for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// An empty local lake (deleted with the guard) and the hour 2025-07-07T08.
+    pub fn scratch() -> (tempfile::TempDir, local::LocalStorage, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local::LocalStorage::new(dir.path().to_path_buf(), false);
+        (dir, storage, hour_of_key("readings/dt=2025-07-07/hour=08/x").unwrap())
+    }
+
+    /// Stores a placeholder file `name` in `table`'s folder of `hour`; returns its key.
+    pub fn put(storage: &dyn Storage, table: &str, hour: i64, name: &str) -> String {
+        let key = format!("{}/{name}", LakeWriter::dir(table, hour));
+        storage.put_atomic(&key, b"x").unwrap();
+        key
+    }
 }
 
 #[cfg(test)]
@@ -432,7 +529,10 @@ mod tests {
         assert_eq!(w.write(&mut batch).unwrap().files, 1);
         assert_eq!(storage.fail.load(std::sync::atomic::Ordering::Relaxed), 0);
         assert!(storage
-            .get(&format!("{}/part-00000.parquet", LakeWriter::dir("hourly", 481_000)))
+            .get(&format!(
+                "{}/part-00000-w000.parquet",
+                LakeWriter::dir("hourly", 481_000)
+            ))
             .unwrap()
             .is_some());
         // Past the limit the error is the write's.
@@ -457,27 +557,27 @@ mod tests {
     /// The clean-up deletes exactly the files written after the checkpoint.
     #[test]
     fn cleaning_after_a_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = local::LocalStorage::new(dir.path().to_path_buf(), false);
-        let h = hour_of_key("readings/dt=2025-07-07/hour=08/x").unwrap();
-        let put = |table: &str, hour: i64, name: &str| {
-            let key = format!("{}/{name}", LakeWriter::dir(table, hour));
-            storage.put_atomic(&key, b"x").unwrap();
-            key
-        };
+        let (_dir, storage, h) = testing::scratch();
+        let put = |table: &str, hour: i64, name: &str| testing::put(&storage, table, hour, name);
         // Hour h-2: older than the checkpoint kept, untouched whatever it holds.
         let old = put("readings", h - 2, "part-00009-w000.parquet");
         // Hour h-1: sealed; worker 0 had written 1 part, worker 1 none.
         let kept = put("readings", h - 1, "part-00000-w000.parquet");
         let late0 = put("readings", h - 1, "part-00001-w000.parquet");
         let late1 = put("rejects", h - 1, "part-00000-w001.parquet");
-        let table = put("hourly", h - 1, "part-00000.parquet");
+        let table = put("hourly", h - 1, "part-00000-w001.parquet");
+        let late_table = put("hourly", h - 1, "part-00001-w001.parquet");
         // Hour h: not sealed at the checkpoint, sealed after it.
         let open_part = put("readings", h, "part-00000-w000.parquet");
-        let open_table = put("quality", h, "part-00000.parquet");
-        let next_seq = [((h - 1, 0), 1)].into_iter().collect();
-        let deleted = clean_after_checkpoint(&storage, h - 1, |hour| hour < h, &next_seq, |_, _| true).unwrap();
-        let mut want = vec![late0, late1, open_part, open_table];
+        let open_table = put("quality", h, "part-00000-w000.parquet");
+        let next_seq = [((h - 1, 0), 1), ((h - 1, 1), 1)].into_iter().collect();
+        let covered = Covered {
+            oldest: h - 1,
+            sealed: |hour| hour < h,
+            next_seq: &next_seq,
+        };
+        let deleted = clean_after_checkpoint(&storage, &covered, |_, _| true).unwrap();
+        let mut want = vec![late0, late_table, open_part, open_table];
         want.sort();
         assert_eq!(deleted, want);
         let mut left: Vec<String> = ["readings", "rejects", "hourly", "quality"]
@@ -485,7 +585,7 @@ mod tests {
             .flat_map(|t| storage.list(t).unwrap())
             .collect();
         left.sort();
-        let mut expect = vec![old, kept, table];
+        let mut expect = vec![old, kept, late1, table];
         expect.sort();
         assert_eq!(left, expect);
         assert!(storage.list("nothing-here").unwrap().is_empty());

@@ -3,6 +3,7 @@
 //! Times are `TIMESTAMP(MILLIS, UTC)`. Rows arrive ordered by device then time, and row
 //! groups are small enough that min/max statistics let readers prune by device.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow_array::builder::{
@@ -234,6 +235,37 @@ pub fn rejects(rows: &[Rejection], hour: i64, row_group_rows: usize) -> Result<V
     encode("rejects", hour, fields, cols, row_group_rows, &[])
 }
 
+/// Decodes a Parquet file into its record batches.
+pub fn read(bytes: &[u8]) -> Result<Vec<RecordBatch>, parquet::errors::ParquetError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))?.build()?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Per device, the sum of Int64 column `column` of a file's rows, or (`None`) their number.
+pub fn per_device(batches: &[RecordBatch], column: Option<&str>) -> Result<BTreeMap<i32, i64>, String> {
+    use arrow_array::cast::AsArray;
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("no column {name}"));
+        let devices = col("device")?
+            .as_primitive_opt::<arrow_array::types::Int32Type>()
+            .ok_or("device is not Int32")?;
+        let values = match column {
+            Some(c) => Some(
+                col(c)?
+                    .as_primitive_opt::<arrow_array::types::Int64Type>()
+                    .ok_or_else(|| format!("{c} is not Int64"))?,
+            ),
+            None => None,
+        };
+        for i in 0..b.num_rows() {
+            *out.entry(devices.value(i)).or_default() += values.map_or(1, |v| v.value(i));
+        }
+    }
+    Ok(out)
+}
+
 /// Merges a file with an update of some of its rows: rows of `old` whose key columns match a
 /// row of `new` are replaced; the result is ordered by the key columns.
 pub fn merge(
@@ -245,20 +277,12 @@ pub fn merge(
     key: &[&str],
 ) -> Result<Vec<u8>, LakeError> {
     use arrow_array::cast::AsArray;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let err = |e: &dyn std::fmt::Display| LakeError::Encode {
         table,
         hour,
         message: format!("merging with the existing file: {e}"),
     };
-    let read = |bytes: &[u8]| -> Result<Vec<RecordBatch>, LakeError> {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
-            .map_err(|e| err(&e))?
-            .build()
-            .map_err(|e| err(&e))?;
-        reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
-    };
-    let (old, new) = (read(old)?, read(new)?);
+    let (old, new) = (read(old).map_err(|e| err(&e))?, read(new).map_err(|e| err(&e))?);
     let Some(schema) = new.first().map(|b| b.schema()) else {
         return Err(err(&"the update is empty"));
     };

@@ -30,6 +30,36 @@ pub fn python() -> String {
     py
 }
 
+/// Opens the lake at `url` as the engine does: `file://`, `s3://` on the test server, or
+/// `hdfs://` on the test HDFS.
+pub fn open_lake(url: &str) -> std::sync::Arc<dyn fmsflow::lake::Storage> {
+    let opts = fmsflow::lake::StorageOptions {
+        fsync: false,
+        s3: if url.starts_with("s3://") {
+            s3::options()
+        } else {
+            Default::default()
+        },
+    };
+    fmsflow::lake::open(url, &opts).unwrap_or_else(|e| panic!("opening {url}: {e}"))
+}
+
+/// Checks the lake at `url` after its runs have ended, as a reader that follows the hours'
+/// manifests sees it (`lake::manifest::verify`: every listed file there, one version of each
+/// hour's tables, hourly counts equal to the readings), and that every file of the tables is
+/// listed by a manifest: nothing is left uncommitted or superseded.
+pub fn assert_committed(url: &str) -> fmsflow::lake::manifest::Verified {
+    let storage = open_lake(url);
+    let v = fmsflow::lake::manifest::verify(storage.as_ref()).unwrap_or_else(|e| panic!("{url}: {e}"));
+    assert!(
+        v.unlisted.is_empty(),
+        "{url}: files no manifest lists: {:?}",
+        v.unlisted
+    );
+    assert!(v.hours > 0 && v.readings > 0, "{url}: no committed hour: {v:?}");
+    v
+}
+
 /// Reads a lake with DuckDB and pyarrow (tests/read_lake.py) and returns its JSON summary.
 pub fn read_lake(dir: &Path) -> serde_json::Value {
     read_lake_at(&dir.display().to_string())
