@@ -225,6 +225,20 @@ fn a_replay_into_s3_stores_the_files_a_local_replay_does() {
 fn hdfs_passes_the_storage_suite() {
     let (_, storage) = common::hdfs::lake("suite");
     suite(storage.as_ref(), 12 << 20);
+    // Temporary files of killed writes: this host's dead processes' go, as do any host's
+    // untouched for an hour; this process's, and another host's recent ones, stay.
+    let dir = "readings/dt=2025-07-07/hour=00";
+    let host = fmsflow::lake::host_name();
+    let dead = format!("{dir}/.part-00001-w000.parquet.4294967294-7@{host}.tmp");
+    let live = format!("{dir}/.part-00002-w000.parquet.{}-8@{host}.tmp", std::process::id());
+    let elsewhere = format!("{dir}/.part-00003-w000.parquet.4294967294-9@another-host.tmp");
+    for k in [&dead, &live, &elsewhere] {
+        storage.put_atomic(k, b"partial").unwrap();
+    }
+    assert_eq!(storage.sweep_abandoned().unwrap(), 1);
+    assert_eq!(storage.get(&dead).unwrap(), None);
+    assert!(storage.get(&live).unwrap().is_some() && storage.get(&elsewhere).unwrap().is_some());
+    assert!(storage.list(dir).unwrap().iter().all(|k| !k.contains(".tmp")));
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub struct HdfsStorage {
     /// The lake's folder on HDFS, absolute, without a trailing `/`.
     base: String,
     next_tmp: AtomicU64,
+    /// This machine's name, in temporary file names.
+    host: String,
 }
 
 fn io_err(op: &'static str, path: &str, source: std::io::Error) -> LakeError {
@@ -83,6 +85,7 @@ impl HdfsStorage {
             namenode,
             base,
             next_tmp: AtomicU64::new(0),
+            host: super::host_name(),
         };
         // The client connects lazily: make the folder now, so an unreachable NameNode or a
         // refused path fails at start with its address.
@@ -109,6 +112,43 @@ impl HdfsStorage {
     }
 }
 
+/// A temporary file of another host's process is abandoned once untouched this long.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl HdfsStorage {
+    /// Calls `f(path, name, modified)` for every file under the folder `prefix` (relative
+    /// to the lake's root; "" for all of it), hidden ones included.
+    fn walk(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&str, &str, std::time::SystemTime) -> Result<(), LakeError>,
+    ) -> Result<(), LakeError> {
+        let root = self.path(prefix.trim_end_matches('/'));
+        let root = match root.trim_end_matches('/') {
+            "" => "/".to_string(),
+            r => r.to_string(),
+        };
+        if !self.exists(&root)? {
+            return Ok(());
+        }
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            let entries = self.client.read_dir(&dir).map_err(|e| io_err("listing", &dir, e))?;
+            for m in entries.into_inner() {
+                // hdrs gives paths without the hdfs://host:port part.
+                let path = m.path().to_string();
+                let path = path.strip_prefix(&self.namenode).unwrap_or(&path).to_string();
+                if m.is_dir() {
+                    stack.push(path);
+                } else {
+                    f(&path, path.rsplit('/').next().unwrap_or(""), m.modified())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Storage for HdfsStorage {
     fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
         let path = self.path(key);
@@ -117,11 +157,13 @@ impl Storage for HdfsStorage {
         self.client
             .create_dir(dir)
             .map_err(|e| io_err("making the folder", dir, e))?;
+        // Named by process and host: processes of a cluster share the folder.
         let tmp = format!(
-            "{}/.{name}.{}-{}.tmp",
+            "{}/.{name}.{}-{}@{}.tmp",
             dir.trim_end_matches('/'),
             std::process::id(),
-            self.next_tmp.fetch_add(1, Relaxed)
+            self.next_tmp.fetch_add(1, Relaxed),
+            self.host
         );
         let written = (|| {
             let mut f = self
@@ -180,32 +222,42 @@ impl Storage for HdfsStorage {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
-        let root = self.path(prefix.trim_end_matches('/'));
-        if !self.exists(&root)? {
-            return Ok(Vec::new());
-        }
         let base = format!("{}/", self.base.trim_end_matches('/'));
         let mut out = Vec::new();
-        let mut stack = vec![root];
-        while let Some(dir) = stack.pop() {
-            let entries = self.client.read_dir(&dir).map_err(|e| io_err("listing", &dir, e))?;
-            for m in entries.into_inner() {
-                // hdrs gives paths without the hdfs://host:port part.
-                let path = m.path().to_string();
-                let path = path.strip_prefix(&self.namenode).unwrap_or(&path).to_string();
-                let name = path.rsplit('/').next().unwrap_or("");
-                // Hidden names are temporary files of writes in progress.
-                if name.starts_with('.') {
-                    continue;
-                }
-                if m.is_dir() {
-                    stack.push(path);
-                } else if let Some(key) = path.strip_prefix(&base) {
-                    out.push(key.to_string());
-                }
+        self.walk(prefix, |path, name, _| {
+            // Hidden names are temporary files of writes in progress.
+            if !name.starts_with('.') {
+                out.extend(path.strip_prefix(&base).map(str::to_string));
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
+    }
+
+    /// Temporary files (`.NAME.PID-N@HOST.tmp`) of writes killed before their rename: those
+    /// of this host's processes no longer running, and those of any host untouched for
+    /// [`ABANDONED_AFTER`] (a process on another host cannot be looked up; no write of one
+    /// file takes that long).
+    fn sweep_abandoned(&self) -> Result<usize, LakeError> {
+        let mut abandoned = Vec::new();
+        let now = std::time::SystemTime::now();
+        self.walk("", |path, name, modified| {
+            let Some((pid, host)) = super::temp_file_owner(name) else {
+                return Ok(());
+            };
+            let dead = host == Some(self.host.as_str()) && !super::process_runs(pid);
+            let stale = now.duration_since(modified).is_ok_and(|age| age > ABANDONED_AFTER);
+            if dead || stale {
+                abandoned.push(path.to_string());
+            }
+            Ok(())
+        })?;
+        for path in &abandoned {
+            self.client
+                .remove_file(path)
+                .map_err(|e| io_err("deleting an abandoned temporary file", path, e))?;
+        }
+        Ok(abandoned.len())
     }
 
     fn delete(&self, key: &str) -> Result<(), LakeError> {

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{LakeError, Storage};
+use super::{process_runs, temp_file_owner, LakeError, Storage};
 
 static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -148,7 +148,7 @@ impl Storage for LocalStorage {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if temp_file_owner(&name).is_some_and(|pid| !process_runs(pid)) {
+                if temp_file_owner(&name).is_some_and(|(pid, _)| !process_runs(pid)) {
                     std::fs::remove_file(&path).map_err(|source| LakeError::Io {
                         op: "deleting an abandoned temporary file",
                         path: path.display().to_string(),
@@ -160,21 +160,6 @@ impl Storage for LocalStorage {
         }
         Ok(swept)
     }
-}
-
-/// The process id in the name of one of [`LocalStorage::put_atomic`]'s temporary files.
-fn temp_file_owner(name: &str) -> Option<u32> {
-    let stem = name.strip_prefix('.')?.strip_suffix(".tmp")?;
-    let (_, tail) = stem.rsplit_once('.')?;
-    let (pid, n) = tail.split_once('-')?;
-    n.parse::<u64>().ok()?;
-    pid.parse().ok()
-}
-
-/// Whether a process with this id runs on this machine (Linux: `/proc/PID`); this process
-/// counts as running.
-fn process_runs(pid: u32) -> bool {
-    pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[cfg(test)]
@@ -201,7 +186,11 @@ mod tests {
             s.list("readings").unwrap(),
             vec!["readings/dt=2025-07-07/hour=00/part-00000-w000.parquet"]
         );
-        assert_eq!(temp_file_owner(".checkpoint.json.1234-5.tmp"), Some(1234));
+        assert_eq!(temp_file_owner(".checkpoint.json.1234-5.tmp"), Some((1234, None)));
+        assert_eq!(
+            temp_file_owner(".part-00000-w000.parquet.77-0@node-1.example.com.tmp"),
+            Some((77, Some("node-1.example.com")))
+        );
         assert_eq!(temp_file_owner("part-00000.parquet"), None);
     }
 }

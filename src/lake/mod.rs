@@ -354,6 +354,38 @@ impl LakeWriter {
     }
 }
 
+/// The writer of a temporary file named `.NAME.PID-N.tmp` (local directories) or
+/// `.NAME.PID-N@HOST.tmp` (shared storage): its process id, and its host if named.
+pub(crate) fn temp_file_owner(name: &str) -> Option<(u32, Option<&str>)> {
+    let stem = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (stem, host) = match stem.rsplit_once('@') {
+        Some((s, h)) => (s, Some(h)),
+        None => (stem, None),
+    };
+    let (_, tail) = stem.rsplit_once('.')?;
+    let (pid, n) = tail.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    Some((pid.parse().ok()?, host))
+}
+
+/// Whether a process with this id runs on this machine (Linux: `/proc/PID`); this process
+/// counts as running.
+pub(crate) fn process_runs(pid: u32) -> bool {
+    pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// This machine's host name ("" if it has none).
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 /// The tables with one part per batch and worker, and the tables with one file per hour.
 pub const APPENDED_TABLES: [&str; 2] = ["readings", "rejects"];
 /// See [`APPENDED_TABLES`].
