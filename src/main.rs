@@ -325,7 +325,14 @@ fn real_main() -> anyhow::Result<()> {
             let url = lake.unwrap_or(cfg.lake.url.clone());
             let storage = lake::open(&url, &cfg.lake.storage_options())?;
             let root = url.strip_prefix("file://").unwrap_or(&url).trim_end_matches('/');
-            let files: Vec<String> = lake::manifest::load_all(storage.as_ref())?
+            let manifests = lake::manifest::load_all(storage.as_ref())?;
+            anyhow::ensure!(
+                !manifests.is_empty(),
+                "{} holds no manifest ({}/...): no run has committed an hour there (is the lake URL right?)",
+                storage.describe(),
+                lake::manifest::DIR
+            );
+            let files: Vec<String> = manifests
                 .values()
                 .flat_map(|m| m.files.get(&table).into_iter().flatten())
                 .map(|k| format!("{root}/{k}"))
@@ -344,6 +351,11 @@ fn real_main() -> anyhow::Result<()> {
             let url = lake.unwrap_or(cfg.lake.url.clone());
             let storage = lake::open(&url, &cfg.lake.storage_options())?;
             let v = lake::manifest::verify(storage.as_ref())?;
+            anyhow::ensure!(
+                v.hours > 0 || !v.unlisted.is_empty(),
+                "{} holds no manifest and no table file: nothing to verify (is the lake URL right?)",
+                storage.describe()
+            );
             for k in &v.unlisted {
                 println!("not in any manifest: {k}");
             }

@@ -509,3 +509,66 @@ fn device_partitions_hold_the_same_rows_locally_and_on_s3() {
         assert!(lake["max_mean_error"].as_f64().unwrap() < 1e-9, "{lake}");
     }
 }
+
+/// `fmsflow files` lists what the manifests list, and DuckDB reads its `--sql` expression;
+/// `fmsflow verify` passes a whole lake; both refuse a folder with no lake in it.
+#[test]
+fn files_and_verify_read_the_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = generated_input_late(dir.path(), 5, 3, 0.05);
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    replay_into(&input, &lake, 2, &[("FMSFLOW_ENGINE__BATCH", "500")]);
+    let fmsflow = |args: &[&str]| Command::new(common::bin()).args(args).output().unwrap();
+    let storage = common::open_lake(&lake);
+    let manifests = fmsflow::lake::manifest::load_all(storage.as_ref()).unwrap();
+    let listed: usize = manifests
+        .values()
+        .map(|m| m.files.get("readings").map_or(0, Vec::len))
+        .sum();
+    let out = fmsflow(&["files", "--lake", &lake, "--table", "readings"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), listed);
+    assert!(lines.iter().all(|l| std::path::Path::new(l).is_file()), "{lines:?}");
+    // DuckDB reads the hourly table through the `--sql` expression: its counts add up to the
+    // readings `verify` counts.
+    let sql = fmsflow(&["files", "--lake", &lake, "--table", "hourly", "--sql"]);
+    assert!(sql.status.success(), "{}", String::from_utf8_lossy(&sql.stderr));
+    let expr = String::from_utf8(sql.stdout).unwrap();
+    let count = Command::new(common::python())
+        .args([
+            "-c",
+            "import duckdb, sys; print(duckdb.sql('select sum(count) from ' + sys.argv[1]).fetchall()[0][0])",
+            expr.trim(),
+        ])
+        .output()
+        .unwrap();
+    assert!(count.status.success(), "{}", String::from_utf8_lossy(&count.stderr));
+    let verified = fmsflow(&["verify", "--lake", &lake]);
+    let report = String::from_utf8_lossy(&verified.stdout).to_string();
+    assert!(
+        verified.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let readings = common::assert_committed(&lake).readings;
+    assert!(
+        report.contains(&format!("{readings} readings")) && report.contains(" 0 file(s) not in any manifest"),
+        "{report}"
+    );
+    assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), readings.to_string());
+    // A folder with no lake: both say so and fail.
+    let empty = format!("file://{}", dir.path().join("nothing").display());
+    for args in [
+        vec!["files", "--lake", &empty, "--table", "hourly"],
+        vec!["verify", "--lake", &empty],
+    ] {
+        let out = fmsflow(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("no manifest"), "{args:?}: {err}");
+    }
+}
