@@ -38,7 +38,15 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The checkpoint in `storage`, if there is one.
     pub fn load(storage: &dyn Storage) -> Result<Option<Checkpoint>, String> {
-        let Some(bytes) = storage.get(KEY).map_err(|e| e.to_string())? else {
+        Self::load_with(storage, |s| s.get(KEY))
+    }
+
+    /// [`Checkpoint::load`], reading the object with `get` (to retry it, say).
+    pub fn load_with(
+        storage: &dyn Storage,
+        get: impl FnOnce(&dyn Storage) -> Result<Option<Vec<u8>>, LakeError>,
+    ) -> Result<Option<Checkpoint>, String> {
+        let Some(bytes) = get(storage).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
         let c: Checkpoint = serde_json::from_slice(&bytes)

@@ -420,15 +420,19 @@ fn plan_resume(
     let (process, processes) = cluster.map_or((0, 1), |c| (c.process, c.addresses.len()));
     let workers = cfg.engine.workers;
     let peers = workers * processes;
-    let ck = Checkpoint::load(storage)
-        .map_err(anyhow::Error::msg)?
-        .with_context(|| {
-            format!(
-                "--from checkpoint: {} holds no checkpoint ({}); start with --from earliest",
-                storage.describe(),
-                fmsflow::checkpoint::KEY
-            )
-        })?;
+    // Failed storage operations are retried as the lake's writes are (`lake.retry_for`).
+    let retry = cfg.lake.retry();
+    let ck = Checkpoint::load_with(storage, |s| {
+        retry.run("reading the checkpoint", || s.get(fmsflow::checkpoint::KEY))
+    })
+    .map_err(anyhow::Error::msg)?
+    .with_context(|| {
+        format!(
+            "--from checkpoint: {} holds no checkpoint ({}); start with --from earliest",
+            storage.describe(),
+            fmsflow::checkpoint::KEY
+        )
+    })?;
     anyhow::ensure!(
         ck.topic == cfg.kafka.raw_topic,
         "--from checkpoint: the checkpoint is of topic {:?}, not kafka.raw_topic {:?}",
@@ -450,15 +454,20 @@ fn plan_resume(
         sealed: |hour| recovery.sealed(hour, flow.grace_ms),
         next_seq: &recovery.next_seq,
     };
-    let deleted = lake::clean_after_checkpoint(
-        storage,
-        &covered,
-        // This process's workers are process * workers .. (process + 1) * workers.
-        |worker, hour| worker.unwrap_or_else(|| hour_owner(hour, peers)) / workers == process,
-    )?;
+    // Both steps are idempotent, so retried whole.
+    let deleted = retry.run("deleting the files written after the checkpoint", || {
+        lake::clean_after_checkpoint(
+            storage,
+            &covered,
+            // This process's workers are process * workers .. (process + 1) * workers.
+            |worker, hour| worker.unwrap_or_else(|| hour_owner(hour, peers)) / workers == process,
+        )
+    })?;
     // The manifests are worker 0's: they list what the checkpoint covers.
     let rebuilt = if process == 0 {
-        lake::manifest::rebuild(storage, &covered, &ck.read_end)?
+        retry.run("rewriting the manifests", || {
+            lake::manifest::rebuild(storage, &covered, &ck.read_end)
+        })?
     } else {
         Default::default()
     };

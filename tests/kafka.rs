@@ -467,9 +467,7 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     // What the kill left is whole to a reader that follows the manifests (in a cluster,
     // process 0 commits the hours every process writes).
     // (The kill may come between the checkpoint and its manifests: none may be there yet.)
-    if let Err(e) = fmsflow::lake::manifest::verify(resumed_storage.as_ref()) {
-        panic!("after the kill, a reader following the manifests sees a broken lake: {e}");
-    }
+    common::assert_readable_after_kill(resumed_storage.as_ref(), "after the kill");
     let errs = finish(run(&resumed, "checkpoint", "resumed"), "the resumed run");
     for err in &errs {
         assert!(err.contains("resuming from the checkpoint of epoch"), "{err}");
@@ -588,9 +586,7 @@ fn crash_test(name: &str, lake: &str) {
         // Whatever the kill left, a reader that follows the manifests sees whole hours:
         // what they list is there, one version of each table, hourly counts equal to the
         // readings (the files the next life deletes are in no manifest).
-        if let Err(e) = fmsflow::lake::manifest::verify(storage.as_ref()) {
-            panic!("after life {k}, a reader following the manifests sees a broken lake: {e}");
-        }
+        common::assert_readable_after_kill(storage.as_ref(), &format!("after life {k}"));
     }
     assert_eq!(
         made, kills,

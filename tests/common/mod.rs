@@ -60,6 +60,29 @@ pub fn assert_committed(url: &str) -> fmsflow::lake::manifest::Verified {
     v
 }
 
+/// Checks, after a kill, that a reader following the lake's manifests sees whole hours
+/// (`lake::manifest::verify`). A read that may succeed when tried again (s3s-fs stores an
+/// object and its checksum one after the other, so a read while it still finishes a killed
+/// client's upload can fail its checksum) is tried again, for at most 20 s; a broken lake
+/// fails at once.
+pub fn assert_readable_after_kill(storage: &dyn fmsflow::lake::Storage, when: &str) {
+    use fmsflow::lake::manifest::{verify, VerifyError};
+    wait_for(
+        &format!("a lake that reads whole {when}"),
+        Duration::from_secs(20),
+        || match verify(storage) {
+            Ok(_) => true,
+            Err(VerifyError::Broken(e)) => {
+                panic!("{when}, a reader following the manifests sees a broken lake: {e}")
+            }
+            Err(VerifyError::Retry(e)) => {
+                eprintln!("{when}: reading the lake again: {e}");
+                false
+            }
+        },
+    );
+}
+
 /// Reads a lake with DuckDB and pyarrow (tests/read_lake.py) and returns its JSON summary.
 pub fn read_lake(dir: &Path) -> serde_json::Value {
     read_lake_at(&dir.display().to_string())
