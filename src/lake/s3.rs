@@ -119,7 +119,14 @@ impl S3Storage {
                 "no region: set lake.s3_region (FMSFLOW_LAKE__S3_REGION) or AWS_REGION".into(),
             ));
         }
-        let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.path_style);
+        // Uploads carry a checksum the server checks. Reads are not checked against the
+        // checksum the server stored: an S3-compatible server that stores an object and its
+        // checksum record one after the other (s3s-fs does) leaves, when a writer dies
+        // between the two, a whole object with a stale checksum, which a checked read would
+        // refuse for good. What fmsflow reads is checked when it is decoded (JSON, Parquet).
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(opts.path_style)
+            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
         if let Some(e) = &opts.endpoint {
             conf = conf.endpoint_url(e);
         }

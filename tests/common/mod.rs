@@ -61,9 +61,8 @@ pub fn assert_committed(url: &str) -> fmsflow::lake::manifest::Verified {
 }
 
 /// Checks, after a kill, that a reader following the lake's manifests sees whole hours
-/// (`lake::manifest::verify`). A read that may succeed when tried again (s3s-fs stores an
-/// object and its checksum one after the other, so a read while it still finishes a killed
-/// client's upload can fail its checksum) is tried again, for at most 20 s; a broken lake
+/// (`lake::manifest::verify`). A read that may succeed when tried again (the server still
+/// finishing a killed client's request) is tried again, for at most 20 s; a broken lake
 /// fails at once.
 pub fn assert_readable_after_kill(storage: &dyn fmsflow::lake::Storage, when: &str) {
     use fmsflow::lake::manifest::{verify, VerifyError};
