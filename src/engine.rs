@@ -617,6 +617,7 @@ impl Committer {
                 .map_err(|e| format!("writing the checkpoint: {e}"))?;
         }
         let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
         for (&hour, keys) in &taken.files {
             let m = match manifests.entry(hour) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
@@ -634,12 +635,10 @@ impl Committer {
                 .run("storing a manifest", || m.save(storage, hour))
                 .map_err(|e| format!("writing the manifest of {}: {e}", m.hour))?;
             let due = Instant::now() + self.lake.keep_replaced();
-            let mut replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
             replaced.extend(superseded.into_iter().map(|k| (due, k)));
         }
         // Older hours change no more (a late reopening loads its manifest again).
         manifests.retain(|&h, _| h >= taken.oldest);
-        let mut replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while let Some((due, k)) = replaced.front() {
             if !last && *due > now {

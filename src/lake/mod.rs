@@ -254,21 +254,30 @@ impl LakeWriter {
         format!("part-{:05}-w{:03}.parquet", b.seq, b.worker)
     }
 
+    /// The key of file `part` of `table` in `hour`, in the folder of `device` if given
+    /// (`readings/` with `lake.device_partitions`).
+    fn key(table: &str, hour: i64, device: Option<u32>, part: &str) -> String {
+        let dir = Self::dir(table, hour);
+        match device {
+            Some(d) => format!("{dir}/device={d}/{part}"),
+            None => format!("{dir}/{part}"),
+        }
+    }
+
     /// The keys [`LakeWriter::write`] stores `b` under, in the order it stores them.
     pub fn keys(&self, b: &HourBatch) -> Vec<String> {
         let part = Self::part_name(b);
         let mut keys = Vec::new();
-        let dir = Self::dir("readings", b.hour);
         if self.device_partitions {
-            let mut devices = b.readings.device.clone();
-            devices.dedup();
-            keys.extend(devices.iter().map(|d| format!("{dir}/device={d}/{part}")));
+            // Readings are ordered by device: one file per run of a device.
+            let runs = b.readings.device.chunk_by(|a, b| a == b);
+            keys.extend(runs.map(|run| Self::key("readings", b.hour, Some(run[0]), &part)));
         } else if !b.readings.is_empty() {
-            keys.push(format!("{dir}/{part}"));
+            keys.push(Self::key("readings", b.hour, None, &part));
         }
         let mut add = |table: &str, present: bool| {
             if present {
-                keys.push(format!("{}/{part}", Self::dir(table, b.hour)));
+                keys.push(Self::key(table, b.hour, None, &part));
             }
         };
         add("rejects", !b.rejections.is_empty());
@@ -295,26 +304,22 @@ impl LakeWriter {
         // Appended tables: a new part per batch, named by sequence and worker.
         let part = Self::part_name(b);
         if !b.readings.is_empty() {
-            let dir = Self::dir("readings", b.hour);
             let readings = std::mem::take(&mut b.readings);
             if self.device_partitions {
                 for (device, rows) in readings.split_by_device() {
                     let n = rows.len();
                     let bytes = parquet::readings(rows, b.hour, rg)?;
-                    put(format!("{dir}/device={device}/{part}"), bytes, n)?;
+                    put(Self::key("readings", b.hour, Some(device), &part), bytes, n)?;
                 }
             } else {
                 let rows = readings.len();
-                put(format!("{dir}/{part}"), parquet::readings(readings, b.hour, rg)?, rows)?;
+                let bytes = parquet::readings(readings, b.hour, rg)?;
+                put(Self::key("readings", b.hour, None, &part), bytes, rows)?;
             }
         }
         if !b.rejections.is_empty() {
             let bytes = parquet::rejects(&b.rejections, b.hour, rg)?;
-            put(
-                format!("{}/{part}", Self::dir("rejects", b.hour)),
-                bytes,
-                b.rejections.len(),
-            )?;
+            put(Self::key("rejects", b.hour, None, &part), bytes, b.rejections.len())?;
         }
         // Replaced tables: a new version of the hour's file. A partial batch (an hour
         // reopened after its state was dropped) carries only the keys that changed: merge
@@ -322,7 +327,7 @@ impl LakeWriter {
         // hour's batches go to one thread of its owner).
         let mut replace = |table: &'static str, bytes: Vec<u8>, key: &[&str], rows: usize| -> Result<(), LakeError> {
             let dir = Self::dir(table, b.hour);
-            let path = format!("{dir}/{part}");
+            let path = Self::key(table, b.hour, None, &part);
             let old = b.partial.then(|| {
                 self.retry.run(&format!("reading the newest version in {dir}"), || {
                     let newest = storage
