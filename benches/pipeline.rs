@@ -131,9 +131,18 @@ fn main() {
                 batch,
                 epoch: Duration::from_millis(200),
                 cluster: None,
+                replay_rate: None,
             };
             let (start, cpu0) = (Instant::now(), cpu_time());
-            engine::run(settings, Source::Memory(data.clone()), writer, None, status.clone()).expect("engine run");
+            engine::run(
+                settings,
+                Source::Memory(data.clone()),
+                writer,
+                None,
+                status.clone(),
+                None,
+            )
+            .expect("engine run");
             let t = start.elapsed();
             let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
             assert_eq!(status.valid.load(Relaxed) as usize, n);

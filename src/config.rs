@@ -81,7 +81,29 @@ pub struct Config {
     pub sim: Sim,
     /// Kafka brokers and topics (`[kafka]`).
     pub kafka: crate::connectors::kafka::KafkaSettings,
+    /// The query API and dashboard.
+    pub api: Api,
 }
+
+/// `[api]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    /// `host:port` the query API and dashboard listen on; empty: off (`fmsflow run`) or
+    /// [`DEMO_LISTEN`] (`fmsflow demo`).
+    pub listen: String,
+    /// Bearer token every API request must carry; empty: none (only on loopback).
+    pub token: String,
+    /// In a cluster: every process's API base URL, `http://host:port`, in process order.
+    pub peers: Vec<String>,
+    /// Queries answered at once by one process.
+    pub max_in_flight: usize,
+    /// Hours the live view keeps behind the newest.
+    pub keep_hours: u32,
+}
+
+/// Where `fmsflow demo` serves the API and dashboard unless told otherwise.
+pub const DEMO_LISTEN: &str = "127.0.0.1:8090";
 
 /// `[fleet]`
 #[derive(Clone, Debug, Deserialize)]
@@ -332,6 +354,15 @@ impl Config {
             if v.trim().is_empty() {
                 return bad(field, "must not be empty");
             }
+        }
+        if self.api.max_in_flight == 0 {
+            return bad("api.max_in_flight", "must be at least 1");
+        }
+        if self.api.keep_hours == 0 {
+            return bad("api.keep_hours", "must be at least 1");
+        }
+        if let Some(p) = self.api.peers.iter().find(|p| !p.starts_with("http://")) {
+            return bad("api.peers", &format!("`{p}` is not an http://host:port URL"));
         }
         if self.lake.writers == 0 {
             return bad("lake.writers", "must be at least 1");

@@ -27,6 +27,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Dirty fraction for the simulator.
     pub dirty_rate: f64,
+    /// Where the dashboard and API listen (else `api.listen`, else [`crate::config::DEMO_LISTEN`]).
+    pub http: Option<String>,
 }
 
 /// Runs the demo.
@@ -83,12 +85,39 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         batch: cfg.engine.batch,
         epoch: cfg.engine.epoch.0,
         cluster: None,
+        replay_rate: None,
     };
+    // The query API and dashboard, over the engine's live view.
+    let view = crate::api::view::LiveView::new(workers, cfg.api.keep_hours);
+    let listen = opts.http.clone().unwrap_or_else(|| {
+        if cfg.api.listen.is_empty() {
+            crate::config::DEMO_LISTEN.to_string()
+        } else {
+            cfg.api.listen.clone()
+        }
+    });
+    let api = crate::api::start(
+        crate::api::settings_from(cfg, listen, 0, cfg.fleet.devices),
+        view.clone(),
+        status.clone(),
+    )
+    .context("starting the query API")?;
+    eprintln!("dashboard on http://{}/ (query API under /api/v1/)", api.addr);
+
     let engine_status = status.clone();
     let engine_writer = writer.clone();
     let engine = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine::run(settings, Source::Live(rxs), Some(engine_writer), None, engine_status))
+        .spawn(move || {
+            engine::run(
+                settings,
+                Source::Live(rxs),
+                Some(engine_writer),
+                None,
+                engine_status,
+                Some(view),
+            )
+        })
         .context("starting the engine thread")?;
 
     let interval = cfg.collector.interval.0.div_f64(clock.speedup());

@@ -14,6 +14,7 @@ use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
+use crate::api::view::LiveView;
 use crate::checkpoint::{Recorder, Report};
 use crate::connectors::file::FileReader;
 use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec, StartAt};
@@ -49,6 +50,9 @@ pub struct EngineSettings {
     /// Run as one process of a cluster (each process runs `workers` workers); `None` for a
     /// single process.
     pub cluster: Option<Cluster>,
+    /// File replay: at most this many records per second per worker (`None`: as fast as
+    /// possible). A paced replay lets live queries watch the aggregates grow.
+    pub replay_rate: Option<f64>,
 }
 
 /// This process's place in a cluster of engine processes.
@@ -89,13 +93,15 @@ pub enum EngineError {
     Failed(String),
 }
 
-/// Runs the dataflow to completion (end of the files, or all live senders dropped).
+/// Runs the dataflow to completion (end of the files, or all live senders dropped). With
+/// `view`, each worker mirrors its aggregates there for the query API.
 pub fn run(
     settings: EngineSettings,
     source: Source,
     lake: Option<Arc<LakeWriter>>,
     kafka_out: Option<Arc<KafkaSinks>>,
     status: Arc<Status>,
+    view: Option<Arc<LiveView>>,
 ) -> Result<(), EngineError> {
     let workers = settings.workers;
     let (files, memory, receivers, kafka) = match source {
@@ -145,6 +151,10 @@ pub fn run(
         let (mut input, mut reports) = worker.dataflow::<Epoch, _, _>(|scope| {
             let (handle, raw) = scope.new_input::<RawRecord>();
             let out = build(raw, &flow);
+            if let Some(v) = &view {
+                // Worker indexes are global; each process runs `workers` of them.
+                crate::api::view::attach(&out, v.clone(), index % workers);
+            }
             let sealed = to_writer.as_ref().map(|_| out.sealed());
             out.latest.clone().inspect_core(move |e| {
                 if let Ok((_, ls)) = e {
@@ -211,6 +221,7 @@ pub fn run(
                 files.iter().enumerate().collect()
             };
             let (sub_index, sub_peers) = if files.len() >= peers { (0, 1) } else { (index, peers) };
+            let (paced_from, mut shipped) = (Instant::now(), 0usize);
             for (i, path) in mine {
                 let mut reader =
                     match FileReader::open(path, i as u32, sub_index, sub_peers, crate::connectors::file::BLOCK) {
@@ -229,8 +240,12 @@ pub fn run(
                         }
                     };
                     if buf.len() >= settings.batch {
+                        shipped += buf.len();
                         ship(worker, &mut input, &probe, &st, &mut buf, &mut epoch);
                         commit_stored(committer, &probe, &st);
+                        if let Some(rate) = settings.replay_rate {
+                            pace(worker, paced_from, shipped, rate);
+                        }
                     }
                     if !more || st.error().is_some() {
                         break;
@@ -335,6 +350,15 @@ pub fn run(
     match status.error() {
         Some(e) => Err(EngineError::Failed(e)),
         None => Ok(()),
+    }
+}
+
+/// Paced replay: keeps the dataflow going until `shipped` records at `rate` a second are
+/// due since `from`.
+fn pace(worker: &mut timely::worker::Worker, from: Instant, shipped: usize, rate: f64) {
+    let due = from + Duration::from_secs_f64(shipped as f64 / rate.max(1e-3));
+    while Instant::now() < due {
+        worker.step_or_park(Some(due.saturating_duration_since(Instant::now()).min(PARK)));
     }
 }
 
@@ -453,6 +477,7 @@ fn read_kafka(
     let mut to_commit: std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)> = Default::default();
     let commit_done =
         |reader: &PartitionReader, to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>, sync: bool| {
+            st.set_partitions(&reader.lag());
             let mut last = None;
             while let Some((e, _)) = to_commit.front() {
                 if probe.less_equal(e) {

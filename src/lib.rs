@@ -1,6 +1,7 @@
 //! fmsflow's runtime: connectors, the engine driver, the lake, the simulator and the demo.
 //! The pure dataflow (model, rules, aggregates) is the `fmsflow-dataflows` crate.
 
+pub mod api;
 pub mod backoff;
 pub mod checkpoint;
 pub mod clock;

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use fmsflow::config::{parse_duration, Config};
-use fmsflow::{clock, connectors, demo, engine, gen, lake, sim, status};
+use fmsflow::{api, clock, connectors, demo, engine, gen, lake, sim, status};
 
 /// fmsflow — factory sensor readings from the FMS API to a Parquet lake, validated and
 /// aggregated per device and hour by a timely/differential dataflow.
@@ -46,6 +46,10 @@ enum Command {
         /// Fraction of dirty simulator responses, spread over every rule.
         #[arg(long, default_value_t = 0.02)]
         dirty_rate: f64,
+        /// Where the dashboard and query API listen, host:port (default api.listen, else
+        /// 127.0.0.1:8090; port 0 picks a free one).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
     },
     /// Serve the FMS API simulator: GET /{id}/ for ids 1..=N, /health, /stats.
     Sim {
@@ -117,6 +121,32 @@ enum Command {
         /// This process's index in --cluster, from 0.
         #[arg(long, requires = "cluster")]
         process: Option<usize>,
+        /// Serve the query API and dashboard on host:port (default api.listen; empty: none).
+        /// Beyond loopback it needs api.token.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
+        /// In a cluster: every process's API base URL (http://host:port), in process order,
+        /// so any process answers for every device (default api.peers).
+        #[arg(long, value_delimiter = ',', value_name = "URLS")]
+        api_peers: Vec<String>,
+        /// After the input ends, keep answering queries until Ctrl-C (with --http).
+        #[arg(long, requires = "http")]
+        keep_serving: bool,
+        /// File replay: at most this many records per second in this process (default: as
+        /// fast as possible).
+        #[arg(long, value_name = "N")]
+        rate: Option<f64>,
+    },
+    /// Ask a running engine's query API (`--http` of `fmsflow run`, or the demo's).
+    Query {
+        /// The API's base URL.
+        #[arg(long, env = "FMSFLOW_API_URL", default_value = "http://127.0.0.1:8090")]
+        url: String,
+        /// Print the JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        ask: QueryCommand,
     },
     /// Generate N devices × M hours of readings in the replay format.
     Gen {
@@ -166,6 +196,59 @@ enum Command {
     },
 }
 
+/// What `fmsflow query` asks. Times are RFC 3339 (e.g. 2025-07-07T08:00:00Z).
+#[derive(Subcommand, Debug)]
+enum QueryCommand {
+    /// Frontier, watermark, counts, Kafka lag, per process.
+    Status,
+    /// One device's hourly aggregates (default: the 24 hours up to the newest).
+    Device {
+        /// Device id.
+        id: u32,
+        /// First hour (the hour holding this time).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (exclusive, rounded up to a whole hour).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// One device's newest accepted reading.
+    Latest {
+        /// Device id.
+        id: u32,
+    },
+    /// One hour across the fleet.
+    Fleet {
+        /// The hour holding this time (default: the newest).
+        #[arg(long)]
+        hour: Option<String>,
+        /// device, count, fails or <metric>_<min|max|mean|stddev>, e.g. sensor1_max.
+        #[arg(long)]
+        sort: Option<String>,
+        /// asc or desc (default: desc, except by device).
+        #[arg(long)]
+        order: Option<String>,
+        /// At most this many devices.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Valid / total and rejections by rule over a range (default: the last 24 hours).
+    Quality {
+        /// First hour.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<u32>,
+        /// Also list the N devices with the most rejections.
+        #[arg(long, value_name = "N")]
+        by_device: Option<usize>,
+    },
+}
+
 // Many short-lived record buffers: mimalloc is markedly faster than glibc's malloc here.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -192,6 +275,7 @@ fn real_main() -> anyhow::Result<()> {
             lake,
             workers,
             dirty_rate,
+            http,
         } => {
             if let Some(l) = lake {
                 cfg.lake.url = l;
@@ -210,6 +294,7 @@ fn real_main() -> anyhow::Result<()> {
                     speedup: fast.then_some(360.0),
                     duration,
                     dirty_rate,
+                    http,
                 },
             )
         }
@@ -294,6 +379,10 @@ fn real_main() -> anyhow::Result<()> {
             until,
             cluster,
             process,
+            http,
+            api_peers,
+            keep_serving,
+            rate,
         } => {
             if let Some(l) = lake {
                 cfg.lake.url = l;
@@ -319,7 +408,67 @@ fn real_main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            run_engine(&cfg, &source, &from, until.is_some(), cluster)
+            if let Some(h) = http {
+                cfg.api.listen = h;
+            }
+            if !api_peers.is_empty() {
+                cfg.api.peers = api_peers;
+            }
+            if let Some(r) = rate {
+                anyhow::ensure!(
+                    r.is_finite() && r > 0.0,
+                    "--rate must be a positive number of records/s"
+                );
+            }
+            let opts = RunOptions {
+                source,
+                from,
+                until_end: until.is_some(),
+                cluster,
+                keep_serving,
+                rate,
+            };
+            run_engine(&cfg, &opts)
+        }
+        Command::Query { url, json, ask } => {
+            let token = (!cfg.api.token.is_empty()).then(|| cfg.api.token.clone());
+            let ask = match ask {
+                QueryCommand::Status => api::client::Ask::Status,
+                QueryCommand::Device { id, from, to } => api::client::Ask::Device { id, from, to },
+                QueryCommand::Latest { id } => api::client::Ask::Latest { id },
+                QueryCommand::Fleet {
+                    hour,
+                    sort,
+                    order,
+                    limit,
+                } => api::client::Ask::Fleet {
+                    hour,
+                    sort,
+                    order,
+                    limit,
+                },
+                QueryCommand::Quality {
+                    from,
+                    to,
+                    device,
+                    by_device,
+                } => api::client::Ask::Quality {
+                    from,
+                    to,
+                    device,
+                    by_device,
+                },
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(async {
+                let client = api::client::Client::new(&url, token, Duration::from_secs(10))?;
+                client.ask(&ask, json).await
+            })?;
+            print!("{out}");
+            if !out.ends_with('\n') {
+                println!();
+            }
+            Ok(())
         }
         Command::Files { lake, table, sql } => {
             let url = lake.unwrap_or(cfg.lake.url.clone());
@@ -505,13 +654,23 @@ fn plan_resume(
     Ok((plan, recovery))
 }
 
-fn run_engine(
-    cfg: &Config,
-    source: &str,
-    from: &str,
+/// `fmsflow run`'s options beyond the configuration.
+struct RunOptions {
+    source: String,
+    from: String,
     until_end: bool,
     cluster: Option<engine::Cluster>,
-) -> anyhow::Result<()> {
+    keep_serving: bool,
+    rate: Option<f64>,
+}
+
+fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
+    let (source, from, until_end, cluster) = (
+        opts.source.as_str(),
+        opts.from.as_str(),
+        opts.until_end,
+        opts.cluster.clone(),
+    );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storage = lake::open(&cfg.lake.url, &cfg.lake.storage_options())?;
     let swept = storage.sweep_abandoned()?;
@@ -588,11 +747,37 @@ fn run_engine(
         batch: cfg.engine.batch,
         epoch: cfg.engine.epoch.0,
         cluster,
+        replay_rate: opts.rate.map(|r| r / cfg.engine.workers as f64),
+    };
+    // The query API and dashboard, over this process's live view.
+    let view = (!cfg.api.listen.is_empty()).then(|| api::view::LiveView::new(cfg.engine.workers, cfg.api.keep_hours));
+    let server = match &view {
+        Some(v) => {
+            let process = settings.cluster.as_ref().map_or(0, |c| c.process);
+            let processes = settings.cluster.as_ref().map_or(1, |c| c.addresses.len());
+            anyhow::ensure!(
+                cfg.api.peers.is_empty() || cfg.api.peers.len() == processes,
+                "api.peers (--api-peers) lists {} URL(s) for {processes} process(es): list every process's API, in process order",
+                cfg.api.peers.len()
+            );
+            anyhow::ensure!(
+                processes == 1 || !cfg.api.peers.is_empty(),
+                "a cluster's API needs every process's API URL (--api-peers or api.peers) to answer for every device"
+            );
+            let s = api::start(
+                api::settings_from(cfg, cfg.api.listen.clone(), process, cfg.fleet.devices),
+                v.clone(),
+                status.clone(),
+            )?;
+            eprintln!("query API and dashboard on http://{}/", s.addr);
+            Some(s)
+        }
+        None => None,
     };
     let started = Instant::now();
     let st = status.clone();
     let engine_sinks = sinks.clone();
-    let handle = std::thread::spawn(move || engine::run(settings, source, Some(writer), engine_sinks, st));
+    let handle = std::thread::spawn(move || engine::run(settings, source, Some(writer), engine_sinks, st, view));
     let mut last = Instant::now();
     while !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
@@ -627,5 +812,12 @@ fn run_engine(
         total as f64 / secs,
         status.summary()
     );
+    if let (Some(s), true) = (&server, opts.keep_serving) {
+        let _ = std::io::stdout().flush();
+        eprintln!("input done; still answering queries on http://{}/ until Ctrl-C", s.addr);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let _ = rt.block_on(tokio::signal::ctrl_c());
+    }
+    drop(server);
     Ok(())
 }

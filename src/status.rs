@@ -30,6 +30,8 @@ pub struct Status {
     pub poll_errors: AtomicU64,
     /// Latest (event time, isFail) per device, indexed by device id (`i64::MIN`: none yet).
     latest: Mutex<Vec<(i64, bool)>>,
+    /// Kafka partitions read here: (position, end as last seen).
+    partitions: Mutex<BTreeMap<i32, (i64, Option<i64>)>>,
     /// The first fatal error of a sink, if any.
     pub error: Mutex<Option<String>>,
 }
@@ -94,6 +96,19 @@ impl Status {
             self.files_written.load(Relaxed),
             self.rows_written.load(Relaxed),
         )
+    }
+
+    /// Notes where a reader is in its partitions: (partition, position, end).
+    pub fn set_partitions(&self, parts: &[(i32, i64, Option<i64>)]) {
+        let mut m = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, pos, end) in parts {
+            m.insert(*p, (*pos, *end));
+        }
+    }
+
+    /// Every partition's (position, end as last seen).
+    pub fn partitions(&self) -> BTreeMap<i32, (i64, Option<i64>)> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Records the first fatal error.

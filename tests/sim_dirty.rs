@@ -95,6 +95,7 @@ fn every_dirty_record_is_caught_by_its_rule() {
             batch: 97,
             epoch: Duration::from_millis(50),
             cluster: None,
+            replay_rate: None,
         };
         engine::run(
             settings,
@@ -102,6 +103,7 @@ fn every_dirty_record_is_caught_by_its_rule() {
             None,
             None,
             status.clone(),
+            None,
         )
         .unwrap();
         let caught: BTreeMap<String, u64> = status

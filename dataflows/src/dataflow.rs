@@ -486,11 +486,12 @@ fn dedup<'scope>(
                         device: r.device,
                         time_ms: i64::MIN,
                         is_fail: false,
+                        metrics: [0.0; 6],
                         readings: 0,
                     });
                     l.readings += 1;
                     if r.time_ms >= l.time_ms {
-                        (l.time_ms, l.is_fail) = (r.time_ms, r.is_fail);
+                        (l.time_ms, l.is_fail, l.metrics) = (r.time_ms, r.is_fail, r.metrics);
                     }
                 }
                 let cap_t = |i: usize| caps[i].delayed(&t);
@@ -847,7 +848,7 @@ fn epoch_of(cap: &timely::dataflow::operators::InputCapability<Epoch>) -> Epoch 
 
 /// The frontier of all of an operator's inputs together: an epoch is complete once it is
 /// complete at every input.
-fn joined_frontier(
+pub fn joined_frontier(
     frontiers: &[timely::progress::frontier::MutableAntichain<Epoch>],
 ) -> timely::progress::Antichain<Epoch> {
     let mut joined = timely::progress::Antichain::new();
@@ -860,7 +861,7 @@ fn joined_frontier(
 }
 
 /// Removes and returns the entries of `map` whose epoch is complete, in epoch order.
-fn split_done<V>(map: &mut BTreeMap<Epoch, V>, done: impl Fn(&Epoch) -> bool) -> Vec<(Epoch, V)> {
+pub fn split_done<V>(map: &mut BTreeMap<Epoch, V>, done: impl Fn(&Epoch) -> bool) -> Vec<(Epoch, V)> {
     let mut out = Vec::new();
     while let Some(e) = map.first_entry() {
         if !done(e.key()) {

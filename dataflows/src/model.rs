@@ -194,7 +194,7 @@ impl ReadingColumns {
 /// A device's newest accepted reading among one epoch's readings at one worker, and how many
 /// readings of the device that worker accepted in the epoch: what a live status display
 /// needs, without a copy of every reading.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceLatest {
     /// Device id.
     pub device: u32,
@@ -202,6 +202,8 @@ pub struct DeviceLatest {
     pub time_ms: i64,
     /// That reading's `isFail`.
     pub is_fail: bool,
+    /// That reading's metrics, in [`crate::METRICS`] order.
+    pub metrics: [f64; 6],
     /// Readings of the device accepted in the epoch.
     pub readings: u64,
 }

@@ -631,6 +631,35 @@ impl PartitionReader {
         self.parts.iter().map(|p| p.id).collect()
     }
 
+    /// For each partition: the offset after the last record taken, and the partition's end
+    /// as the consumer last heard it from the broker (no request is made).
+    pub fn lag(&self) -> Vec<(i32, i64, Option<i64>)> {
+        self.parts
+            .iter()
+            .map(|p| (p.id, p.next, self.cached_end(p.id)))
+            .collect()
+    }
+
+    /// The partition's end from librdkafka's cache, which every fetch response updates (the
+    /// crate only offers `fetch_watermarks`, a request to the broker).
+    fn cached_end(&self, partition: i32) -> Option<i64> {
+        use rdkafka::bindings::{rd_kafka_get_watermark_offsets, rd_kafka_resp_err_t};
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client handle lives as long as `self.consumer`; librdkafka only reads
+        // the NUL-terminated topic name and writes the two offsets.
+        let err = unsafe {
+            rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+    }
+
     /// For each partition, the offset after the last record taken.
     pub fn positions(&self) -> Vec<(i32, i64)> {
         self.parts.iter().map(|p| (p.id, p.next)).collect()

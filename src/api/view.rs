@@ -1,0 +1,441 @@
+//! The live view the query API answers from: each local worker's share of the differential
+//! aggregates, mirrored into memory as its dataflow frontier passes each epoch.
+//!
+//! A worker's trace cannot be read from another thread, and a query through the dataflow
+//! waits for the next epoch; so each worker applies its complete epochs' updates to its own
+//! shard here, and a query reads the shards directly. Every value is kept with the epoch it
+//! changed at ([`Versions`]): a query reads "as of" one epoch `T` — every update of the epochs
+//! before `T`, none of `T` or later — even while the workers apply newer ones, and processes
+//! of a cluster answer a fanned-out query as of the same `T`.
+//!
+//! Versions older than the *horizon* (the view's frontier of [`KEEP_FOR`] ago, and at least
+//! [`KEEP_EPOCHS`] epochs back) are folded into one, so memory stays bounded by the keys,
+//! not by time. Hours more than `keep_hours` behind the newest are dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fmsflow_dataflows::dataflow::{joined_frontier, split_done, Epoch, Outputs};
+use fmsflow_dataflows::rules::Outcome;
+use fmsflow_dataflows::time::HOUR_MS;
+use fmsflow_dataflows::{DeviceLatest, HourStats};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+
+/// Versions newer than the frontier of this long ago are kept for as-of reads.
+pub const KEEP_FOR: Duration = Duration::from_secs(5);
+/// ... and at least this many epochs of them.
+pub const KEEP_EPOCHS: Epoch = 64;
+
+/// A value's history: `(epoch it took effect at, value or removed)`, oldest first.
+#[derive(Clone, Debug)]
+pub struct Versions<V>(Vec<(Epoch, Option<V>)>);
+
+impl<V> Default for Versions<V> {
+    fn default() -> Self {
+        Versions(Vec::new())
+    }
+}
+
+impl<V: Copy> Versions<V> {
+    /// The value as of `as_of`: the newest version of an epoch before it.
+    pub fn at(&self, as_of: Epoch) -> Option<V> {
+        self.0.iter().rev().find(|(t, _)| *t < as_of).and_then(|(_, v)| *v)
+    }
+
+    /// The newest value.
+    pub fn last(&self) -> Option<V> {
+        self.0.last().and_then(|(_, v)| *v)
+    }
+
+    /// Sets the value from epoch `t` on (epochs arrive in order), folding the versions before
+    /// `horizon` into the newest of them.
+    pub fn set(&mut self, t: Epoch, v: Option<V>, horizon: Epoch) {
+        if let Some(keep) = self.0.iter().rposition(|(e, _)| *e < horizon) {
+            self.0.drain(..keep);
+        }
+        match self.0.last_mut() {
+            Some(last) if last.0 == t => last.1 = v,
+            _ => self.0.push((t, v)),
+        }
+    }
+}
+
+/// A device's newest accepted reading.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Latest {
+    /// Event time, ms since the epoch.
+    pub time_ms: i64,
+    /// `isFail`.
+    pub is_fail: bool,
+    /// The six metrics in [`fmsflow_dataflows::METRICS`] order.
+    pub metrics: [f64; 6],
+}
+
+/// Valid and rejected counts: per outcome.
+pub type OutcomeCounts = BTreeMap<Outcome, i64>;
+
+/// One worker's share of the aggregates.
+#[derive(Default)]
+struct Shard {
+    /// By (hour, device): fleet queries read one hour's range, device queries look up hours.
+    hourly: BTreeMap<(i64, u32), Versions<HourStats>>,
+    /// By (hour, device, outcome).
+    quality: BTreeMap<(i64, u32, Outcome), Versions<i64>>,
+    /// The same summed over devices, by (hour, outcome): fleet-wide quality without a scan
+    /// of every device.
+    quality_hours: BTreeMap<(i64, Outcome), Versions<i64>>,
+    latest: HashMap<u32, Versions<Latest>>,
+    /// Largest accepted event time (every worker sees every worker's: broadcast).
+    watermark: Versions<i64>,
+}
+
+/// What one epoch changes in a shard.
+#[derive(Default)]
+struct EpochUpdates {
+    hourly: Vec<((i64, u32), Option<HourStats>)>,
+    quality: Vec<((i64, u32, Outcome), Option<i64>)>,
+    latest: Vec<DeviceLatest>,
+    watermark: Option<i64>,
+}
+
+impl Shard {
+    fn apply(&mut self, t: Epoch, u: EpochUpdates, horizon: Epoch, keep_hours: i64) {
+        for (k, v) in u.hourly {
+            self.hourly.entry(k).or_default().set(t, v, horizon);
+        }
+        for ((hour, device, outcome), v) in u.quality {
+            let versions = self.quality.entry((hour, device, outcome)).or_default();
+            let delta = v.unwrap_or(0) - versions.last().unwrap_or(0);
+            versions.set(t, v, horizon);
+            let total = self.quality_hours.entry((hour, outcome)).or_default();
+            let sum = total.last().unwrap_or(0) + delta;
+            total.set(t, (sum != 0).then_some(sum), horizon);
+        }
+        for l in u.latest {
+            let versions = self.latest.entry(l.device).or_default();
+            if versions.last().is_none_or(|p| l.time_ms >= p.time_ms) {
+                let v = Latest {
+                    time_ms: l.time_ms,
+                    is_fail: l.is_fail,
+                    metrics: l.metrics,
+                };
+                versions.set(t, Some(v), horizon);
+            }
+        }
+        if let Some(w) = u.watermark.filter(|w| self.watermark.last().is_none_or(|p| *w > p)) {
+            self.watermark.set(t, Some(w), horizon);
+            // Old hours leave the view (the lake keeps them).
+            let oldest = w.div_euclid(HOUR_MS) - keep_hours;
+            while self.hourly.first_key_value().is_some_and(|((h, _), _)| *h < oldest) {
+                self.hourly.pop_first();
+            }
+            while self.quality.first_key_value().is_some_and(|((h, _, _), _)| *h < oldest) {
+                self.quality.pop_first();
+            }
+            while self
+                .quality_hours
+                .first_key_value()
+                .is_some_and(|((h, _), _)| *h < oldest)
+            {
+                self.quality_hours.pop_first();
+            }
+        }
+    }
+}
+
+/// This process's live view: one shard per local worker.
+pub struct LiveView {
+    shards: Vec<RwLock<Shard>>,
+    /// Per local worker: every epoch before this one is in its shard (`Epoch::MAX`: its
+    /// dataflow has ended).
+    frontiers: Vec<AtomicU64>,
+    /// The newest epoch any shard has applied (what "as of the end" means once all ended).
+    newest: AtomicU64,
+    horizon: AtomicU64,
+    /// (when, the view's frontier then), oldest first: where the horizon comes from.
+    history: Mutex<VecDeque<(Instant, Epoch)>>,
+    advanced: (Mutex<()>, Condvar),
+    keep_hours: i64,
+}
+
+impl LiveView {
+    /// A view for `workers` local workers, holding the newest `keep_hours` hours.
+    pub fn new(workers: usize, keep_hours: u32) -> Arc<LiveView> {
+        Arc::new(LiveView {
+            shards: (0..workers).map(|_| RwLock::default()).collect(),
+            frontiers: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            newest: AtomicU64::new(0),
+            horizon: AtomicU64::new(0),
+            history: Mutex::default(),
+            advanced: (Mutex::new(()), Condvar::new()),
+            keep_hours: keep_hours as i64,
+        })
+    }
+
+    /// Local workers.
+    pub fn workers(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Every epoch before this one is in every shard: the newest time a read can be as of.
+    pub fn frontier(&self) -> Epoch {
+        self.frontiers
+            .iter()
+            .map(|f| f.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Reads before this epoch may no longer be exact.
+    pub fn horizon(&self) -> Epoch {
+        self.horizon.load(Ordering::Acquire)
+    }
+
+    /// The epoch to report for an as-of time: past the end of the data, the epoch after
+    /// the last one.
+    pub fn epoch_label(&self, as_of: Epoch) -> (Epoch, bool) {
+        if as_of == Epoch::MAX {
+            (self.newest.load(Ordering::Acquire).saturating_add(1), true)
+        } else {
+            (as_of, false)
+        }
+    }
+
+    /// Waits until the view has every epoch before `as_of`, at most `limit`.
+    pub fn wait_for(&self, as_of: Epoch, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = self.advanced.0.lock().unwrap_or_else(|e| e.into_inner());
+        while self.frontier() < as_of {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .advanced
+                .1
+                .wait_timeout(g, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn apply(&self, worker: usize, t: Epoch, u: EpochUpdates) {
+        self.newest.fetch_max(t, Ordering::AcqRel);
+        let horizon = self.horizon();
+        self.shards[worker]
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(t, u, horizon, self.keep_hours);
+    }
+
+    fn advance(&self, worker: usize, to: Epoch) {
+        if self.frontiers[worker].swap(to, Ordering::AcqRel) == to {
+            return;
+        }
+        let f = self.frontier();
+        let now = Instant::now();
+        {
+            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            if h.back().is_none_or(|(_, e)| *e < f) {
+                h.push_back((now, f));
+            }
+            // The newest frontier at least KEEP_FOR old, but never closer than KEEP_EPOCHS.
+            while h.len() > 1 && h[1].0 + KEEP_FOR <= now {
+                h.pop_front();
+            }
+            let old = h.front().filter(|(at, _)| *at + KEEP_FOR <= now).map_or(0, |(_, e)| *e);
+            let horizon = old.min(f.saturating_sub(KEEP_EPOCHS)).min(f);
+            self.horizon.fetch_max(horizon, Ordering::AcqRel);
+        }
+        let _g = self.advanced.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.advanced.1.notify_all();
+    }
+
+    fn read<R>(&self, mut f: impl FnMut(&Shard) -> R) -> Vec<R> {
+        self.shards
+            .iter()
+            .map(|s| f(&s.read().unwrap_or_else(|e| e.into_inner())))
+            .collect()
+    }
+
+    /// One device's hourly statistics for the hours `from..to`, as of `as_of`.
+    pub fn device_hourly(&self, as_of: Epoch, device: u32, from: i64, to: i64) -> Vec<(i64, HourStats)> {
+        let mut out: Vec<(i64, HourStats)> = self
+            .read(|s| {
+                (from..to)
+                    .filter_map(|h| s.hourly.get(&(h, device)).and_then(|v| v.at(as_of)).map(|st| (h, st)))
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .flatten()
+            .collect();
+        out.sort_by_key(|(h, _)| *h);
+        out
+    }
+
+    /// One device's newest reading as of `as_of`.
+    pub fn device_latest(&self, as_of: Epoch, device: u32) -> Option<Latest> {
+        self.read(|s| s.latest.get(&device).and_then(|v| v.at(as_of)))
+            .into_iter()
+            .flatten()
+            .max_by_key(|l| l.time_ms)
+    }
+
+    /// Every device's statistics of one hour, as of `as_of`.
+    pub fn fleet_hour(&self, as_of: Epoch, hour: i64) -> Vec<(u32, HourStats)> {
+        self.read(|s| {
+            s.hourly
+                .range((hour, 0)..=(hour, u32::MAX))
+                .filter_map(|((_, d), v)| v.at(as_of).map(|st| (*d, st)))
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Quality counts over the hours `from..to`: in all, and (with `per_device`) by device.
+    pub fn quality(
+        &self,
+        as_of: Epoch,
+        from: i64,
+        to: i64,
+        device: Option<u32>,
+        per_device: bool,
+    ) -> (OutcomeCounts, BTreeMap<u32, OutcomeCounts>) {
+        let mut all = OutcomeCounts::new();
+        let mut by_device: BTreeMap<u32, OutcomeCounts> = BTreeMap::new();
+        for (a, d) in self.read(|s| {
+            let mut all = OutcomeCounts::new();
+            let mut by_device: BTreeMap<u32, OutcomeCounts> = BTreeMap::new();
+            if device.is_none() && !per_device {
+                for ((_, o), v) in s.quality_hours.range((from, Outcome::Valid)..(to, Outcome::Valid)) {
+                    *all.entry(*o).or_default() += v.at(as_of).unwrap_or(0);
+                }
+            } else {
+                let mut add = |d: u32, o: Outcome, v: &Versions<i64>| {
+                    let n = v.at(as_of).unwrap_or(0);
+                    *all.entry(o).or_default() += n;
+                    if per_device {
+                        *by_device.entry(d).or_default().entry(o).or_default() += n;
+                    }
+                };
+                match device {
+                    // One device: its few entries of each hour.
+                    Some(d) => {
+                        for h in from..to {
+                            let range = (h, d, Outcome::Valid)..(h, d.saturating_add(1), Outcome::Valid);
+                            for ((_, _, o), v) in s.quality.range(range) {
+                                add(d, *o, v);
+                            }
+                        }
+                    }
+                    None => {
+                        for ((_, d, o), v) in s.quality.range((from, 0, Outcome::Valid)..(to, 0, Outcome::Valid)) {
+                            add(*d, *o, v);
+                        }
+                    }
+                }
+            }
+            (all, by_device)
+        }) {
+            for (o, n) in a {
+                *all.entry(o).or_default() += n;
+            }
+            for (dev, counts) in d {
+                let e = by_device.entry(dev).or_default();
+                for (o, n) in counts {
+                    *e.entry(o).or_default() += n;
+                }
+            }
+        }
+        all.retain(|_, n| *n != 0);
+        (all, by_device)
+    }
+
+    /// The largest accepted event time as of `as_of`.
+    pub fn watermark(&self, as_of: Epoch) -> Option<i64> {
+        self.read(|s| s.watermark.at(as_of)).into_iter().flatten().max()
+    }
+}
+
+/// Mirrors this worker's share of `out`'s aggregates into `view`'s shard `local`.
+pub fn attach(out: &Outputs<'_>, view: Arc<LiveView>, local: usize) {
+    let scope = out.latest.scope();
+    let mut builder = OperatorBuilder::new("LiveView".to_owned(), scope);
+    let mut i_hourly = builder.new_input(out.hourly.clone().inner, Pipeline);
+    let mut i_quality = builder.new_input(out.quality.clone().inner, Pipeline);
+    let mut i_latest = builder.new_input(out.latest.clone(), Pipeline);
+    let mut i_wm = builder.new_input(out.watermarks.clone(), Pipeline);
+    builder.build(move |_caps| {
+        // Updates waiting for their epoch to complete.
+        let mut pending: BTreeMap<Epoch, EpochUpdates> = BTreeMap::new();
+        move |frontiers| {
+            // A collection's message may hold updates of later epochs than its capability:
+            // each is filed under its own. count_total retracts a key's old value (-1) and
+            // adds the new one (+1): the +1 is the value; a lone -1 removes the key.
+            i_hourly.for_each_stamp(|_, data| {
+                data.for_each(|b| {
+                    for (((device, hour), st), t, d) in b.drain(..) {
+                        let u = &mut pending.entry(t).or_default().hourly;
+                        u.push(((hour, device), (d > 0).then_some(st)));
+                    }
+                })
+            });
+            i_quality.for_each_stamp(|_, data| {
+                data.for_each(|b| {
+                    for (((device, hour, o), n), t, d) in b.drain(..) {
+                        let u = &mut pending.entry(t).or_default().quality;
+                        u.push(((hour, device, o), (d > 0).then_some(n as i64)));
+                    }
+                })
+            });
+            i_latest.for_each_stamp(|cap, data| {
+                let u = &mut pending.entry(*cap.least().expect("a time")).or_default().latest;
+                data.for_each(|b| u.append(b));
+            });
+            i_wm.for_each_stamp(|cap, data| {
+                let u = pending.entry(*cap.least().expect("a time")).or_default();
+                data.for_each(|b| u.watermark = b.iter().copied().chain(u.watermark).max());
+            });
+            let frontier = joined_frontier(frontiers);
+            for (t, mut u) in split_done(&mut pending, |t| !frontier.less_equal(t)) {
+                // The retraction and the new value of a key come in either order: keep the value.
+                u.hourly.sort_by_key(|(k, v)| (*k, v.is_none()));
+                u.hourly.dedup_by(|b, a| a.0 == b.0);
+                u.quality.sort_by_key(|(k, v)| (*k, v.is_none()));
+                u.quality.dedup_by(|b, a| a.0 == b.0);
+                view.apply(local, t, u);
+            }
+            view.advance(local, frontier.iter().min().copied().unwrap_or(Epoch::MAX));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_read_as_of_and_fold_below_the_horizon() {
+        let mut v: Versions<i64> = Versions::default();
+        assert_eq!(v.at(10), None);
+        v.set(2, Some(20), 0);
+        v.set(5, Some(50), 0);
+        v.set(5, Some(55), 0);
+        assert_eq!(
+            (v.at(2), v.at(3), v.at(5), v.at(6)),
+            (None, Some(20), Some(20), Some(55))
+        );
+        v.set(9, None, 0);
+        assert_eq!((v.at(9), v.at(10), v.last()), (Some(55), None, None));
+        // Horizon 7: everything before it folds into the newest version before 7 (epoch 5).
+        v.set(12, Some(1), 7);
+        assert_eq!(v.0.len(), 3);
+        assert_eq!((v.at(7), v.at(10), v.at(13)), (Some(55), None, Some(1)));
+    }
+}
