@@ -485,16 +485,7 @@ struct Rng(u64);
 
 impl Rng {
     fn new() -> Rng {
-        let seed = std::env::var("FMSFLOW_CRASH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("kill points from FMSFLOW_CRASH_SEED={seed}");
+        let seed = common::seed("FMSFLOW_CRASH_SEED");
         Rng(seed.max(1))
     }
 

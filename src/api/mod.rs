@@ -192,6 +192,7 @@ fn router(api: Arc<Api>) -> Router {
         .route("/", get(|| asset("index.html")))
         .route("/app.js", get(|| asset("app.js")))
         .route("/style.css", get(|| asset("style.css")))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .with_state(api)
 }
 

@@ -146,3 +146,17 @@ pub fn assert_same_rows(a: &serde_json::Value, b: &serde_json::Value, names: (&s
         );
     }
 }
+
+/// A random seed for a randomized test: `var` from the environment when set (to rerun a
+/// failure), else one from the clock. Printed, so a failure can be rerun.
+pub fn seed(var: &str) -> u64 {
+    let seed = std::env::var(var).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            % 1_000_000_000
+    });
+    eprintln!("seed: {var}={seed}");
+    seed
+}
