@@ -215,8 +215,8 @@ impl SortKey {
         }
     }
 
-    fn value(self, r: &HourRow) -> f64 {
-        match self {
+    fn of_row(self, r: &HourRow) -> (f64, u32) {
+        let v = match self {
             SortKey::Device => r.device as f64,
             SortKey::Count => r.count as f64,
             SortKey::Fails => r.fails as f64,
@@ -224,17 +224,41 @@ impl SortKey {
                 let x = &r.metrics[METRICS[m]];
                 [x.min, x.max, x.mean, x.stddev][s]
             }
-        }
+        };
+        (v, r.device)
+    }
+
+    fn of_stats(self, (d, st): &(u32, HourStats)) -> (f64, u32) {
+        let v = match self {
+            SortKey::Device => *d as f64,
+            SortKey::Count => st.count as f64,
+            SortKey::Fails => st.fails as f64,
+            SortKey::Metric(m, s) => {
+                let x = &st.metrics[m];
+                [x.min_value(), x.max_value(), st.mean(m), st.stddev(m)][s]
+            }
+        };
+        (v, *d)
     }
 
     /// Sorts `rows` by this key, ties by device.
     pub fn sort(self, rows: &mut [HourRow], descending: bool) {
-        rows.sort_by(|a, b| {
-            let o = self.value(a).total_cmp(&self.value(b));
-            let o = if descending { o.reverse() } else { o };
-            o.then(a.device.cmp(&b.device))
-        });
+        sort_by_key_value(rows, |r| self.of_row(r), descending);
     }
+
+    /// Sorts a view's `(device, stats)` by this key (before they become rows), ties by device.
+    pub fn sort_stats(self, rows: &mut [(u32, HourStats)], descending: bool) {
+        sort_by_key_value(rows, |r| self.of_stats(r), descending);
+    }
+}
+
+fn sort_by_key_value<T>(rows: &mut [T], key: impl Fn(&T) -> (f64, u32), descending: bool) {
+    rows.sort_by(|a, b| {
+        let ((va, da), (vb, db)) = (key(a), key(b));
+        let o = va.total_cmp(&vb);
+        let o = if descending { o.reverse() } else { o };
+        o.then(da.cmp(&db))
+    });
 }
 
 /// Counts of one device, or of all.

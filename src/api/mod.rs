@@ -656,15 +656,12 @@ async fn fleet_hourly(State(api): State<Arc<Api>>, Query(q): Query<HashMap<Strin
             None => return Err(ApiError::not_found("no reading accepted yet: no hour has data")),
         },
     };
-    let mut rows: Vec<HourRow> = api
-        .view
-        .fleet_hour(ctx.as_of, hour)
-        .iter()
-        .map(|(d, s)| HourRow::new(*d, hour, s))
-        .collect();
-    // The top `limit` of each process's (disjoint) rows hold the top `limit` of all.
-    sort.sort(&mut rows, descending);
-    rows.truncate(limit);
+    // The top `limit` of each process's (disjoint) rows hold the top `limit` of all; only
+    // those become rows.
+    let mut stats = api.view.fleet_hour(ctx.as_of, hour);
+    sort.sort_stats(&mut stats, descending);
+    stats.truncate(limit);
+    let mut rows: Vec<HourRow> = stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect();
     let mut q2 = q.clone();
     q2.insert("hour".into(), format_rfc3339(hour * HOUR_MS));
     for peer in api
