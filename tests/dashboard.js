@@ -46,11 +46,12 @@ function fail(msg) {
     .catch(() => fail("the dashboard did not update (epoch stayed at " + first.epoch + ")"));
 
   const seen = await page.evaluate(() => {
-    // Pixels the charts drew in the accent colour (the mean line and the band).
+    // Pixels the charts drew in the accent's blue (the mean line, the band and the hours'
+    // bars), not the grey labels or the dark background.
     let drawn = 0;
     for (const c of document.querySelectorAll("canvas[id^=chart-]")) {
       const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-      for (let i = 0; i < d.length; i += 4) if (d[i + 2] > 200 && d[i] < 120) drawn++;
+      for (let i = 0; i < d.length; i += 4) if (d[i + 2] - d[i] > 40) drawn++;
     }
     return {
       updates: Number(document.body.dataset.updates),
@@ -75,5 +76,5 @@ function fail(msg) {
   if (!/\/s$/.test(seen.rate)) fail("ingest rate: " + seen.rate);
   if (!seen.rules.includes("valid")) fail("quality by rule: " + seen.rules);
   if (seen.fleetRows === 0) fail("the fleet table is empty");
-  if (seen.drawn < 100) fail("the charts drew almost nothing (" + seen.drawn + " pixels)");
+  if (seen.drawn < 6 * 300) fail("the charts drew almost nothing (" + seen.drawn + " pixels)");
 })().catch((e) => fail(String(e && e.stack || e)));

@@ -91,6 +91,9 @@ function drawChart(canvas, hours, metric) {
   for (let i = pts.length - 1; i >= 0; i--) g.lineTo(x(pts[i].t), y(pts[i].min));
   g.closePath();
   g.fill();
+  // Each hour's own min–max bar (the band alone has no width with one hour).
+  g.fillStyle = "rgba(79, 179, 255, 0.45)";
+  for (const p of pts) g.fillRect(x(p.t) - 3, y(p.max), 6, Math.max(1, y(p.min) - y(p.max)));
   g.strokeStyle = "#4fb3ff";
   g.lineWidth = 1.5;
   g.beginPath();
