@@ -89,19 +89,29 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     };
     // The query API and dashboard, over the engine's live view.
     let view = crate::api::view::LiveView::new(workers, cfg.api.keep_hours);
-    let listen = opts.http.clone().unwrap_or_else(|| {
-        if cfg.api.listen.is_empty() {
-            crate::config::DEMO_LISTEN.to_string()
-        } else {
-            cfg.api.listen.clone()
-        }
-    });
-    let api = crate::api::start(
-        crate::api::settings_from(cfg, listen, 0, cfg.fleet.devices),
-        view.clone(),
-        status.clone(),
-    )
-    .context("starting the query API")?;
+    let chosen = opts
+        .http
+        .clone()
+        .or_else(|| Some(cfg.api.listen.clone()).filter(|l| !l.is_empty()));
+    let start_api = |listen: String| {
+        crate::api::start(
+            crate::api::settings_from(cfg, listen, 0, cfg.fleet.devices),
+            view.clone(),
+            status.clone(),
+        )
+    };
+    let api = match chosen {
+        // An address asked for must be had.
+        Some(listen) => start_api(listen).context("starting the query API")?,
+        // The default one may be taken (another demo): any free port then.
+        None => match start_api(crate::config::DEMO_LISTEN.to_string()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("{e}; the dashboard takes a free port instead");
+                start_api("127.0.0.1:0".to_string()).context("starting the query API")?
+            }
+        },
+    };
     eprintln!("dashboard on http://{}/ (query API under /api/v1/)", api.addr);
 
     let engine_status = status.clone();
