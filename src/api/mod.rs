@@ -633,7 +633,26 @@ async fn device_latest(
     }))
 }
 
-async fn fleet_hourly(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, String>>) -> Answer<FleetHourly> {
+/// Runs `f` (a scan of many keys, or the encoding of a large answer) on tokio's blocking
+/// threads: the runtime's two threads stay free for point queries, which would otherwise
+/// wait behind it.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::busy(format!("a query's work failed: {e}")))
+}
+
+/// The JSON answer, encoded off the runtime's threads.
+async fn json_off_thread<T: Serialize + Send + 'static>(answer: T) -> Result<Response, ApiError> {
+    let body = off_thread(move || serde_json::to_vec(&answer)).await?;
+    let body = body.map_err(|e| ApiError::busy(format!("encoding the answer failed: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn fleet_hourly(
+    State(api): State<Arc<Api>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     let p = Params::new(&q, &["hour", "sort", "order", "limit"])?;
     let sort = SortKey::parse(p.get("sort").unwrap_or("device")).map_err(|m| ApiError::bad("sort", m))?;
     let descending = match p.get("order") {
@@ -658,10 +677,14 @@ async fn fleet_hourly(State(api): State<Arc<Api>>, Query(q): Query<HashMap<Strin
     };
     // The top `limit` of each process's (disjoint) rows hold the top `limit` of all; only
     // those become rows.
-    let mut stats = api.view.fleet_hour(ctx.as_of, hour);
-    sort.sort_stats(&mut stats, descending);
-    stats.truncate(limit);
-    let mut rows: Vec<HourRow> = stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect();
+    let (view, as_of) = (api.view.clone(), ctx.as_of);
+    let mut rows: Vec<HourRow> = off_thread(move || {
+        let mut stats = view.fleet_hour(as_of, hour);
+        sort.sort_stats(&mut stats, descending);
+        stats.truncate(limit);
+        stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect()
+    })
+    .await?;
     let mut q2 = q.clone();
     q2.insert("hour".into(), format_rfc3339(hour * HOUR_MS));
     for peer in api
@@ -679,13 +702,14 @@ async fn fleet_hourly(State(api): State<Arc<Api>>, Query(q): Query<HashMap<Strin
             api.as_of(&ctx).epoch
         )));
     }
-    Ok(axum::Json(FleetHourly {
+    json_off_thread(FleetHourly {
         as_of: api.as_of(&ctx),
         hour: format_rfc3339(hour * HOUR_MS),
         sort: sort.name(),
         order: if descending { "desc" } else { "asc" }.to_string(),
         devices: rows,
-    }))
+    })
+    .await
 }
 
 async fn quality(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, String>>) -> Answer<QualityAnswer> {
@@ -698,13 +722,8 @@ async fn quality(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, St
     let ctx = api.begin(&p).await?;
     let newest = api.view.watermark(ctx.as_of).map(|w| w.div_euclid(HOUR_MS));
     let (from, to) = p.hours(newest)?;
-    let (all, per_device) = api.view.quality(
-        ctx.as_of,
-        from,
-        to,
-        device,
-        by_device.is_some() || ctx.local && q.contains_key("by_device"),
-    );
+    let (view, as_of, per_device) = (api.view.clone(), ctx.as_of, by_device.is_some());
+    let (all, per_device) = off_thread(move || view.quality(as_of, from, to, device, per_device)).await?;
     let mut answer = QualityAnswer::new(api.as_of(&ctx), from, to, device, &all, &per_device);
     let mut q2 = q.clone();
     q2.insert("from".into(), answer.from.clone());
