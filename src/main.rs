@@ -129,8 +129,9 @@ enum Command {
         /// so any process answers for every device (default api.peers).
         #[arg(long, value_delimiter = ',', value_name = "URLS")]
         api_peers: Vec<String>,
-        /// After the input ends, keep answering queries until Ctrl-C (with --http).
-        #[arg(long, requires = "http")]
+        /// After the input ends, keep answering queries until Ctrl-C (needs --http or
+        /// api.listen).
+        #[arg(long)]
         keep_serving: bool,
         /// File replay: at most this many records per second in this process (default: as
         /// fast as possible).
@@ -414,6 +415,10 @@ fn real_main() -> anyhow::Result<()> {
             if !api_peers.is_empty() {
                 cfg.api.peers = api_peers;
             }
+            anyhow::ensure!(
+                !keep_serving || !cfg.api.listen.is_empty(),
+                "--keep-serving needs the query API: give --http ADDR (or set api.listen)"
+            );
             if let Some(r) = rate {
                 anyhow::ensure!(
                     r.is_finite() && r > 0.0,

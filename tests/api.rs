@@ -577,6 +577,17 @@ fn every_error_has_its_status_and_names_its_parameter() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("api.token"), "{err}");
+    // So is --keep-serving without an API to keep serving.
+    let out = Command::new(common::bin())
+        .args(["run", "--source"])
+        .arg(format!("file:{}", files[0].display()))
+        .args(["--lake", &format!("file://{}", dir.path().join("lake3").display())])
+        .arg("--keep-serving")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--keep-serving needs") && err.contains("--http"), "{err}");
 }
 
 #[test]

@@ -835,3 +835,58 @@ fn an_s3_outage_mid_run_loses_nothing() {
         records.len()
     );
 }
+
+/// The query API of an engine following Kafka: its status names each partition's position,
+/// end and lag, and the answers count what was produced.
+#[test]
+fn the_api_status_reports_each_partitions_position_and_lag() {
+    let raw = unique("api-lag");
+    let records = produce_generated(&raw, 3, 1, "0.0");
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _engine = common::kafka::Killed(
+        common::kafka::follow_command(&raw, 3, &format!("file://{}", dir.path().join("lake").display()))
+            .args(["--http", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting fmsflow run"),
+    );
+    common::wait_for("the API", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&common::kafka::http_get(port, "/api/v1/status")).expect("a JSON status")
+    };
+    // Every record read: each partition at its end, lag 0, the positions summing to what
+    // was produced.
+    common::wait_for("every partition read to its end", Duration::from_secs(90), || {
+        let st = status();
+        let parts = st["processes"][0]["partitions"].as_array().cloned().unwrap_or_default();
+        parts.len() == 3
+            && parts.iter().all(|p| p["lag"] == 0 && p["end"] == p["position"])
+            && parts.iter().map(|p| p["position"].as_i64().unwrap()).sum::<i64>() == records.len() as i64
+    });
+    let st = status();
+    assert_eq!(st["processes"][0]["received"], records.len() as u64, "{st}");
+    let partitions: Vec<i64> = st["processes"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["partition"].as_i64().unwrap())
+        .collect();
+    assert_eq!(partitions, vec![0, 1, 2], "{st}");
+    // The live answers hold what was read: quality counts every record.
+    common::wait_for("the quality counts of every record", Duration::from_secs(30), || {
+        let q: serde_json::Value = serde_json::from_str(&common::kafka::http_get(
+            port,
+            "/api/v1/quality?from=2025-07-06T00:00:00Z&to=2025-07-08T00:00:00Z",
+        ))
+        .unwrap();
+        q["total"] == records.len() as u64
+    });
+}
