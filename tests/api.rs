@@ -58,13 +58,6 @@ fn ok(base: &str, path: &str) -> Value {
     v
 }
 
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
 /// Random input (seeded, the seed printed): dirty, late and duplicate records, written as
 /// `files` replay files.
 fn write_input(dir: &Path, seed: u64, hours: u32, files: usize) -> Vec<PathBuf> {
@@ -133,7 +126,7 @@ impl Drop for Engines {
 /// worker) and serving the API, with `env` settings.
 fn start(files: &[PathBuf], processes: usize, workers: usize, env: &[(&str, &str)], rate: Option<u32>) -> Engines {
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2 * processes);
+    let ports = common::free_ports(2 * processes);
     let urls: Vec<String> = (0..processes)
         .map(|i| format!("http://127.0.0.1:{}", ports[i]))
         .collect();

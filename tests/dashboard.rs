@@ -35,11 +35,7 @@ fn the_dashboard_renders_live_charts_in_headless_chromium() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_ports(1)[0];
     let demo = Demo(
         Command::new(common::bin())
             .args(["demo", "--fast", "--duration", "10m", "--workers", "1"])

@@ -843,11 +843,7 @@ fn the_api_status_reports_each_partitions_position_and_lag() {
     let raw = unique("api-lag");
     let records = produce_generated(&raw, 3, 1, "0.0");
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_ports(1)[0];
     let _engine = common::kafka::Killed(
         common::kafka::follow_command(&raw, 3, &format!("file://{}", dir.path().join("lake").display()))
             .args(["--http", &format!("127.0.0.1:{port}")])

@@ -160,3 +160,11 @@ pub fn seed(var: &str) -> u64 {
     eprintln!("seed: {var}={seed}");
     seed
 }
+
+/// `n` ports on 127.0.0.1 that were free a moment ago (bound at once, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
