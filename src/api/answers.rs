@@ -130,7 +130,7 @@ pub struct LatestRow {
 
 impl LatestRow {
     /// The row of `l`.
-    pub fn new(_device: u32, l: &Latest) -> Self {
+    pub fn new(l: &Latest) -> Self {
         LatestRow {
             time: format_rfc3339(l.time_ms),
             time_ms: l.time_ms,
@@ -464,7 +464,11 @@ impl StatusAnswer {
     /// Adds a peer's share.
     pub fn merge(&mut self, peer: StatusAnswer) {
         self.workers += peer.workers;
-        self.watermark = self.watermark.take().max(peer.watermark);
+        // By time, not by text (a fractional second sorts before `Z`).
+        let ms = |w: &Option<String>| w.as_deref().and_then(fmsflow_dataflows::time::parse_rfc3339);
+        if ms(&peer.watermark) > ms(&self.watermark) {
+            self.watermark = peer.watermark;
+        }
         self.processes.extend(peer.processes);
         self.processes.sort_by_key(|p| p.process);
     }

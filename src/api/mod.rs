@@ -455,15 +455,19 @@ impl Api {
         ctx: &Ctx,
         path: &str,
         params: &Params<'_>,
+        resolved: &[(&'static str, String)],
     ) -> Result<Vec<T>, ApiError> {
         if ctx.local || self.settings.peers.is_empty() {
             return Ok(Vec::new());
         }
+        // The request's parameters, with the ones this process resolved (a default range,
+        // the watermark's hour) in their place, so every process covers the same.
         let mut query: Vec<(&str, String)> = params
             .map
             .iter()
-            .filter(|(k, _)| *k != "as_of" && *k != "scope")
+            .filter(|(k, _)| *k != "as_of" && *k != "scope" && !resolved.iter().any(|(r, _)| r == k))
             .map(|(k, v)| (k.as_str(), v.clone()))
+            .chain(resolved.iter().cloned())
             .collect();
         query.push(("scope", "local".into()));
         query.push(("as_of", ctx.as_of.to_string()));
@@ -555,7 +559,7 @@ async fn status(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, Str
         workers: me.workers,
         processes: vec![me],
     };
-    for peer in api.peers::<StatusAnswer>(&ctx, "/api/v1/status", &p).await? {
+    for peer in api.peers::<StatusAnswer>(&ctx, "/api/v1/status", &p, &[]).await? {
         answer.merge(peer);
     }
     Ok(axum::Json(answer))
@@ -583,13 +587,9 @@ async fn device_hourly(
             .map(|(h, s)| HourRow::new(device, *h, s))
             .collect(),
     };
-    // `from` and `to` are resolved here, so every process covers the same hours.
-    let mut q2 = q.clone();
-    q2.insert("from".into(), answer.from.clone());
-    q2.insert("to".into(), answer.to.clone());
-    let p2 = Params { map: &q2 };
+    let resolved = [("from", answer.from.clone()), ("to", answer.to.clone())];
     for peer in api
-        .peers::<DeviceHourly>(&ctx, &format!("/api/v1/devices/{device}/hourly"), &p2)
+        .peers::<DeviceHourly>(&ctx, &format!("/api/v1/devices/{device}/hourly"), &p, &resolved)
         .await?
     {
         answer.hours.extend(peer.hours);
@@ -606,12 +606,9 @@ async fn device_latest(
     let p = Params::new(&q, &[])?;
     let device = device_of(&api, &id)?;
     let ctx = api.begin(&p).await?;
-    let mut best = api
-        .view
-        .device_latest(ctx.as_of, device)
-        .map(|l| LatestRow::new(device, &l));
+    let mut best = api.view.device_latest(ctx.as_of, device).map(|l| LatestRow::new(&l));
     for peer in api
-        .peers::<DeviceLatestAnswer>(&ctx, &format!("/api/v1/devices/{device}/latest"), &p)
+        .peers::<DeviceLatestAnswer>(&ctx, &format!("/api/v1/devices/{device}/latest"), &p, &[])
         .await?
     {
         if let Some(r) = peer.reading {
@@ -685,10 +682,9 @@ async fn fleet_hourly(
         stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect()
     })
     .await?;
-    let mut q2 = q.clone();
-    q2.insert("hour".into(), format_rfc3339(hour * HOUR_MS));
+    let resolved = [("hour", format_rfc3339(hour * HOUR_MS))];
     for peer in api
-        .peers::<FleetHourly>(&ctx, "/api/v1/fleet/hourly", &Params { map: &q2 })
+        .peers::<FleetHourly>(&ctx, "/api/v1/fleet/hourly", &p, &resolved)
         .await?
     {
         rows.extend(peer.devices);
@@ -725,11 +721,9 @@ async fn quality(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, St
     let (view, as_of, per_device) = (api.view.clone(), ctx.as_of, by_device.is_some());
     let (all, per_device) = off_thread(move || view.quality(as_of, from, to, device, per_device)).await?;
     let mut answer = QualityAnswer::new(api.as_of(&ctx), from, to, device, &all, &per_device);
-    let mut q2 = q.clone();
-    q2.insert("from".into(), answer.from.clone());
-    q2.insert("to".into(), answer.to.clone());
+    let resolved = [("from", answer.from.clone()), ("to", answer.to.clone())];
     for peer in api
-        .peers::<QualityAnswer>(&ctx, "/api/v1/quality", &Params { map: &q2 })
+        .peers::<QualityAnswer>(&ctx, "/api/v1/quality", &p, &resolved)
         .await?
     {
         answer.merge(peer);
