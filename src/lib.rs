@@ -14,6 +14,7 @@ pub mod engine;
 pub mod fms;
 pub mod gen;
 pub mod lake;
+pub mod metrics;
 pub mod sim;
 pub mod status;
 

@@ -348,6 +348,54 @@ fn check_final(e: &Engines, exp: &Expected, records: &[(Epoch, RawRecord)], cont
             "{context}: every record received once: {st}"
         );
     }
+    // Prometheus metrics, summed over the processes: the same counts as the oracle.
+    let want = oracle_quality(exp, i64::MIN, i64::MAX, None);
+    let mut got: BTreeMap<String, f64> = BTreeMap::new();
+    for u in &e.urls {
+        let (status, headers, body) = get(u, "/metrics", None);
+        assert_eq!(status, 200, "{u}/metrics: {body}");
+        assert!(headers["content-type"].starts_with("text/plain"), "{headers:?}");
+        for (name, v) in metric_samples(body.as_str().expect("a text answer")) {
+            *got.entry(name).or_default() += v;
+        }
+    }
+    let sample = |k: &str| {
+        got.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("{context}: no {k} in /metrics: {got:?}"))
+    };
+    assert_eq!(
+        sample("fmsflow_records_received_total"),
+        records.len() as f64,
+        "{context}"
+    );
+    assert_eq!(
+        sample("fmsflow_readings_valid_total"),
+        want.get(Outcome::Valid.name()).copied().unwrap_or(0) as f64,
+        "{context}"
+    );
+    for r in fmsflow_dataflows::Rule::ALL {
+        assert_eq!(
+            sample(&format!("fmsflow_records_rejected_total{{rule=\"{}\"}}", r.name())),
+            want.get(r.name()).copied().unwrap_or(0) as f64,
+            "{context}: rejected by {}",
+            r.name()
+        );
+    }
+    // This check's own queries were timed, by endpoint.
+    assert!(sample("fmsflow_query_duration_seconds_count{endpoint=\"fleet_hourly\"}") >= 1.0);
+    assert_eq!(sample("fmsflow_failed"), 0.0, "{context}");
+}
+
+/// The samples of Prometheus's text format: (name with its labels, value).
+fn metric_samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("a sample line: {l}"));
+            (k.to_string(), v.parse().unwrap_or_else(|_| panic!("a number in {l}")))
+        })
+        .collect()
 }
 
 #[test]
@@ -502,6 +550,16 @@ fn every_error_has_its_status_and_names_its_parameter() {
         "a query beyond api.max_in_flight was never turned away with 503"
     );
 
+    // So is /metrics.
+    assert_eq!(get(u, "/metrics", None).0, 401);
+    let (status, _, body) = get(u, "/metrics", t);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.as_str()
+            .unwrap()
+            .contains("fmsflow_queries_total{class=\"4xx\",endpoint=\"status\"}"),
+        "{body}"
+    );
     // The OpenAPI document is public and lists every path.
     let (status, _, doc) = get(u, "/api/v1/openapi.json", None);
     assert_eq!(status, 200);

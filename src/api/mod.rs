@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::metrics::Metrics;
 use crate::status::Status;
 use answers::*;
 use view::LiveView;
@@ -103,6 +104,7 @@ struct Api {
     client: reqwest::Client,
     limit: Arc<Semaphore>,
     started: Instant,
+    metrics: Metrics,
 }
 
 /// Starts the API on its own thread (and runtime, so a busy engine or a slow peer never
@@ -141,6 +143,7 @@ pub fn start(settings: ApiSettings, view: Arc<LiveView>, status: Arc<Status>) ->
         settings,
         client,
         started: Instant::now(),
+        metrics: Metrics::new(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -187,13 +190,53 @@ fn router(api: Arc<Api>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API path (see /api/v1/openapi.json)") });
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), authorize));
     Router::new()
         .nest("/api/v1", v1)
+        .merge(metrics)
         .route("/", get(|| asset("index.html")))
         .route("/app.js", get(|| asset("app.js")))
         .route("/style.css", get(|| asset("style.css")))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), observe))
         .with_state(api)
+}
+
+/// The `endpoint` label of a request path (a bounded set: ids never become labels).
+fn endpoint_of(path: &str) -> &'static str {
+    match path.strip_prefix("/api/v1/") {
+        Some("status") => "status",
+        Some("fleet/hourly") => "fleet_hourly",
+        Some("quality") => "quality",
+        Some("openapi.json") => "openapi",
+        Some(p) if p.starts_with("devices/") && p.ends_with("/latest") => "device_latest",
+        Some(p) if p.starts_with("devices/") && p.ends_with("/hourly") => "device_hourly",
+        Some(_) => "other",
+        None if path == "/metrics" => "metrics",
+        None => "dashboard",
+    }
+}
+
+/// Times every request into the query metrics.
+async fn observe(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let endpoint = endpoint_of(req.uri().path());
+    let started = Instant::now();
+    let r = next.run(req).await;
+    api.metrics
+        .observe_query(endpoint, r.status().as_u16(), started.elapsed().as_secs_f64());
+    r
+}
+
+/// Prometheus's text format: this process's metrics (see `crate::metrics`).
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let body = api.metrics.render(&api.status, Some(&api.view));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// The dashboard's files, in the binary (the machines it runs on are offline).
