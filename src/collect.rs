@@ -113,7 +113,7 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
                 }
             };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = crate::shutdown::signal() => break,
                 _ = until_deadline => break,
                 _ = ticker.tick() => {
                     let d = &producer.delivery;

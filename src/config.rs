@@ -83,6 +83,97 @@ pub struct Config {
     pub kafka: crate::connectors::kafka::KafkaSettings,
     /// The query API and dashboard.
     pub api: Api,
+    /// The processes of a cluster (`[cluster]`).
+    pub cluster: ClusterCfg,
+}
+
+/// `[cluster]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterCfg {
+    /// Timely `host:port` of every engine process, in process order; empty: one process.
+    pub hosts: Vec<String>,
+    /// Instead of `hosts`: a file of them, one per line, `#` comments.
+    pub hosts_file: String,
+    /// This process's index in the host list.
+    #[serde(default)]
+    pub process: Option<usize>,
+    /// How long start-up waits for the other processes.
+    pub connect_timeout: Dur,
+}
+
+impl ClusterCfg {
+    /// This process's place in the cluster, or `None` for a single process: the host list
+    /// (from `hosts` or `hosts_file`) and `process`, checked.
+    pub fn resolve(&self) -> Result<Option<crate::cluster::Cluster>, ConfigError> {
+        let bad = |field, problem: String| ConfigError::Value { field, problem };
+        let hosts: Vec<String> = if self.hosts_file.is_empty() {
+            self.hosts.clone()
+        } else {
+            if !self.hosts.is_empty() {
+                return Err(bad(
+                    "cluster.hosts_file",
+                    "give either cluster.hosts or cluster.hosts_file, not both".into(),
+                ));
+            }
+            std::fs::read_to_string(&self.hosts_file)
+                .map_err(|e| bad("cluster.hosts_file", format!("{}: {e}", self.hosts_file)))?
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect()
+        };
+        let field = if self.hosts_file.is_empty() {
+            "cluster.hosts"
+        } else {
+            "cluster.hosts_file"
+        };
+        match (hosts.is_empty(), self.process) {
+            (true, None) => return Ok(None),
+            (true, Some(p)) => {
+                return Err(bad(
+                    "cluster.process",
+                    format!("is {p}, but there is no host list: give --hosts (cluster.hosts)"),
+                ))
+            }
+            (false, None) => {
+                return Err(bad(
+                    "cluster.process",
+                    "a cluster needs this process's index in the host list (--process)".into(),
+                ))
+            }
+            (false, Some(p)) if p >= hosts.len() => {
+                return Err(bad(
+                    "cluster.process",
+                    format!(
+                        "{p} is not an index of the {} hosts (0..={})",
+                        hosts.len(),
+                        hosts.len() - 1
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            let port_ok = h
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(bad(field, format!("entry {i} `{h}` is not host:port")));
+            }
+            if hosts[..i].contains(h) {
+                return Err(bad(field, format!("`{h}` is listed twice")));
+            }
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err(bad("cluster.connect_timeout", "must be longer than 0".into()));
+        }
+        Ok(Some(crate::cluster::Cluster {
+            process: self.process.expect("checked above"),
+            addresses: hosts,
+            connect_timeout: self.connect_timeout.0,
+        }))
+    }
 }
 
 /// `[api]`

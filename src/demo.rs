@@ -150,10 +150,9 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
     {
         let stop = stop.clone();
         rt.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\nstopping: flushing the pipeline");
-                stop.store(true, Relaxed);
-            }
+            crate::shutdown::signal().await;
+            eprintln!("\nstopping: flushing the pipeline");
+            stop.store(true, Relaxed);
         });
     }
 

@@ -16,7 +16,7 @@ use timely::dataflow::ProbeHandle;
 
 use crate::api::view::LiveView;
 use crate::checkpoint::{Recorder, Report};
-use crate::connectors::file::FileReader;
+use crate::connectors::file::Replay;
 use crate::connectors::kafka::{KafkaSinks, PartitionReader, SourceSpec, StartAt};
 use crate::durable::{durable_sink, Tally, Ticket};
 use crate::lake::manifest::Manifest;
@@ -55,31 +55,39 @@ pub struct EngineSettings {
     pub replay_rate: Option<f64>,
 }
 
-/// This process's place in a cluster of engine processes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cluster {
-    /// Index of this process, 0-based.
-    pub process: usize,
-    /// `host:port` of every process, in process order; this one listens on its own.
-    pub addresses: Vec<String>,
-}
+pub use crate::cluster::Cluster;
 
-impl EngineSettings {
-    fn timely_config(&self) -> timely::Config {
-        match &self.cluster {
-            None => timely::Config::process(self.workers),
-            Some(c) => timely::Config {
-                communication: timely::CommunicationConfig::Cluster {
-                    threads: self.workers,
-                    process: c.process,
-                    addresses: c.addresses.clone(),
-                    report: false,
-                    zerocopy: false,
-                },
-                worker: timely::WorkerConfig::default(),
-            },
-        }
-    }
+/// Starts this process's `workers` timely workers running `f`: alone, or connected to the
+/// other processes of `cluster` first (`crate::cluster::connect`, a bounded wait naming any
+/// missing process).
+fn start_workers<T, F>(
+    workers: usize,
+    cluster: Option<&Cluster>,
+    f: F,
+) -> Result<timely::communication::WorkerGuards<T>, EngineError>
+where
+    T: Send + 'static,
+    F: Fn(&mut timely::worker::Worker) -> T + Send + Sync + 'static,
+{
+    use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+    use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+    let start = |message: String| EngineError::Start { workers, message };
+    let Some(c) = cluster else {
+        return timely::execute(timely::Config::process(workers), f).map_err(start);
+    };
+    let sockets = crate::cluster::connect(c, workers).map_err(|e| EngineError::Cluster(e.to_string()))?;
+    crate::cluster::watch_for_lost_peers(c.addresses.clone());
+    let hooks = timely::communication::Hooks::default();
+    let local = ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
+    let (builders, guard) = initialize_networking_from_sockets(local, sockets, c.process, workers, hooks)
+        .map_err(|e| start(format!("the cluster's network threads: {e}")))?;
+    timely::execute::execute_from(
+        builders.into_iter().map(AllocatorBuilder::Tcp).collect(),
+        Box::new(guard),
+        timely::WorkerConfig::default(),
+        f,
+    )
+    .map_err(start)
 }
 
 /// Errors of a run.
@@ -91,6 +99,20 @@ pub enum EngineError {
     /// A source or sink failed; the run stopped.
     #[error("{0}")]
     Failed(String),
+    /// The cluster did not come together (a missing or mismatched process).
+    #[error("{0}")]
+    Cluster(String),
+    /// Another process of the cluster went away mid-run.
+    #[error(
+        "lost process {process} of the cluster ({address}): {cause}. A timely cluster cannot go on \
+         without one of its processes, so this one stops too: restart every process (from Kafka with \
+         --from checkpoint, to resume where the lake's checkpoint is)"
+    )]
+    PeerLost {
+        process: usize,
+        address: String,
+        cause: String,
+    },
 }
 
 /// Runs the dataflow to completion (end of the files, or all live senders dropped). With
@@ -134,7 +156,8 @@ pub fn run(
     });
     let recovery_epochs = settings.flow.recovery_epochs();
     let st = status.clone();
-    let guards = timely::execute(settings.timely_config(), move |worker| {
+    let cluster = settings.cluster.clone();
+    let guards = start_workers(workers, cluster.as_ref(), move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         let probe = ProbeHandle::new();
@@ -215,45 +238,33 @@ pub fn run(
         let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
         let mut final_commit = None;
         if let Some(files) = &files {
-            let mine: Vec<(usize, &PathBuf)> = if files.len() >= peers {
-                files.iter().enumerate().filter(|(i, _)| i % peers == index).collect()
-            } else {
-                files.iter().enumerate().collect()
-            };
-            let (sub_index, sub_peers) = if files.len() >= peers { (0, 1) } else { (index, peers) };
-            let (paced_from, mut shipped) = (Instant::now(), 0usize);
-            for (i, path) in mine {
-                let mut reader =
-                    match FileReader::open(path, i as u32, sub_index, sub_peers, crate::connectors::file::BLOCK) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            st.fail(e.to_string());
-                            break;
-                        }
-                    };
-                loop {
-                    let more = match reader.read_chunk(settings.batch - buf.len(), &mut buf) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            st.fail(e.to_string());
-                            false
-                        }
-                    };
-                    if buf.len() >= settings.batch {
+            // Epochs cut at fixed places in the files: the same outputs for every layout.
+            match Replay::open(files, index, peers, settings.batch, crate::connectors::file::BLOCK) {
+                Ok(mut replay) => {
+                    let ahead = AHEAD * replay.stride();
+                    let (paced_from, mut shipped) = (Instant::now(), 0usize);
+                    loop {
+                        let at = match replay.next(&mut buf) {
+                            Ok(Some(at)) => at,
+                            Ok(None) => break,
+                            Err(e) => {
+                                st.fail(e.to_string());
+                                break;
+                            }
+                        };
                         shipped += buf.len();
-                        ship(worker, &mut input, &probe, &st, &mut buf, &mut epoch);
+                        ship_at(worker, &mut input, &probe, &st, &mut buf, &mut epoch, at, ahead);
                         commit_stored(committer, &probe, &st);
                         if let Some(rate) = settings.replay_rate {
                             pace(worker, paced_from, shipped, rate);
                         }
-                    }
-                    if !more || st.error().is_some() {
-                        break;
+                        if st.error().is_some() || crate::shutdown::requested() {
+                            break;
+                        }
                     }
                 }
+                Err(e) => st.fail(e.to_string()),
             }
-            st.received.fetch_add(buf.len() as u64, Relaxed);
-            input.send_batch(&mut buf);
         } else if let Some(spec) = &kafka {
             match PartitionReader::open(spec, index, peers) {
                 Ok(reader) => {
@@ -342,8 +353,24 @@ pub fn run(
                 st.fail(format!("a lake writer of worker {index} panicked"));
             }
         }
-    })
-    .map_err(|message| EngineError::Start { workers, message })?;
+    })?;
+    if cluster.is_some() {
+        // `join` would also join timely's network threads and panic if one of them did (a
+        // lost process): wait for the workers alone first.
+        while !guards.guards().iter().all(|g| g.is_finished()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if let Some((process, address, cause)) = crate::cluster::lost() {
+        // Dropping the guards would join timely's network threads, one of which panicked:
+        // the process is stopping anyway.
+        std::mem::forget(guards);
+        return Err(EngineError::PeerLost {
+            process: *process,
+            address: address.clone(),
+            cause: cause.clone(),
+        });
+    }
     for r in guards.join() {
         r.map_err(|e| EngineError::Failed(format!("a worker stopped: {e}")))?;
     }
@@ -419,6 +446,39 @@ impl InFlight {
     }
 }
 
+/// Sends records of epoch `at` (not before the input's current epoch), and works until the
+/// dataflow has finished every epoch before `at - ahead` (backpressure, as in [`ship`]).
+#[allow(clippy::too_many_arguments)]
+fn ship_at(
+    worker: &mut timely::worker::Worker,
+    input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>,
+    probe: &ProbeHandle<Epoch>,
+    st: &Status,
+    buf: &mut Vec<RawRecord>,
+    epoch: &mut Epoch,
+    at: Epoch,
+    ahead: Epoch,
+) {
+    if at > *epoch {
+        *epoch = at;
+        input.advance_to(at);
+    }
+    send(input, st, buf);
+    settle(worker, probe, st, at.saturating_sub(ahead));
+}
+
+/// Counts and sends `buf`'s records at the input's current epoch.
+fn send(input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>, st: &Status, buf: &mut Vec<RawRecord>) {
+    st.received.fetch_add(buf.len() as u64, Relaxed);
+    input.send_batch(buf);
+    buf.clear();
+}
+
+/// Works the dataflow until every epoch before `before` is done (or the run failed).
+fn settle(worker: &mut timely::worker::Worker, probe: &ProbeHandle<Epoch>, st: &Status, before: Epoch) {
+    worker.step_or_park_while(Some(PARK), || probe.less_than(&before) && st.error().is_none());
+}
+
 /// Sends one replay epoch's records, closes the epoch, and works until at most [`AHEAD`]
 /// epochs are in flight (backpressure: a source never runs far ahead of the sinks).
 fn ship(
@@ -429,13 +489,10 @@ fn ship(
     buf: &mut Vec<RawRecord>,
     epoch: &mut Epoch,
 ) {
-    st.received.fetch_add(buf.len() as u64, Relaxed);
-    input.send_batch(buf);
-    buf.clear();
+    send(input, st, buf);
     *epoch += 1;
     input.advance_to(*epoch);
-    let behind = epoch.saturating_sub(AHEAD);
-    worker.step_or_park_while(Some(PARK), || probe.less_than(&behind) && st.error().is_none());
+    settle(worker, probe, st, epoch.saturating_sub(AHEAD));
 }
 
 /// A replay partition that delivers nothing for this long, before its end, fails the run.

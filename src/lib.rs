@@ -5,6 +5,7 @@ pub mod api;
 pub mod backoff;
 pub mod checkpoint;
 pub mod clock;
+pub mod cluster;
 pub mod collect;
 pub mod config;
 pub mod connectors;
@@ -15,6 +16,7 @@ pub mod fms;
 pub mod gen;
 pub mod lake;
 pub mod metrics;
+pub mod shutdown;
 pub mod sim;
 pub mod status;
 

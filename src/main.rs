@@ -105,8 +105,8 @@ enum Command {
         brokers: Option<String>,
         /// Where to start reading Kafka: earliest, latest, timestamp:<RFC 3339>,
         /// offsets:<partition>=<offset>,... (unlisted partitions start at their earliest), or
-        /// checkpoint (resume after a crash from the lake's checkpoint; one process, the same
-        /// --workers; see docs/RECOVERY.md).
+        /// checkpoint (resume after a crash from the lake's checkpoint, with the same --workers
+        /// and --hosts; see docs/RECOVERY.md).
         #[arg(long, default_value = "earliest")]
         from: String,
         /// `end`: stop at the end each partition has when the run starts, with epochs cut at
@@ -114,12 +114,18 @@ enum Command {
         /// engine follows the topic until Ctrl-C.
         #[arg(long, value_parser = ["end"])]
         until: Option<String>,
-        /// Run as one process of a cluster: the `host:port` of every process, in order (each
-        /// runs --workers workers; all are started with the same list and options).
-        #[arg(long, value_delimiter = ',', requires = "process")]
-        cluster: Vec<String>,
-        /// This process's index in --cluster, from 0.
-        #[arg(long, requires = "cluster")]
+        /// Run as one process of a timely cluster: the `host:port` every process listens on
+        /// for the others, in process order (default cluster.hosts). Every process gets the
+        /// same list, --workers and options, and its own --process. Start-up waits
+        /// cluster.connect_timeout (60 s) for the others, then fails naming the missing.
+        #[arg(long, visible_alias = "cluster", value_delimiter = ',', value_name = "HOST:PORT,...")]
+        hosts: Vec<String>,
+        /// The host list from a file: one host:port per line, `#` comments (default
+        /// cluster.hosts_file).
+        #[arg(long, value_name = "FILE", conflicts_with = "hosts")]
+        hosts_file: Option<PathBuf>,
+        /// This process's index in the host list, from 0 (default cluster.process).
+        #[arg(long)]
         process: Option<usize>,
         /// Serve the query API and dashboard on host:port (default api.listen; empty: none).
         /// Beyond loopback it needs api.token.
@@ -321,11 +327,9 @@ fn real_main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(async move {
                 let sim = sim::Sim::new(settings.clone(), clock::Clock::real());
-                let (addr, task) = sim::serve(sim, port.unwrap_or(cfg.sim.port), async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await
-                .context("binding the simulator's port")?;
+                let (addr, task) = sim::serve(sim, port.unwrap_or(cfg.sim.port), fmsflow::shutdown::signal())
+                    .await
+                    .context("binding the simulator's port")?;
                 println!(
                     "fmsflow sim: {} devices on http://{addr} (seed {}, dirty rate {})",
                     settings.devices, settings.seed, settings.dirty_rate
@@ -378,7 +382,8 @@ fn real_main() -> anyhow::Result<()> {
             brokers,
             from,
             until,
-            cluster,
+            hosts,
+            hosts_file,
             process,
             http,
             api_peers,
@@ -395,20 +400,18 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(b) = brokers {
                 cfg.kafka.brokers = b;
             }
-            let cluster = match process {
-                Some(p) => {
-                    anyhow::ensure!(
-                        p < cluster.len(),
-                        "--process {p} is not an index of --cluster ({} addresses)",
-                        cluster.len()
-                    );
-                    Some(engine::Cluster {
-                        process: p,
-                        addresses: cluster,
-                    })
-                }
-                None => None,
-            };
+            if !hosts.is_empty() {
+                cfg.cluster.hosts = hosts;
+                cfg.cluster.hosts_file.clear();
+            }
+            if let Some(f) = hosts_file {
+                cfg.cluster.hosts_file = f.display().to_string();
+                cfg.cluster.hosts.clear();
+            }
+            if process.is_some() {
+                cfg.cluster.process = process;
+            }
+            let cluster = cfg.cluster.resolve()?;
             if let Some(h) = http {
                 cfg.api.listen = h;
             }
@@ -707,24 +710,15 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
             if until_end {
                 "until its current end"
             } else {
-                "following it until Ctrl-C"
+                "following it until Ctrl-C or SIGTERM"
             },
             cfg.engine.workers,
             storage.describe(),
             k.hourly_topic,
             k.rejects_topic
         );
-        if !until_end {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-                if let Ok(rt) = rt {
-                    let _ = rt.block_on(tokio::signal::ctrl_c());
-                    eprintln!("stopping: finishing the epochs in flight");
-                    stop.store(true, Relaxed);
-                }
-            });
-        }
+        let on_stop = stop.clone();
+        fmsflow::shutdown::on_signal("finishing the epochs in flight", move || on_stop.store(true, Relaxed));
         let spec = connectors::kafka::SourceSpec {
             settings: k,
             from,
@@ -740,6 +734,8 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
             cfg.engine.workers,
             storage.describe()
         );
+        // The workers stop reading at their next batch (`shutdown::requested`).
+        fmsflow::shutdown::on_signal("ending the replay here and finishing the epochs in flight", || {});
         (engine::Source::Files(files), None)
     } else {
         anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");
@@ -819,9 +815,12 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
     );
     if let (Some(s), true) = (&server, opts.keep_serving) {
         let _ = std::io::stdout().flush();
-        eprintln!("input done; still answering queries on http://{}/ until Ctrl-C", s.addr);
+        eprintln!(
+            "input done; still answering queries on http://{}/ until Ctrl-C or SIGTERM",
+            s.addr
+        );
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let _ = rt.block_on(tokio::signal::ctrl_c());
+        rt.block_on(fmsflow::shutdown::signal());
     }
     drop(server);
     Ok(())

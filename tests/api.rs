@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fmsflow::config::Config;
-use fmsflow::connectors::file::{FileReader, BLOCK};
+use fmsflow::connectors::file::{Replay, BLOCK};
 use fmsflow::gen::{generate, GenSettings};
 use fmsflow_dataflows::dataflow::Epoch;
 use fmsflow_dataflows::oracle::{expected, Expected};
@@ -86,22 +86,14 @@ fn write_input(dir: &Path, seed: u64, hours: u32, files: usize) -> Vec<PathBuf> 
     paths
 }
 
-/// The records as the engine reads them, each with its epoch: with one file per worker,
-/// a worker's epoch k holds its file's k-th chunk of `batch` records.
+/// The records as the engine reads them, each with its epoch (the same for any number of
+/// workers: `Replay` cuts epochs at fixed places in the files).
 fn epochs_of(files: &[PathBuf], batch: usize) -> Vec<(Epoch, RawRecord)> {
     let mut out = Vec::new();
-    for (i, path) in files.iter().enumerate() {
-        let mut r = FileReader::open(path, i as u32, 0, 1, BLOCK).unwrap();
-        let mut epoch = 0;
-        loop {
-            let mut buf = Vec::new();
-            let more = r.read_chunk(batch, &mut buf).unwrap();
-            out.extend(buf.into_iter().map(|rec| (epoch, rec)));
-            epoch += 1;
-            if !more {
-                break;
-            }
-        }
+    let mut r = Replay::open(files, 0, 1, batch, BLOCK).unwrap();
+    let mut buf = Vec::new();
+    while let Some(epoch) = r.next(&mut buf).unwrap() {
+        out.extend(buf.drain(..).map(|rec| (epoch, rec)));
     }
     out
 }

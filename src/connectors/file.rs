@@ -53,7 +53,7 @@ pub fn split_line(line: &[u8]) -> (Option<i64>, &[u8]) {
 }
 
 /// Bytes per block when workers share a file.
-pub const BLOCK: u64 = 1 << 20;
+pub const BLOCK: u64 = 8 << 20;
 
 /// Reads the lines of one file that belong to this worker. The file is cut into blocks of
 /// `block` bytes dealt round-robin to the workers, and a line belongs to the block it starts
@@ -121,17 +121,32 @@ impl FileReader {
         Ok(())
     }
 
-    /// Appends up to `max` records to `out`; returns false at the end of this worker's share.
-    pub fn read_chunk(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<bool, FileSourceError> {
+    /// The block being read.
+    pub fn current_block(&self) -> u64 {
+        self.current
+    }
+
+    /// Whether this worker's share is read.
+    pub fn done(&self) -> bool {
+        self.current * self.block >= self.len
+    }
+
+    /// Moves to this worker's next block.
+    pub fn next_block(&mut self) -> Result<(), FileSourceError> {
+        self.current += self.peers;
+        if self.done() {
+            return Ok(());
+        }
+        self.enter_block()
+    }
+
+    /// Appends up to `max` records of the current block to `out`; returns whether the block
+    /// may hold more.
+    pub fn read_in_block(&mut self, max: usize, out: &mut Vec<RawRecord>) -> Result<bool, FileSourceError> {
         let mut taken = 0;
         while taken < max {
             if self.at >= self.end {
-                self.current += self.peers;
-                if self.current * self.block >= self.len {
-                    return Ok(false);
-                }
-                self.enter_block()?;
-                continue;
+                return Ok(false);
             }
             self.buf.clear();
             let n = self
@@ -142,6 +157,7 @@ impl FileReader {
                     source: e,
                 })?;
             if n == 0 {
+                self.at = self.end;
                 return Ok(false);
             }
             let offset = self.at;
@@ -164,7 +180,107 @@ impl FileReader {
             });
             taken += 1;
         }
-        Ok(true)
+        Ok(self.at < self.end)
+    }
+}
+
+/// Epoch numbers per block: chunk `c` of block `k` is epoch `k * CHUNKS_PER_BLOCK + c` (a
+/// block's chunks past the last number share it).
+pub const CHUNKS_PER_BLOCK: u64 = 1024;
+
+/// One worker's share of a replay, in epochs cut at fixed places in the files: chunk `c` (of
+/// `batch` records) of block `k` of every file is epoch `k * CHUNKS_PER_BLOCK + c`, however
+/// many workers and processes share the files. So a record's epoch depends only on where it
+/// is, and everything that depends on epochs (which of two duplicates is first: the one of
+/// the earlier epoch, then the earlier position) comes out the same for every layout: a
+/// replay on 3 processes of 2 workers writes the lake that 1 worker writes.
+///
+/// With at least as many files as workers, whole files are dealt round-robin; otherwise
+/// every worker reads its blocks of every file ([`FileReader`]). A worker with several files
+/// goes through them together, block by block.
+pub struct Replay {
+    readers: Vec<FileReader>,
+    batch: usize,
+    /// (block, chunk) being read; `None`: between blocks.
+    at: Option<(u64, u64)>,
+    /// Blocks between one of this worker's blocks and its next.
+    stride: u64,
+}
+
+impl Replay {
+    /// Worker `index` of `peers`'s share of `files` (source ids are their places in
+    /// `files`), in chunks of `batch` records and blocks of `block` bytes.
+    pub fn open(
+        files: &[PathBuf],
+        index: usize,
+        peers: usize,
+        batch: usize,
+        block: u64,
+    ) -> Result<Replay, FileSourceError> {
+        let peers = peers.max(1);
+        let whole = files.len() >= peers;
+        let (sub_index, sub_peers) = if whole { (0, 1) } else { (index, peers) };
+        let readers = files
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !whole || i % peers == index)
+            .map(|(i, p)| FileReader::open(p, i as u32, sub_index, sub_peers, block))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Replay {
+            readers,
+            batch: batch.max(1),
+            at: None,
+            stride: sub_peers as u64,
+        })
+    }
+
+    /// Epochs between this worker's consecutive blocks.
+    pub fn stride(&self) -> u64 {
+        self.stride * CHUNKS_PER_BLOCK
+    }
+
+    /// Appends the next chunk (up to `batch` records of each file at the current block) to
+    /// `out` and returns its epoch; `None` once the share is read.
+    pub fn next(&mut self, out: &mut Vec<RawRecord>) -> Result<Option<u64>, FileSourceError> {
+        loop {
+            let (block, chunk) = match self.at {
+                Some(at) => at,
+                None => match self
+                    .readers
+                    .iter()
+                    .filter(|r| !r.done())
+                    .map(FileReader::current_block)
+                    .min()
+                {
+                    Some(k) => (k, 0),
+                    None => return Ok(None),
+                },
+            };
+            let before = out.len();
+            let mut more = false;
+            for r in self
+                .readers
+                .iter_mut()
+                .filter(|r| !r.done() && r.current_block() == block)
+            {
+                more |= r.read_in_block(self.batch, out)?;
+            }
+            if more {
+                self.at = Some((block, chunk + 1));
+            } else {
+                for r in self
+                    .readers
+                    .iter_mut()
+                    .filter(|r| !r.done() && r.current_block() == block)
+                {
+                    r.next_block()?;
+                }
+                self.at = None;
+            }
+            if out.len() > before {
+                return Ok(Some(block * CHUNKS_PER_BLOCK + chunk.min(CHUNKS_PER_BLOCK - 1)));
+            }
+        }
     }
 }
 
@@ -201,7 +317,10 @@ mod tests {
                 let mut all = Vec::new();
                 for i in 0..peers {
                     let mut r = FileReader::open(&p, 7, i, peers, block).unwrap();
-                    while r.read_chunk(2, &mut all).unwrap() {}
+                    while !r.done() {
+                        while r.read_in_block(2, &mut all).unwrap() {}
+                        r.next_block().unwrap();
+                    }
                 }
                 let mut got: Vec<_> = all
                     .iter()
@@ -210,6 +329,48 @@ mod tests {
                 got.sort();
                 assert_eq!(got, want, "{peers} workers, block {block}");
                 assert!(all.iter().all(|r| r.pos.source == 7));
+            }
+        }
+    }
+
+    /// Every record of `files` with its epoch, as `peers` workers read them.
+    fn replayed(files: &[PathBuf], peers: usize, batch: usize, block: u64) -> Vec<(u64, u32, u64)> {
+        let mut all = Vec::new();
+        for i in 0..peers {
+            let mut r = Replay::open(files, i, peers, batch, block).unwrap();
+            let mut last = None;
+            let mut buf = Vec::new();
+            while let Some(e) = r.next(&mut buf).unwrap() {
+                assert!(last.is_none_or(|l| e >= l), "worker {i}: epoch {e} after {last:?}");
+                last = Some(e);
+                all.extend(buf.drain(..).map(|rec| (e, rec.pos.source, rec.pos.offset)));
+            }
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn a_records_epoch_is_the_same_for_every_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for f in 0..3 {
+            let p = dir.path().join(format!("{f}.ndjson"));
+            let text: String = (0..40 + 17 * f).map(|i| format!("{i} line {f}/{i}\n")).collect();
+            std::fs::write(&p, text).unwrap();
+            files.push(p);
+        }
+        for (block, batch) in [(64u64, 3usize), (100, 1), (1 << 20, 7)] {
+            for n in 1..=3 {
+                let one = replayed(&files[..n], 1, batch, block);
+                assert_eq!(one.len(), (0..n).map(|f| 40 + 17 * f).sum::<usize>());
+                for peers in 2..=6 {
+                    assert_eq!(
+                        replayed(&files[..n], peers, batch, block),
+                        one,
+                        "{n} files, {peers} workers, block {block}, batch {batch}"
+                    );
+                }
             }
         }
     }
