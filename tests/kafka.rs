@@ -323,6 +323,14 @@ fn a_killed_cluster_resumes_from_its_checkpoint() {
     killed_run_resumes("resume-cluster", 2, 1);
 }
 
+/// Issue 6: one process of a cluster of 3 processes of 2 workers is killed mid-run. The
+/// other two stop by themselves with the documented error naming it; a restart of all three
+/// from the checkpoint ends with the lake and dead letters of a run that was never killed.
+#[test]
+fn a_cluster_that_loses_one_process_stops_and_resumes_from_its_checkpoint() {
+    killed_run_resumes_after("resume-lost-one", 3, 2, Some(1));
+}
+
 /// Starts `fmsflow run --source kafka --until end` of `raw` into `lake` as `processes`
 /// processes of `workers` workers (a cluster on fresh loopback ports when there are several),
 /// its outputs named after `outputs`.
@@ -426,6 +434,12 @@ fn assert_same_lakes(raw: &str, whole: &str, resumed: &str) {
 }
 
 fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
+    killed_run_resumes_after(name, processes, workers, None);
+}
+
+/// [`killed_run_resumes`], killing only process `lost` (when given): the others must then
+/// stop by themselves, naming it.
+fn killed_run_resumes_after(name: &str, processes: usize, workers: usize, lost: Option<usize>) {
     common::python();
     let raw = unique(name);
     let partitions = 3;
@@ -458,10 +472,45 @@ fn killed_run_resumes(name: &str, processes: usize, workers: usize) {
     common::wait_for("a checkpoint with a sealed hour", Duration::from_secs(120), || {
         sealed_some() || killed.iter_mut().any(|k| k.try_wait().unwrap().is_some())
     });
-    assert!(
-        !kill_all(killed).0,
-        "a process finished before it could be killed; the run must be killed mid-run"
-    );
+    if let Some(lost) = lost {
+        let mut victim = killed.remove(lost);
+        assert!(
+            victim.try_wait().unwrap().is_none(),
+            "process {lost} finished before it could be killed; the run must be killed mid-run"
+        );
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        for (i, mut child) in killed.into_iter().enumerate() {
+            let t0 = std::time::Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "a process went on for 60 s without process {lost}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "process {i} ended well without process {lost}: {err}"
+            );
+            assert!(
+                err.contains(&format!("lost process {lost} of the cluster")) && err.contains("--from checkpoint"),
+                "{err}"
+            );
+            eprintln!(
+                "a survivor stopped {:?} after the kill: {}",
+                t0.elapsed(),
+                err.lines().rfind(|l| l.contains("lost process")).unwrap_or("")
+            );
+        }
+    } else {
+        assert!(
+            !kill_all(killed).0,
+            "a process finished before it could be killed; the run must be killed mid-run"
+        );
+    }
     let ck: serde_json::Value = serde_json::from_slice(&checkpoint().unwrap()).unwrap();
     assert_eq!(ck["processes"], processes, "{ck}");
     // What the kill left is whole to a reader that follows the manifests (in a cluster,
