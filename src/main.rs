@@ -104,9 +104,10 @@ enum Command {
         #[arg(long)]
         brokers: Option<String>,
         /// Where to start reading Kafka: earliest, latest, timestamp:<RFC 3339>,
-        /// offsets:<partition>=<offset>,... (unlisted partitions start at their earliest), or
+        /// offsets:<partition>=<offset>,... (unlisted partitions start at their earliest),
         /// checkpoint (resume after a crash from the lake's checkpoint, with the same --workers
-        /// and --hosts; see docs/RECOVERY.md).
+        /// and --hosts; see docs/RECOVERY.md), or auto (checkpoint when the lake has one, else
+        /// earliest: what a service runs with).
         #[arg(long, default_value = "earliest")]
         from: String,
         /// `end`: stop at the end each partition has when the run starts, with epochs cut at
@@ -201,6 +202,10 @@ enum Command {
         #[arg(long)]
         lake: Option<String>,
     },
+    /// Check the settings (defaults, --config file, FMSFLOW_* environment) as `run` would
+    /// read them, and print what they amount to; fails naming the first bad field. A
+    /// deployment runs it before it restarts anything.
+    CheckConfig,
 }
 
 /// What `fmsflow query` asks. Times are RFC 3339 (e.g. 2025-07-07T08:00:00Z).
@@ -504,6 +509,28 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::CheckConfig => {
+            let cluster = cfg.cluster.resolve()?;
+            lake::open(&cfg.lake.url, &cfg.lake.storage_options())
+                .with_context(|| format!("lake.url {}", cfg.lake.url))?;
+            println!(
+                "configuration OK: {} worker(s) per process, {}; lake {}; Kafka {} (topic {}); API {}",
+                cfg.engine.workers,
+                match &cluster {
+                    Some(c) => format!("process {} of a cluster of {}", c.process, c.addresses.len()),
+                    None => "one process".to_string(),
+                },
+                cfg.lake.url,
+                cfg.kafka.brokers,
+                cfg.kafka.raw_topic,
+                if cfg.api.listen.is_empty() {
+                    "off".to_string()
+                } else {
+                    cfg.api.listen.clone()
+                }
+            );
+            Ok(())
+        }
         Command::Verify { lake } => {
             let url = lake.unwrap_or(cfg.lake.url.clone());
             let storage = lake::open(&url, &cfg.lake.storage_options())?;
@@ -691,6 +718,31 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
     let mut flow = cfg.flow_config();
     let (source, sinks) = if source == "kafka" {
         let k = cfg.kafka.clone();
+        // `auto` (what a service runs with): resume when the lake has a checkpoint, else
+        // start at the beginning. Every process of a cluster decides before the cluster
+        // connects, and no checkpoint is written before it does: they all decide the same.
+        let from = if from == "auto" {
+            let has = cfg
+                .lake
+                .retry()
+                .run("reading the checkpoint", || storage.get(fmsflow::checkpoint::KEY))?
+                .is_some();
+            eprintln!(
+                "--from auto: {}",
+                if has {
+                    "the lake has a checkpoint; resuming from it"
+                } else {
+                    "the lake has no checkpoint; starting at the earliest records"
+                }
+            );
+            if has {
+                "checkpoint"
+            } else {
+                "earliest"
+            }
+        } else {
+            from
+        };
         let mut from: connectors::kafka::StartAt = from.parse()?;
         if from == connectors::kafka::StartAt::Checkpoint {
             let (plan, recovery) = plan_resume(cfg, storage.as_ref(), cluster.as_ref())?;

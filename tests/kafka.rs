@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::kafka::{
-    bootstrap, committed, consume_all, create_topic, dead_letters_by_rule, kafka_env, sim_truth, start_sim, unique,
+    bootstrap, committed, consume_all, create_topic, dead_letters_by_rule, generated, kafka_env, produce,
+    produce_generated, sim_truth, start_sim, unique,
 };
-use fmsflow::connectors::kafka::KafkaProducer;
 use fmsflow::lake::Storage;
 
 /// `fmsflow run --source kafka --from <from> --until end --workers <workers>` into `lake`.
@@ -173,64 +173,6 @@ fn simulator_to_collector_to_kafka_to_engine_on_two_processes_counts_every_recor
     for (k, v) in &latest {
         assert_eq!(k, &format!("{}/{}", v["device"], v["hour"].as_str().unwrap()));
     }
-}
-
-/// Produces a generated replay file to a topic: key the device id, timestamp the ingest time.
-fn produce_generated(topic: &str, partitions: i32, hours: u32, dirty_rate: &str) -> Vec<(i64, String)> {
-    let records = generated(hours, dirty_rate);
-    // The engine creates only its output topics; make the raw one here.
-    create_topic(topic, partitions);
-    produce(topic, &records);
-    records
-}
-
-/// (ingest time, payload) of a generated replay file of 20 devices, with late records.
-fn generated(hours: u32, dirty_rate: &str) -> Vec<(i64, String)> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gen.ndjson");
-    let st = Command::new(common::bin())
-        .args([
-            "gen",
-            "--devices",
-            "20",
-            "--hours",
-            &hours.to_string(),
-            "--late-rate",
-            "0.02",
-            "--dirty-rate",
-            dirty_rate,
-            "--out",
-        ])
-        .arg(&path)
-        .env("FMSFLOW_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let records: Vec<(i64, String)> = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (ts, p) = l.split_once(' ').unwrap();
-            (ts.parse().unwrap(), p.to_string())
-        })
-        .collect();
-    records
-}
-
-/// Produces records to `topic` as the collector would: key the device id, timestamp the
-/// ingest time.
-fn produce(topic: &str, records: &[(i64, String)]) {
-    let p = KafkaProducer::new(&bootstrap()).unwrap();
-    for (ts, payload) in records {
-        // Keyed by device as the collector keys them; a payload too broken to name one
-        // goes wherever the producer puts it.
-        let key = serde_json::from_str::<serde_json::Value>(payload)
-            .map(|v| v["DeviceId"].to_string())
-            .unwrap_or_default();
-        p.send(topic, key.as_bytes(), payload.as_bytes(), Some(*ts), None, None)
-            .unwrap();
-    }
-    p.flush(Duration::from_secs(60)).unwrap();
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fmsflow::connectors::kafka::{ensure_topics_with, KafkaSettings};
+use fmsflow::connectors::kafka::{ensure_topics_with, KafkaProducer, KafkaSettings};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -154,13 +154,20 @@ pub fn consume_all(topic: &str) -> Vec<Rec> {
 
 /// GET `path` from a local HTTP server, the body as a string.
 pub fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    try_http_get(port, path).unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}{path}: {e}"))
+}
+
+/// [`http_get`], an error when the server does not answer (yet).
+pub fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp.split_once("\r\n\r\n")
+    s.read_to_string(&mut resp)?;
+    Ok(resp
+        .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+        .unwrap_or_default())
 }
 
 /// Kills a child process when dropped (a failing test leaves nothing running).
@@ -225,4 +232,62 @@ pub fn dead_letters_by_rule(topic: &str) -> BTreeMap<String, u64> {
         *by_rule.entry(d.headers["rule"].clone()).or_default() += 1;
     }
     by_rule
+}
+
+/// Produces a generated replay file to a topic: key the device id, timestamp the ingest time.
+pub fn produce_generated(topic: &str, partitions: i32, hours: u32, dirty_rate: &str) -> Vec<(i64, String)> {
+    let records = generated(hours, dirty_rate);
+    // The engine creates only its output topics; make the raw one here.
+    create_topic(topic, partitions);
+    produce(topic, &records);
+    records
+}
+
+/// (ingest time, payload) of a generated replay file of 20 devices, with late records.
+pub fn generated(hours: u32, dirty_rate: &str) -> Vec<(i64, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gen.ndjson");
+    let st = Command::new(super::bin())
+        .args([
+            "gen",
+            "--devices",
+            "20",
+            "--hours",
+            &hours.to_string(),
+            "--late-rate",
+            "0.02",
+            "--dirty-rate",
+            dirty_rate,
+            "--out",
+        ])
+        .arg(&path)
+        .env("FMSFLOW_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let records: Vec<(i64, String)> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (ts, p) = l.split_once(' ').unwrap();
+            (ts.parse().unwrap(), p.to_string())
+        })
+        .collect();
+    records
+}
+
+/// Produces records to `topic` as the collector would: key the device id, timestamp the
+/// ingest time.
+pub fn produce(topic: &str, records: &[(i64, String)]) {
+    let p = KafkaProducer::new(&bootstrap()).unwrap();
+    for (ts, payload) in records {
+        // Keyed by device as the collector keys them; a payload too broken to name one
+        // goes wherever the producer puts it.
+        let key = serde_json::from_str::<serde_json::Value>(payload)
+            .map(|v| v["DeviceId"].to_string())
+            .unwrap_or_default();
+        p.send(topic, key.as_bytes(), payload.as_bytes(), Some(*ts), None, None)
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
 }
