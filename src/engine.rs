@@ -241,8 +241,10 @@ pub fn run(
             // Epochs cut at fixed places in the files: the same outputs for every layout.
             match Replay::open(files, index, peers, settings.batch, crate::connectors::file::BLOCK) {
                 Ok(mut replay) => {
-                    let ahead = AHEAD * replay.stride();
                     let (paced_from, mut shipped) = (Instant::now(), 0usize);
+                    // At most [`AHEAD`] of this worker's chunks in flight: before the next,
+                    // every epoch before the previous chunk's is done.
+                    let mut previous: Epoch = 0;
                     loop {
                         let at = match replay.next(&mut buf) {
                             Ok(Some(at)) => at,
@@ -253,7 +255,8 @@ pub fn run(
                             }
                         };
                         shipped += buf.len();
-                        ship_at(worker, &mut input, &probe, &st, &mut buf, &mut epoch, at, ahead);
+                        ship_at(worker, &mut input, &probe, &st, &mut buf, &mut epoch, at, previous);
+                        previous = at;
                         commit_stored(committer, &probe, &st);
                         if let Some(rate) = settings.replay_rate {
                             pace(worker, paced_from, shipped, rate);
@@ -447,7 +450,7 @@ impl InFlight {
 }
 
 /// Sends records of epoch `at` (not before the input's current epoch), and works until the
-/// dataflow has finished every epoch before `at - ahead` (backpressure, as in [`ship`]).
+/// dataflow has finished every epoch before `behind` (backpressure, as in [`ship`]).
 #[allow(clippy::too_many_arguments)]
 fn ship_at(
     worker: &mut timely::worker::Worker,
@@ -457,14 +460,14 @@ fn ship_at(
     buf: &mut Vec<RawRecord>,
     epoch: &mut Epoch,
     at: Epoch,
-    ahead: Epoch,
+    behind: Epoch,
 ) {
     if at > *epoch {
         *epoch = at;
         input.advance_to(at);
     }
     send(input, st, buf);
-    settle(worker, probe, st, at.saturating_sub(ahead));
+    settle(worker, probe, st, behind);
 }
 
 /// Counts and sends `buf`'s records at the input's current epoch.

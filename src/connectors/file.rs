@@ -184,9 +184,11 @@ impl FileReader {
     }
 }
 
-/// Epoch numbers per block: chunk `c` of block `k` is epoch `k * CHUNKS_PER_BLOCK + c` (a
-/// block's chunks past the last number share it).
-pub const CHUNKS_PER_BLOCK: u64 = 1024;
+/// Epoch numbers per block: chunk `c` of block `k` is epoch `k * CHUNKS_PER_BLOCK + c`. More
+/// than a block can have: a record is at least one byte and a newline, so an 8 MiB block
+/// holds at most 4 Mi records, and chunks of one record each still get epochs of their own
+/// (many small epochs are what a test of many commits asks for).
+pub const CHUNKS_PER_BLOCK: u64 = 1 << 23;
 
 /// One worker's share of a replay, in epochs cut at fixed places in the files: chunk `c` (of
 /// `batch` records) of block `k` of every file is epoch `k * CHUNKS_PER_BLOCK + c`, however
@@ -203,8 +205,6 @@ pub struct Replay {
     batch: usize,
     /// (block, chunk) being read; `None`: between blocks.
     at: Option<(u64, u64)>,
-    /// Blocks between one of this worker's blocks and its next.
-    stride: u64,
 }
 
 impl Replay {
@@ -230,13 +230,7 @@ impl Replay {
             readers,
             batch: batch.max(1),
             at: None,
-            stride: sub_peers as u64,
         })
-    }
-
-    /// Epochs between this worker's consecutive blocks.
-    pub fn stride(&self) -> u64 {
-        self.stride * CHUNKS_PER_BLOCK
     }
 
     /// Appends the next chunk (up to `batch` records of each file at the current block) to
