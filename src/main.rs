@@ -112,7 +112,7 @@ enum Command {
         from: String,
         /// `end`: stop at the end each partition has when the run starts, with epochs cut at
         /// fixed offsets (a replay: the same range gives the same outputs). Without it the
-        /// engine follows the topic until Ctrl-C.
+        /// engine follows the topic until Ctrl-C or SIGTERM (either drains, then exits 0).
         #[arg(long, value_parser = ["end"])]
         until: Option<String>,
         /// Run as one process of a timely cluster: the `host:port` every process listens on
