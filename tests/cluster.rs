@@ -54,20 +54,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Waits for `child` at most `limit`; kills it and fails if it is still running then.
-fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!("{what} still running after {limit:?}:\n{}", stderr(&o));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// The two lakes hold the same rows, table by table (tests/lake_rows.py).
 fn assert_same_rows(a: &Path, b: &Path) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lake_rows.py");
@@ -102,7 +88,7 @@ fn three_processes_of_two_workers_seal_the_same_lake_as_one_worker() {
         .map(|i| run(&input, &cluster, 2, Some((&h, i)), &[]).spawn().unwrap())
         .collect();
     for (n, c) in children.into_iter().enumerate() {
-        let o = wait_bounded(c, Duration::from_secs(300), "a cluster process");
+        let o = common::wait_bounded(c, Duration::from_secs(300), "a cluster process");
         assert!(o.status.success(), "process {}: {}", 2 - n, stderr(&o));
     }
     let v = common::assert_committed(&format!("file://{}", cluster.display()));
@@ -133,7 +119,7 @@ fn a_missing_or_mismatched_process_is_named_within_the_bound() {
     )
     .spawn()
     .unwrap();
-    let o = wait_bounded(child, Duration::from_secs(60), "a process waiting for its peers");
+    let o = common::wait_bounded(child, Duration::from_secs(60), "a process waiting for its peers");
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
     assert!(
@@ -150,7 +136,7 @@ fn a_missing_or_mismatched_process_is_named_within_the_bound() {
     let a = run(&input, &lake, 1, Some((&h2, 0)), &[]).spawn().unwrap();
     let b = run(&input, &lake, 2, Some((&h2, 1)), &[]).spawn().unwrap();
     for (c, other) in [(a, 1), (b, 0)] {
-        let o = wait_bounded(c, Duration::from_secs(60), "a mismatched process");
+        let o = common::wait_bounded(c, Duration::from_secs(60), "a mismatched process");
         let err = stderr(&o);
         assert!(!o.status.success());
         assert!(
@@ -228,10 +214,10 @@ fn a_lost_process_stops_the_others_with_an_error_naming_it() {
     let mut children = paced_cluster(&input, &lake, &h);
     let lost = children.remove(2);
     unsafe { libc::kill(lost.id() as i32, libc::SIGKILL) };
-    let _ = wait_bounded(lost, Duration::from_secs(30), "the killed process");
+    let _ = common::wait_bounded(lost, Duration::from_secs(30), "the killed process");
     let addr2 = h.split(',').nth(2).unwrap().to_string();
     for (i, c) in children.into_iter().enumerate() {
-        let o = wait_bounded(c, Duration::from_secs(60), "a process whose peer was killed");
+        let o = common::wait_bounded(c, Duration::from_secs(60), "a process whose peer was killed");
         let err = stderr(&o);
         assert!(!o.status.success(), "process {i} succeeded without its peer: {err}");
         assert!(
@@ -254,7 +240,7 @@ fn sigterm_drains_every_process_and_leaves_a_whole_lake() {
     }
     let mut total = 0u64;
     for (i, c) in children.into_iter().enumerate() {
-        let o = wait_bounded(c, Duration::from_secs(60), "a process told to stop");
+        let o = common::wait_bounded(c, Duration::from_secs(60), "a process told to stop");
         let err = stderr(&o);
         assert!(o.status.success(), "process {i}: {err}");
         assert!(err.contains("stopping:"), "process {i}: {err}");

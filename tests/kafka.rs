@@ -422,16 +422,9 @@ fn killed_run_resumes_after(name: &str, processes: usize, workers: usize, lost: 
         );
         victim.kill().unwrap();
         victim.wait().unwrap();
-        for (i, mut child) in killed.into_iter().enumerate() {
+        for (i, child) in killed.into_iter().enumerate() {
             let t0 = std::time::Instant::now();
-            while child.try_wait().unwrap().is_none() {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(60),
-                    "a process went on for 60 s without process {lost}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let out = child.wait_with_output().unwrap();
+            let out = common::wait_bounded(child, Duration::from_secs(60), "a process without its peer");
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success(),

@@ -11,6 +11,16 @@ locals {
   account_id     = data.aws_caller_identity.current.account_id
   partition      = data.aws_partition.current.partition
   flow_log_group = "/${var.name_prefix}/vpc-flow-logs"
+
+  # The first statement of every KMS key policy here: the account administers the key (IAM
+  # policies then grant its use).
+  kms_account_admin = {
+    Sid       = "AccountAdministersTheKey"
+    Effect    = "Allow"
+    Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:root" }
+    Action    = "kms:*"
+    Resource  = "*"
+  }
 }
 
 resource "aws_vpc" "main" {
@@ -82,13 +92,7 @@ resource "aws_kms_key" "logs" {
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = [
-      {
-        Sid       = "AccountAdministersTheKey"
-        Effect    = "Allow"
-        Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:root" }
-        Action    = "kms:*"
-        Resource  = "*"
-      },
+      local.kms_account_admin,
       {
         Sid       = "CloudWatchLogsUsesItForTheFlowLogGroupOnly"
         Effect    = "Allow"

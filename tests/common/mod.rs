@@ -6,7 +6,7 @@ pub mod kafka;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// The `fmsflow` binary cargo built for these tests.
@@ -167,4 +167,21 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
         .collect();
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// Waits for `child` at most `limit`; kills it and fails if it is still running then.
+pub fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{what} still running after {limit:?}:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
