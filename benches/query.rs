@@ -74,6 +74,7 @@ fn main() {
             process: 0,
             max_in_flight: 64,
             devices,
+            poll_interval: cfg.collector.interval.0,
         },
         view.clone(),
         status.clone(),

@@ -26,6 +26,8 @@ pub struct CollectOptions {
     pub kafka: KafkaSettings,
     /// Stop after this long (default: until Ctrl-C).
     pub duration: Option<Duration>,
+    /// Serve `/metrics` here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Totals of a collector run.
@@ -94,6 +96,19 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
         opts.poll.devices, opts.poll.base, opts.poll.interval, k.raw_topic, k.brokers
     );
     let started = Instant::now();
+    let metrics_server = match opts.metrics_listen {
+        Some(addr) => match rt.block_on(serve_metrics(addr, opts.poll.devices, producer.delivery.clone())) {
+            Ok(server) => Some(server),
+            // The default address may be another collector's on a shared machine; an address
+            // asked for must be served.
+            Err(e) if addr.to_string() == DEFAULT_METRICS_LISTEN => {
+                eprintln!("fmsflow collect: warning: {e:#}; serving no metrics (set --metrics-listen)");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
     rt.block_on(async {
         let poller = tokio::spawn(poll(
             opts.poll.clone(),
@@ -137,6 +152,9 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
         // The poller returns once the requests in flight have finished and been produced.
         let _ = poller.await;
     });
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     eprintln!("fmsflow collect: stopping; flushing the producer");
     producer
         .flush(Duration::from_secs(60))
@@ -159,4 +177,37 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
         d.last_error().unwrap_or_default()
     );
     Ok(summary)
+}
+
+/// `collector.metrics_listen`'s embedded default.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9101";
+
+/// Binds `addr` and serves the collector's `/metrics` until aborted.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    devices: u32,
+    delivery: Arc<crate::connectors::kafka::Delivery>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("collector.metrics_listen {addr}: cannot listen"))?;
+    let metrics = Arc::new(crate::metrics::CollectorMetrics::new(devices));
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (metrics, delivery) = (metrics.clone(), delivery.clone());
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                    metrics.render(delivery.sent.load(Relaxed), delivery.delivered.load(Relaxed)),
+                )
+            }
+        }),
+    );
+    eprintln!("fmsflow collect: metrics on http://{}/metrics", listener.local_addr()?);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the metrics server stopped");
+        }
+    }))
 }

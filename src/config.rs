@@ -246,6 +246,8 @@ pub struct Engine {
     pub batch: usize,
     /// An hour is sealed once the event-time watermark passes its end plus this grace.
     pub grace: Dur,
+    /// Record the latency, epoch, sink and poll histograms of `/metrics`.
+    pub metrics: bool,
 }
 
 /// `[lake]`
@@ -292,6 +294,7 @@ impl Lake {
     pub fn retry(&self) -> crate::lake::Retry {
         crate::lake::Retry {
             limit: self.retry_for.0,
+            backend: crate::lake::backend_of(&self.url),
             ..crate::lake::Retry::default()
         }
     }
@@ -337,6 +340,8 @@ pub struct Collector {
     pub timeout: Dur,
     /// Retries after a failed request (with backoff).
     pub retries: u32,
+    /// Where `fmsflow collect` serves `/metrics` (`host:port`; empty: nowhere).
+    pub metrics_listen: String,
 }
 
 /// `[sim]`
@@ -422,6 +427,14 @@ impl Config {
         }
         if self.collector.concurrency == 0 {
             return bad("collector.concurrency", "must be at least 1");
+        }
+        if !self.collector.metrics_listen.is_empty()
+            && self.collector.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(
+                "collector.metrics_listen",
+                "must be an address like 0.0.0.0:9101, or \"\" for none",
+            );
         }
         if self.collector.interval.0.is_zero() {
             return bad("collector.interval", "must be longer than 0");

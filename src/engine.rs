@@ -312,17 +312,15 @@ pub fn run(
                     }
                     match rx.recv_timeout(Duration::from_millis(5)) {
                         Ok(r) => {
-                            st.received.fetch_add(1, Relaxed);
-                            input.send(r);
-                            while let Ok(r) = rx.try_recv() {
-                                st.received.fetch_add(1, Relaxed);
-                                input.send(r);
-                            }
+                            buf.push(r);
+                            buf.extend(rx.try_iter());
+                            send(&mut input, &st, &mut buf);
                         }
                         Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
                     worker.step();
+                    timing_done(&probe);
                     if committed_at.elapsed() >= FOLLOW_COMMIT_EVERY {
                         commit_stored(committer, &probe, &st);
                         committed_at = Instant::now();
@@ -337,6 +335,7 @@ pub fn run(
         drop(reports);
         // A failed write holds its epoch for good: stop waiting once the run has failed.
         worker.step_or_park_while(Some(PARK), || !probe.done() && st.error().is_none());
+        timing_done(&probe);
         if let (Some(c), None) = (committer, st.error()) {
             // Every worker has reported its last positions and parts: they are in before its
             // input closed, and the probe is done only after every input closed.
@@ -473,6 +472,9 @@ fn ship_at(
 /// Counts and sends `buf`'s records at the input's current epoch.
 fn send(input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>, st: &Status, buf: &mut Vec<RawRecord>) {
     st.received.fetch_add(buf.len() as u64, Relaxed);
+    if crate::metrics::enabled() && !buf.is_empty() {
+        TIMING.with_borrow_mut(|t| t.sent(*input.time(), buf, crate::clock::wall_ms()));
+    }
     input.send_batch(buf);
     buf.clear();
 }
@@ -480,6 +482,73 @@ fn send(input: &mut timely::dataflow::InputHandleVec<Epoch, RawRecord>, st: &Sta
 /// Works the dataflow until every epoch before `before` is done (or the run failed).
 fn settle(worker: &mut timely::worker::Worker, probe: &ProbeHandle<Epoch>, st: &Status, before: Epoch) {
     worker.step_or_park_while(Some(PARK), || probe.less_than(&before) && st.error().is_none());
+    timing_done(probe);
+}
+
+/// Readings whose ingest time is further back than this (a replay of old records, a
+/// time-compressed demo's clock ahead of the wall) are left out of the latency histogram.
+const LATENCY_RECENT_MS: i64 = 3_600_000;
+/// Ingest times at most this far ahead of this host's clock count as now (clock skew).
+const LATENCY_SKEW_MS: i64 = 5_000;
+/// Readings of one epoch timed at most (the rest of a large epoch is not sampled).
+const LATENCY_PER_EPOCH: usize = 65_536;
+
+/// One worker's epochs in flight: when each got its first input, and the ingest times of
+/// its recent readings, for the epoch-duration and end-to-end latency histograms
+/// (`crate::metrics`).
+#[derive(Default)]
+struct Timing {
+    epochs: std::collections::VecDeque<(Epoch, Instant, Vec<i64>)>,
+}
+
+thread_local! {
+    static TIMING: std::cell::RefCell<Timing> = std::cell::RefCell::default();
+}
+
+impl Timing {
+    /// Notes `records` sent at `epoch`, at wall clock `now_ms`.
+    fn sent(&mut self, epoch: Epoch, records: &[RawRecord], now_ms: i64) {
+        if self.epochs.back().is_none_or(|(e, _, _)| *e != epoch) {
+            self.epochs.push_back((epoch, Instant::now(), Vec::new()));
+        }
+        let Some((_, _, ingest)) = self.epochs.back_mut() else {
+            return;
+        };
+        let room = LATENCY_PER_EPOCH.saturating_sub(ingest.len());
+        ingest.extend(
+            records
+                .iter()
+                .filter_map(|r| r.ingest_ms)
+                .filter(|t| now_ms - t <= LATENCY_RECENT_MS && *t <= now_ms + LATENCY_SKEW_MS)
+                .take(room),
+        );
+    }
+
+    /// Observes the epochs `complete` says are done, at wall clock `now_ms`.
+    fn done(&mut self, complete: impl Fn(Epoch) -> bool, now_ms: i64) {
+        let m = crate::metrics::shared();
+        while let Some((e, _, _)) = self.epochs.front() {
+            if !complete(*e) {
+                break;
+            }
+            let Some((_, opened, ingest)) = self.epochs.pop_front() else {
+                break;
+            };
+            m.epoch_duration.observe(opened.elapsed().as_secs_f64());
+            let latency = m.latency.local();
+            for t in ingest {
+                latency.observe((now_ms - t).max(0) as f64 / 1000.0);
+            }
+            latency.flush();
+        }
+    }
+}
+
+/// Observes this worker's epochs `probe` has passed.
+fn timing_done(probe: &ProbeHandle<Epoch>) {
+    if crate::metrics::enabled() {
+        TIMING.with_borrow_mut(|t| t.done(|e| !probe.less_equal(&e), crate::clock::wall_ms()));
+    }
 }
 
 /// Sends one replay epoch's records, closes the epoch, and works until at most [`AHEAD`]
@@ -611,15 +680,14 @@ fn read_kafka(
                     Err(e) => st.fail(e.to_string()),
                 }
                 in_flight.add(*epoch, read);
-                st.received.fetch_add(buf.len() as u64, Relaxed);
-                input.send_batch(&mut buf);
-                buf.clear();
+                send(input, st, &mut buf);
             }
             worker.step_or_park(if read == 0 {
                 Some(Duration::from_millis(2))
             } else {
                 Some(Duration::ZERO)
             });
+            timing_done(probe);
             if committed_at.elapsed() >= FOLLOW_COMMIT_EVERY {
                 commit_done(&reader, &mut to_commit, false);
                 committed_at = Instant::now();
@@ -948,6 +1016,38 @@ mod tests {
         assert_eq!(follow_ahead(Duration::from_millis(20)), 100);
         assert_eq!(follow_ahead(Duration::from_millis(200)), 10);
         assert_eq!(follow_ahead(Duration::from_secs(5)), AHEAD);
+    }
+
+    #[test]
+    fn timing_observes_epochs_once_done_and_only_recent_readings() {
+        let m = crate::metrics::shared();
+        let (epochs, readings) = (m.epoch_duration.get_sample_count(), m.latency.get_sample_count());
+        let now = 1_800_000_000_000;
+        let rec = |ingest_ms: Option<i64>| RawRecord {
+            payload: Vec::new(),
+            ingest_ms,
+            pos: fmsflow_dataflows::SourcePos { source: 0, offset: 0 },
+        };
+        let mut t = Timing::default();
+        // Recent, a little ahead (skew), none, a day old, far ahead (a compressed clock).
+        let batch = [
+            rec(Some(now - 250)),
+            rec(Some(now + 1_000)),
+            rec(None),
+            rec(Some(now - 86_400_000)),
+            rec(Some(now + 600_000)),
+        ];
+        t.sent(3, &batch, now);
+        t.sent(3, &batch[..1], now);
+        t.sent(4, &batch[..1], now);
+        t.done(|e| e < 4, now + 50);
+        // Other tests record too: at least ours arrived, and epoch 4 is still waiting.
+        assert!(m.epoch_duration.get_sample_count() > epochs);
+        assert!(m.latency.get_sample_count() >= readings + 3);
+        assert_eq!(t.epochs.len(), 1);
+        assert_eq!(t.epochs[0].2, vec![now - 250]);
+        t.done(|_| true, now);
+        assert!(t.epochs.is_empty());
     }
 
     #[test]

@@ -86,6 +86,10 @@ enum Command {
         /// Stop after this long (default: until Ctrl-C).
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
+        /// Serve Prometheus metrics at http://<ADDR>/metrics (host:port; default
+        /// collector.metrics_listen, 127.0.0.1:9101; "" turns it off).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Run the engine: records from files or Kafka, through the dataflow, into the lake (and,
     /// from Kafka, the changelog and dead-letter topics).
@@ -279,7 +283,10 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The process's start time and build, for /metrics.
+    fmsflow::metrics::shared();
     let mut cfg = Config::load(cli.config.as_deref())?;
+    fmsflow::metrics::set_enabled(cfg.engine.metrics);
     match cli.command {
         Command::Demo {
             fast,
@@ -351,7 +358,11 @@ fn real_main() -> anyhow::Result<()> {
             brokers,
             topic,
             duration,
+            metrics_listen,
         } => {
+            if let Some(m) = metrics_listen {
+                cfg.collector.metrics_listen = m;
+            }
             if let Some(b) = brokers {
                 cfg.kafka.brokers = b;
             }
@@ -373,6 +384,15 @@ fn real_main() -> anyhow::Result<()> {
                 },
                 kafka: cfg.kafka.clone(),
                 duration,
+                metrics_listen: (!cfg.collector.metrics_listen.is_empty())
+                    .then(|| cfg.collector.metrics_listen.parse())
+                    .transpose()
+                    .with_context(|| {
+                        format!(
+                            "--metrics-listen {:?}: not an address like 0.0.0.0:9101",
+                            cfg.collector.metrics_listen
+                        )
+                    })?,
             })?;
             println!(
                 "collected: {} produced, {} delivered, {} failed, {} poll errors, {} not JSON",

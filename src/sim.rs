@@ -1,7 +1,9 @@
 //! `fmsflow sim`: the FMS API simulator. `GET /{id}/` for ids 1..=N returns one reading in
 //! exactly the FMS contract; other paths are 404; `/health` answers `ok`; `/stats` reports
 //! how many responses were served and how many of each kind of dirty record, so tests know
-//! the truth.
+//! the truth; `/metrics` has the same as Prometheus series. `PUT /control/silence/{id}`
+//! silences a device (it answers 503 until `DELETE /control/silence/{id}`), to rehearse a
+//! device going quiet.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use fmsflow_dataflows::Rule;
 
@@ -37,6 +39,11 @@ pub struct Sim {
     requests: Vec<AtomicU64>,
     /// Each device's last clean response and its time.
     last_clean: Vec<Mutex<Option<(i64, String)>>>,
+    /// Devices answering 503, by id.
+    silenced: Vec<std::sync::atomic::AtomicBool>,
+    /// 503 answers of silenced devices.
+    silenced_served: AtomicU64,
+    metrics: crate::metrics::SimMetrics,
 }
 
 /// Counts of what the simulator served.
@@ -58,6 +65,9 @@ impl Sim {
             dirty: std::array::from_fn(|_| AtomicU64::new(0)),
             requests: (0..n).map(|_| AtomicU64::new(0)).collect(),
             last_clean: (0..n).map(|_| Mutex::new(None)).collect(),
+            silenced: (0..n).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+            silenced_served: AtomicU64::new(0),
+            metrics: crate::metrics::SimMetrics::new(),
             settings,
         })
     }
@@ -113,6 +123,8 @@ impl Sim {
         Router::new()
             .route("/health", get(|| async { "ok" }))
             .route("/stats", get(stats))
+            .route("/metrics", get(metrics))
+            .route("/control/silence/{id}", put(silence).delete(unsilence))
             .route("/{id}/", get(device))
             .route("/{id}", get(device))
             .with_state(self.clone())
@@ -127,14 +139,71 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     json(serde_json::to_string(&sim.stats()).unwrap_or_default())
 }
 
-async fn device(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
-    match id.parse::<u32>() {
-        Ok(d) if d >= 1 && d <= sim.settings.devices => json(sim.respond(d)),
-        _ => (
-            StatusCode::NOT_FOUND,
-            format!("no device {id:?}; devices are 1..={}\n", sim.settings.devices),
+async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
+    let stats = sim.stats();
+    let dirty: u64 = stats.dirty.values().sum();
+    let silenced = sim.silenced_served.load(Ordering::Relaxed);
+    // In `SIM_KINDS` then `Rule::ALL` order.
+    let counts: Vec<u64> = [stats.served.saturating_sub(dirty), silenced]
+        .into_iter()
+        .chain(
+            Rule::ALL
+                .iter()
+                .map(|r| stats.dirty.get(r.name()).copied().unwrap_or(0)),
         )
-            .into_response(),
+        .collect();
+    let now_silenced = sim.silenced.iter().filter(|s| s.load(Ordering::Relaxed)).count();
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        sim.metrics.render(&counts, now_silenced),
+    )
+        .into_response()
+}
+
+/// The device `id` names, if it is one.
+fn known(sim: &Sim, id: &str) -> Option<u32> {
+    id.parse::<u32>().ok().filter(|d| *d >= 1 && *d <= sim.settings.devices)
+}
+
+fn not_found(sim: &Sim, id: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("no device {id:?}; devices are 1..={}\n", sim.settings.devices),
+    )
+        .into_response()
+}
+
+async fn silence(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
+    set_silenced(&sim, &id, true)
+}
+
+async fn unsilence(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
+    set_silenced(&sim, &id, false)
+}
+
+fn set_silenced(sim: &Sim, id: &str, on: bool) -> Response {
+    match known(sim, id) {
+        Some(d) => {
+            sim.silenced[d as usize].store(on, Ordering::Relaxed);
+            tracing::info!(device = d, silenced = on, "simulator control");
+            format!("device {d} {}\n", if on { "silenced" } else { "answering" }).into_response()
+        }
+        None => not_found(sim, id),
+    }
+}
+
+async fn device(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
+    match known(&sim, &id) {
+        Some(d) if sim.silenced[d as usize].load(Ordering::Relaxed) => {
+            sim.silenced_served.fetch_add(1, Ordering::Relaxed);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "device silenced (PUT/DELETE /control/silence/{id})\n",
+            )
+                .into_response()
+        }
+        Some(d) => json(sim.respond(d)),
+        None => not_found(&sim, &id),
     }
 }
 

@@ -28,8 +28,9 @@ pub struct Status {
     pub rows_written: AtomicU64,
     /// Polls that failed (HTTP error, timeout, connection).
     pub poll_errors: AtomicU64,
-    /// Latest (event time, isFail) per device, indexed by device id (`i64::MIN`: none yet).
-    latest: Mutex<Vec<(i64, bool)>>,
+    /// Latest (event time, isFail, wall-clock ms it arrived) per device, indexed by device
+    /// id (`i64::MIN`: none yet).
+    latest: Mutex<Vec<(i64, bool, i64)>>,
     /// Kafka partitions read here: (position, end as last seen).
     partitions: Mutex<BTreeMap<i32, (i64, Option<i64>)>>,
     /// The first fatal error of a sink, if any.
@@ -40,16 +41,18 @@ impl Status {
     /// Counts accepted readings and tracks each device's latest failure state.
     pub fn on_latest(&self, latest: &[DeviceLatest]) {
         self.valid.fetch_add(latest.iter().map(|l| l.readings).sum(), Relaxed);
+        let now = crate::clock::wall_ms();
         let mut state = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         for l in latest {
             let d = l.device as usize;
             if d >= state.len() {
-                state.resize(d + 1, (i64::MIN, false));
+                state.resize(d + 1, (i64::MIN, false, i64::MIN));
             }
             let e = &mut state[d];
             if l.time_ms >= e.0 {
-                *e = (l.time_ms, l.is_fail);
+                (e.0, e.1) = (l.time_ms, l.is_fail);
             }
+            e.2 = now;
         }
     }
 
@@ -68,9 +71,16 @@ impl Status {
         latest
             .iter()
             .enumerate()
-            .filter(|(_, (_, f))| *f)
+            .filter(|(_, (_, f, _))| *f)
             .map(|(d, _)| d as u32)
             .collect()
+    }
+
+    /// Devices a valid reading arrived from in the last `within_ms` of wall clock.
+    pub fn devices_reporting(&self, within_ms: i64) -> usize {
+        let since = crate::clock::wall_ms() - within_ms;
+        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        latest.iter().filter(|(_, _, seen)| *seen >= since).count()
     }
 
     /// Rejections per rule name.
@@ -122,5 +132,28 @@ impl Status {
     /// The recorded fatal error, if any.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_report_while_their_readings_are_recent() {
+        let s = Status::default();
+        let latest = |device: u32, is_fail: bool| DeviceLatest {
+            device,
+            time_ms: 1,
+            is_fail,
+            metrics: [0.0; 6],
+            readings: 2,
+        };
+        s.on_latest(&[latest(3, false), latest(5, true)]);
+        assert_eq!(s.devices_reporting(60_000), 2);
+        assert_eq!(s.valid.load(Relaxed), 4);
+        assert_eq!(s.failing_devices(), vec![5]);
+        // Arrived "now": none of them within -1 ms.
+        assert_eq!(s.devices_reporting(-1_000), 0);
     }
 }

@@ -318,6 +318,21 @@ pub struct DeviceQuality {
     /// Its counts.
     #[serde(flatten)]
     pub counts: QualityCounts,
+    /// Its valid readings / the readings its polls should have produced (see
+    /// [`QualityAnswer::expected`]); none for device 0.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub availability: Option<f64>,
+}
+
+/// The event-time span of one hour's readings (the whole fleet's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HourSpan {
+    /// The hour (its start, RFC 3339).
+    pub hour: String,
+    /// Earliest reading, ms since the Unix epoch.
+    pub first_ms: i64,
+    /// Latest reading.
+    pub last_ms: i64,
 }
 
 /// `GET /api/v1/quality`
@@ -338,6 +353,14 @@ pub struct QualityAnswer {
     /// With `by_device=N`: the N devices with the most rejections.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub devices: Option<Vec<DeviceQuality>>,
+    /// Readings the polls should have produced over the range, for the fleet (or the
+    /// device): every device polled once per `collector.interval` over each hour's span.
+    pub expected: f64,
+    /// Availability: valid readings / `expected`, the share of expected polls that produced a
+    /// valid reading (1 when nothing was expected).
+    pub availability: f64,
+    /// Each hour's span, behind `expected`: from its earliest to its latest reading.
+    pub spans: Vec<HourSpan>,
 }
 
 impl QualityAnswer {
@@ -349,6 +372,7 @@ impl QualityAnswer {
         device: Option<u32>,
         all: &OutcomeCounts,
         per_device: &BTreeMap<u32, OutcomeCounts>,
+        spans: &BTreeMap<i64, (i64, i64)>,
     ) -> Self {
         QualityAnswer {
             as_of,
@@ -362,15 +386,59 @@ impl QualityAnswer {
                     .map(|(d, c)| DeviceQuality {
                         device: *d,
                         counts: QualityCounts::of(c),
+                        availability: None,
                     })
                     .collect()
             }),
+            expected: 0.0,
+            availability: 1.0,
+            spans: spans
+                .iter()
+                .map(|(h, (first_ms, last_ms))| HourSpan {
+                    hour: format_rfc3339(h * HOUR_MS),
+                    first_ms: *first_ms,
+                    last_ms: *last_ms,
+                })
+                .collect(),
+        }
+    }
+
+    /// Works out `expected` and the availabilities, for `devices` devices (the fleet, or 1
+    /// with `device`) polled every `interval_ms`.
+    pub fn rate(&mut self, devices: u32, interval_ms: i64) {
+        let per_device: f64 = self
+            .spans
+            .iter()
+            .map(|s| ((s.last_ms - s.first_ms).max(0) / interval_ms.max(1) + 1) as f64)
+            .sum();
+        let ratio = |valid: i64, expected: f64| if expected > 0.0 { valid as f64 / expected } else { 1.0 };
+        self.expected = per_device * devices as f64;
+        self.availability = ratio(self.counts.valid, self.expected);
+        for d in self.devices.iter_mut().flatten() {
+            d.availability = (d.device != 0).then(|| ratio(d.counts.valid, per_device));
         }
     }
 
     /// Adds a peer's share.
     pub fn merge(&mut self, peer: QualityAnswer) {
         self.counts.merge(&peer.counts);
+        let mut spans: BTreeMap<String, (i64, i64)> = self
+            .spans
+            .drain(..)
+            .map(|s| (s.hour, (s.first_ms, s.last_ms)))
+            .collect();
+        for s in peer.spans {
+            let e = spans.entry(s.hour).or_insert((s.first_ms, s.last_ms));
+            *e = (e.0.min(s.first_ms), e.1.max(s.last_ms));
+        }
+        self.spans = spans
+            .into_iter()
+            .map(|(hour, (first_ms, last_ms))| HourSpan {
+                hour,
+                first_ms,
+                last_ms,
+            })
+            .collect();
         if let Some(theirs) = peer.devices {
             let mine = self.devices.get_or_insert_with(Vec::new);
             let mut by: BTreeMap<u32, QualityCounts> = mine.drain(..).map(|d| (d.device, d.counts)).collect();
@@ -379,7 +447,11 @@ impl QualityAnswer {
             }
             *mine = by
                 .into_iter()
-                .map(|(device, counts)| DeviceQuality { device, counts })
+                .map(|(device, counts)| DeviceQuality {
+                    device,
+                    counts,
+                    availability: None,
+                })
                 .collect();
         }
     }
@@ -471,5 +543,55 @@ impl StatusAnswer {
         }
         self.processes.extend(peer.processes);
         self.processes.sort_by_key(|p| p.process);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn availability_is_valid_readings_over_the_polls_each_hours_span_asked_for() {
+        let as_of = AsOf {
+            epoch: 1,
+            complete: true,
+            processes: 1,
+        };
+        let counts = |valid: i64, bad: i64| {
+            OutcomeCounts::from([
+                (Outcome::Valid, valid),
+                (Outcome::Rejected(fmsflow_dataflows::Rule::OutOfRange), bad),
+            ])
+        };
+        let per_device = BTreeMap::from([(1, counts(50, 1)), (2, counts(40, 0)), (0, counts(0, 3))]);
+        // Hour 10: 10 minutes of readings; hour 11: 4:50 of them (polled every 10 s).
+        let spans = BTreeMap::from([
+            (10, (10 * HOUR_MS, 10 * HOUR_MS + 600_000)),
+            (11, (11 * HOUR_MS, 11 * HOUR_MS + 290_000)),
+        ]);
+        let mut q = QualityAnswer::new(as_of.clone(), 10, 12, None, &counts(90, 4), &per_device, &spans);
+        q.rate(2, 10_000);
+        // 61 + 30 polls per device.
+        assert_eq!(q.expected, 182.0);
+        assert!((q.availability - 90.0 / 182.0).abs() < 1e-12);
+        let devices = q.devices.as_ref().unwrap();
+        let of = |d: u32| devices.iter().find(|x| x.device == d).unwrap().availability;
+        assert_eq!(of(0), None);
+        assert!((of(1).unwrap() - 50.0 / 91.0).abs() < 1e-12);
+        // A peer's spans widen the hours they share.
+        let mut peer = QualityAnswer::new(
+            as_of,
+            10,
+            12,
+            None,
+            &counts(10, 0),
+            &BTreeMap::new(),
+            &BTreeMap::from([(11, (11 * HOUR_MS, 11 * HOUR_MS + 590_000))]),
+        );
+        peer.rate(2, 10_000);
+        q.merge(peer);
+        q.rate(2, 10_000);
+        assert_eq!(q.expected, 2.0 * (61.0 + 60.0));
+        assert_eq!(q.counts.valid, 100);
     }
 }

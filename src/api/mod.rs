@@ -59,6 +59,8 @@ pub struct ApiSettings {
     pub max_in_flight: usize,
     /// Devices are 1..=devices.
     pub devices: u32,
+    /// `collector.interval`: every device is polled this often (for availability).
+    pub poll_interval: std::time::Duration,
 }
 
 /// Errors starting the API.
@@ -136,6 +138,7 @@ pub fn start(settings: ApiSettings, view: Arc<LiveView>, status: Arc<Status>) ->
         .pool_max_idle_per_host(16)
         .build()
         .map_err(|e| bind_err(format!("HTTP client: {e}")))?;
+    let metrics = Metrics::new(settings.devices);
     let api = Arc::new(Api {
         view,
         status,
@@ -143,7 +146,7 @@ pub fn start(settings: ApiSettings, view: Arc<LiveView>, status: Arc<Status>) ->
         settings,
         client,
         started: Instant::now(),
-        metrics: Metrics::new(),
+        metrics,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -232,11 +235,7 @@ async fn observe(State(api): State<Arc<Api>>, req: Request, next: Next) -> Respo
 /// Prometheus's text format: this process's metrics (see `crate::metrics`).
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
     let body = api.metrics.render(&api.status, Some(&api.view));
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// The dashboard's files, in the binary (the machines it runs on are offline).
@@ -762,8 +761,12 @@ async fn quality(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, St
     let newest = api.view.watermark(ctx.as_of).map(|w| w.div_euclid(HOUR_MS));
     let (from, to) = p.hours(newest)?;
     let (view, as_of, per_device) = (api.view.clone(), ctx.as_of, by_device.is_some());
-    let (all, per_device) = off_thread(move || view.quality(as_of, from, to, device, per_device)).await?;
-    let mut answer = QualityAnswer::new(api.as_of(&ctx), from, to, device, &all, &per_device);
+    let (all, per_device, spans) = off_thread(move || {
+        let (all, per_device) = view.quality(as_of, from, to, device, per_device);
+        (all, per_device, view.spans(as_of, from, to))
+    })
+    .await?;
+    let mut answer = QualityAnswer::new(api.as_of(&ctx), from, to, device, &all, &per_device, &spans);
     let resolved = [("from", answer.from.clone()), ("to", answer.to.clone())];
     for peer in api
         .peers::<QualityAnswer>(&ctx, "/api/v1/quality", &p, &resolved)
@@ -775,6 +778,8 @@ async fn quality(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, St
     if !ctx.local {
         answer.finish(by_device);
     }
+    let devices = if device.is_some() { 1 } else { api.settings.devices };
+    answer.rate(devices, api.settings.poll_interval.as_millis() as i64);
     Ok(axum::Json(answer))
 }
 
@@ -798,6 +803,7 @@ pub fn settings_from(cfg: &crate::config::Config, listen: String, process: usize
         process,
         max_in_flight: cfg.api.max_in_flight,
         devices,
+        poll_interval: cfg.collector.interval.0,
     }
 }
 

@@ -326,6 +326,26 @@ impl LiveView {
         .collect()
     }
 
+    /// Each hour of `from..to` with readings, and the event times of its earliest and latest
+    /// reading, as of `as_of`.
+    pub fn spans(&self, as_of: Epoch, from: i64, to: i64) -> BTreeMap<i64, (i64, i64)> {
+        let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for shard in self.read(|s| {
+            let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+            for ((h, _), v) in s.hourly.range((from, 0)..(to, 0)) {
+                if let Some(st) = v.at(as_of) {
+                    merge_span(&mut spans, *h, (st.first_ms, st.last_ms));
+                }
+            }
+            spans
+        }) {
+            for (h, span) in shard {
+                merge_span(&mut spans, h, span);
+            }
+        }
+        spans
+    }
+
     /// Quality counts over the hours `from..to`: in all, and (with `per_device`) by device.
     pub fn quality(
         &self,
@@ -385,10 +405,38 @@ impl LiveView {
         (all, by_device)
     }
 
+    /// Each device's quality (valid / records) over the last [`QUALITY_HOURS`] hours up to
+    /// the watermark's, as of `as_of` (records of unknown devices left out).
+    pub fn device_quality_ratios(&self, as_of: Epoch) -> Vec<f64> {
+        let Some(w) = self.watermark(as_of) else {
+            return Vec::new();
+        };
+        let to = w.div_euclid(HOUR_MS) + 1;
+        let (_, by_device) = self.quality(as_of, to - QUALITY_HOURS, to, None, true);
+        by_device
+            .into_iter()
+            .filter(|(d, _)| *d != 0)
+            .filter_map(|(_, counts)| {
+                let total: i64 = counts.values().sum();
+                let valid = counts.get(&Outcome::Valid).copied().unwrap_or(0);
+                (total > 0).then(|| valid as f64 / total as f64)
+            })
+            .collect()
+    }
+
     /// The largest accepted event time as of `as_of`.
     pub fn watermark(&self, as_of: Epoch) -> Option<i64> {
         self.read(|s| s.watermark.at(as_of)).into_iter().flatten().max()
     }
+}
+
+/// The hours of each device's quality in `/metrics` (`fmsflow_devices_by_quality`).
+pub const QUALITY_HOURS: i64 = 24;
+
+/// Widens hour `h`'s span in `spans` to cover `span`.
+pub fn merge_span(spans: &mut BTreeMap<i64, (i64, i64)>, h: i64, span: (i64, i64)) {
+    let e = spans.entry(h).or_insert(span);
+    *e = (e.0.min(span.0), e.1.max(span.1));
 }
 
 /// Mirrors this worker's share of `out`'s aggregates into `view`'s shard `local`.

@@ -68,6 +68,7 @@ pub async fn poll(
                 .interval
                 .mul_f64(((d as u64 - 1) as f64 + 0.5 * unit(mix(round, d as u64, 3))) / n as f64);
             tokio::time::sleep_until(round_start + slot).await;
+            crate::metrics::shared().polls_expected.inc();
             let Ok(permit) = limit.clone().acquire_owned().await else {
                 return;
             };
@@ -84,8 +85,16 @@ pub async fn poll(
                 let _permit = permit;
                 let url = format!("{}/{d}/", settings.base.trim_end_matches('/'));
                 let mut backoff = Duration::from_millis(50);
+                let metrics = crate::metrics::shared();
                 for attempt in 0..=settings.retries {
-                    match fetch(&client, &url).await {
+                    let asked = Instant::now();
+                    let answer = fetch(&client, &url).await;
+                    let class = match &answer {
+                        Ok(_) => "2xx",
+                        Err((class, _)) => class,
+                    };
+                    metrics.poll(class, asked.elapsed().as_secs_f64());
+                    match answer {
                         Ok(body) => {
                             let offset = seq.fetch_add(1, Ordering::Relaxed);
                             let raw = RawRecord {
@@ -96,7 +105,7 @@ pub async fn poll(
                             deliver(d, raw);
                             return;
                         }
-                        Err(e) => {
+                        Err((_, e)) => {
                             status.poll_errors.fetch_add(1, Ordering::Relaxed);
                             let mut last = last_log.lock().unwrap_or_else(|e| e.into_inner());
                             if last.elapsed() > Duration::from_secs(5) {
@@ -118,11 +127,18 @@ pub async fn poll(
     let _ = limit.acquire_many(settings.concurrency as u32).await;
 }
 
-async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
-    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+/// One request: the body, or the outcome's class (`crate::metrics::POLL_CLASSES`) and why.
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, (&'static str, String)> {
+    let failed = |e: reqwest::Error| (if e.is_timeout() { "timeout" } else { "error" }, e.to_string());
+    let resp = client.get(url).send().await.map_err(failed)?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(format!("HTTP {status}"));
+        let class = match status.as_u16() {
+            500.. => "5xx",
+            400.. => "4xx",
+            _ => "error",
+        };
+        return Err((class, format!("HTTP {status}")));
     }
-    resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+    resp.bytes().await.map(|b| b.to_vec()).map_err(failed)
 }

@@ -254,19 +254,25 @@ impl ClientContext for LogContext {
 impl rdkafka::consumer::ConsumerContext for LogContext {}
 
 impl ProducerContext for DeliveryContext {
-    /// The engine's sinks pass a ticket, finished when the record is acknowledged.
-    type DeliveryOpaque = Box<Option<Ticket>>;
-    fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Option<Ticket>>) {
+    /// The engine's sinks pass a ticket, finished when the record is acknowledged, and the
+    /// time it was sent (for the `kafka` sink's write latency).
+    type DeliveryOpaque = Box<(Instant, Option<Ticket>)>;
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Box<(Instant, Option<Ticket>)>) {
+        let (sent, ticket) = *opaque;
+        let metrics = crate::metrics::shared();
         match result {
             Ok(_) => {
                 self.0.delivered.fetch_add(1, Relaxed);
-                if let Some(t) = *ticket {
+                if let Some(t) = ticket {
+                    metrics.sink_write("kafka", sent.elapsed().as_secs_f64(), 0);
                     t.finish();
                 }
             }
             Err((e, m)) => {
                 self.0.failed.fetch_add(1, Relaxed);
-                if let Some(t) = *ticket {
+                metrics.produce_errors.inc();
+                if let Some(t) = ticket {
+                    metrics.sink_error("kafka");
                     t.fail(format!("a record to {:?} could not be delivered: {e}", m.topic()));
                 }
                 let mut last = self.0.last_error.lock().unwrap_or_else(|e| e.into_inner());
@@ -330,7 +336,10 @@ impl KafkaProducer {
         headers: Option<OwnedHeaders>,
         ticket: Option<Ticket>,
     ) -> Result<(), KafkaConnError> {
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(ticket))
+        if ticket.is_some() {
+            crate::metrics::shared().sink_write_bytes("kafka", key.len() + payload.len());
+        }
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new((Instant::now(), ticket)))
             .key(key)
             .payload(payload);
         if let Some(ts) = timestamp_ms {
@@ -359,7 +368,9 @@ impl KafkaProducer {
                 }
                 Err((e, r)) => {
                     let err = client_err(format!("producing to {topic:?}"))(e);
-                    if let Some(t) = *r.delivery_opaque {
+                    crate::metrics::shared().produce_errors.inc();
+                    if let Some(t) = r.delivery_opaque.1 {
+                        crate::metrics::shared().sink_error("kafka");
                         t.fail(err.to_string());
                     }
                     return Err(err);

@@ -272,6 +272,9 @@ impl Storage for HdfsStorage {
         }
     }
 
+    fn backend(&self) -> &'static str {
+        "hdfs"
+    }
     fn describe(&self) -> String {
         format!("HDFS folder {} on {}", self.base, self.namenode)
     }

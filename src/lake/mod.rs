@@ -66,6 +66,10 @@ pub trait Storage: Send + Sync {
     fn delete(&self, key: &str) -> Result<(), LakeError>;
     /// A human description (for logs).
     fn describe(&self) -> String;
+    /// The backend, as the metrics' `backend` label names it.
+    fn backend(&self) -> &'static str {
+        "file"
+    }
     /// Deletes what writes of processes that died mid-write left behind (their temporary
     /// files); how many. Writes in progress are left alone.
     fn sweep_abandoned(&self) -> Result<usize, LakeError> {
@@ -100,26 +104,81 @@ pub fn open(url: &str, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LakeEr
         url: url.to_string(),
         problem: problem.to_string(),
     };
-    match url.split_once("://") {
-        Some(("file", path)) if !path.is_empty() => Ok(Arc::new(local::LocalStorage::new(path.into(), opts.fsync))),
-        Some(("file", _)) => Err(err("needs a path, e.g. file://./fmsflow-lake or file:///data/lake")),
+    let storage: Arc<dyn Storage> = match url.split_once("://") {
+        Some(("file", path)) if !path.is_empty() => Arc::new(local::LocalStorage::new(path.into(), opts.fsync)),
+        Some(("file", _)) => return Err(err("needs a path, e.g. file://./fmsflow-lake or file:///data/lake")),
         Some(("s3", rest)) => {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            Ok(Arc::new(s3::S3Storage::open(bucket, prefix, &opts.s3)?))
+            Arc::new(s3::S3Storage::open(bucket, prefix, &opts.s3)?)
         }
         #[cfg(feature = "hdfs")]
-        Some(("hdfs", _)) => Ok(Arc::new(hdfs::HdfsStorage::open(url)?)),
+        Some(("hdfs", _)) => Arc::new(hdfs::HdfsStorage::open(url)?),
         #[cfg(not(feature = "hdfs"))]
         Some(("hdfs", _)) => Err(err(
             "this fmsflow was built without HDFS; build it with `cargo build --release --features hdfs` \
              (needs a JDK), or use file:// or s3://",
         )),
-        Some((scheme, _)) => Err(err(&format!(
-            "unknown scheme `{scheme}`; use file://, s3:// or hdfs://"
-        ))),
-        None => Err(err(
-            "is not a URL; use file://<path>, s3://<bucket>/<prefix> or hdfs://<host>:<port>/<path>",
-        )),
+        Some((scheme, _)) => {
+            return Err(err(&format!(
+                "unknown scheme `{scheme}`; use file://, s3:// or hdfs://"
+            )))
+        }
+        None => {
+            return Err(err(
+                "is not a URL; use file://<path>, s3://<bucket>/<prefix> or hdfs://<host>:<port>/<path>",
+            ))
+        }
+    };
+    Ok(Arc::new(Instrumented(storage)))
+}
+
+/// The metrics' `backend` label of a lake URL.
+pub fn backend_of(url: &str) -> &'static str {
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("s3") => "s3",
+        Some("hdfs") => "hdfs",
+        _ => "file",
+    }
+}
+
+/// A storage whose operations are timed and counted in the `fmsflow_sink_*` metrics.
+struct Instrumented(Arc<dyn Storage>);
+
+impl Instrumented {
+    fn counted<T>(&self, r: Result<T, LakeError>) -> Result<T, LakeError> {
+        if r.is_err() {
+            crate::metrics::shared().sink_error(self.0.backend());
+        }
+        r
+    }
+}
+
+impl Storage for Instrumented {
+    fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
+        let started = std::time::Instant::now();
+        let r = self.counted(self.0.put_atomic(key, bytes));
+        if r.is_ok() {
+            crate::metrics::shared().sink_write(self.0.backend(), started.elapsed().as_secs_f64(), bytes.len());
+        }
+        r
+    }
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
+        self.counted(self.0.get(key))
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
+        self.counted(self.0.list(prefix))
+    }
+    fn delete(&self, key: &str) -> Result<(), LakeError> {
+        self.counted(self.0.delete(key))
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    fn sweep_abandoned(&self) -> Result<usize, LakeError> {
+        self.counted(self.0.sweep_abandoned())
     }
 }
 
@@ -150,6 +209,8 @@ pub struct Retry {
     pub limit: std::time::Duration,
     /// The first pause.
     pub first: std::time::Duration,
+    /// The storage's backend, for the retries metric.
+    pub backend: &'static str,
 }
 
 impl Retry {
@@ -162,6 +223,7 @@ impl Retry {
             std::time::Duration::from_secs(30),
             LakeError::retryable,
             |e, pause, failing| {
+                crate::metrics::shared().sink_retry(self.backend);
                 tracing::warn!(
                     "lake: {what} failed, retrying in {pause:?} (failing for {failing:?} of at most {:?}): {e}",
                     self.limit
@@ -177,6 +239,7 @@ impl Default for Retry {
         Retry {
             limit: std::time::Duration::from_secs(600),
             first: std::time::Duration::from_secs(1),
+            backend: "file",
         }
     }
 }
@@ -185,10 +248,13 @@ impl LakeWriter {
     /// A writer over `storage`, with one writer thread per engine worker.
     pub fn new(storage: Arc<dyn Storage>, row_group_rows: usize) -> Self {
         LakeWriter {
+            retry: Retry {
+                backend: storage.backend(),
+                ..Retry::default()
+            },
             storage,
             row_group_rows,
             writers: 1,
-            retry: Retry::default(),
             device_partitions: false,
             keep_replaced: std::time::Duration::ZERO,
         }
@@ -559,6 +625,7 @@ mod tests {
         let retry = |limit_ms| Retry {
             limit: std::time::Duration::from_millis(limit_ms),
             first: std::time::Duration::from_millis(10),
+            backend: "file",
         };
         // Three failures (pauses of 10, 20 and 40 ms) fit in a limit of 1 s.
         let storage = flaky(3);

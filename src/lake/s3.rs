@@ -308,6 +308,9 @@ impl Storage for S3Storage {
             .map_err(|e| s3_error("deleting", format!("s3://{}/{full}", self.bucket), e))
     }
 
+    fn backend(&self) -> &'static str {
+        "s3"
+    }
     fn describe(&self) -> String {
         format!("S3 bucket {} under {:?} at {}", self.bucket, self.prefix, self.endpoint)
     }
