@@ -3,7 +3,10 @@
 //! (or `scripts/bench`). Size with `FMSFLOW_BENCH_HOURS` (default 28 hours × 100 devices ×
 //! 360 readings = 1,008,000 readings) and `FMSFLOW_BENCH_BATCH` (records per worker per epoch,
 //! default 50,000) and `FMSFLOW_BENCH_WRITERS` (lake writer threads per worker, default 1 as
-//! in the configuration).
+//! in the configuration). `FMSFLOW_BENCH_METRICS`: `on` (the default, as `engine.metrics`),
+//! `off` (`engine.metrics = false`), or `recent`: every reading stamped as ingested now, so
+//! each one's end-to-end latency is kept and observed (the live path's cost; the replay's
+//! 2025 stamps are too old to count), with `rules.max_age` lifted so none is stale.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -72,10 +75,21 @@ fn main() {
         env_or("FMSFLOW_BENCH_BATCH", 50_000),
         env_or("FMSFLOW_BENCH_WRITERS", 1),
     );
-    let data = Arc::new(records(hours));
+    let metrics = std::env::var("FMSFLOW_BENCH_METRICS").unwrap_or_else(|_| "on".into());
+    fmsflow::metrics::set_enabled(metrics != "off");
+    let mut flow = FlowConfig::default();
+    let mut data = records(hours);
+    if metrics == "recent" {
+        let now = fmsflow::clock::wall_ms();
+        for r in &mut data {
+            r.ingest_ms = Some(now);
+        }
+        flow.rules.max_age_ms = i64::MAX / 4;
+    }
+    let data = Arc::new(data);
     let n = data.len();
     println!(
-        "fmsflow pipeline benchmark: {n} generated readings ({hours} hours x 100 devices), {} cores",
+        "fmsflow pipeline benchmark: {n} generated readings ({hours} hours x 100 devices), {} cores, metrics {metrics}",
         std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
     );
 
@@ -126,7 +140,7 @@ fn main() {
             });
             let status = Arc::new(Status::default());
             let settings = EngineSettings {
-                flow: FlowConfig::default(),
+                flow: flow.clone(),
                 workers,
                 batch,
                 epoch: Duration::from_millis(200),

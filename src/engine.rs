@@ -492,6 +492,10 @@ const LATENCY_RECENT_MS: i64 = 3_600_000;
 const LATENCY_SKEW_MS: i64 = 5_000;
 /// Readings of one epoch timed at most (the rest of a large epoch is not sampled).
 const LATENCY_PER_EPOCH: usize = 65_536;
+/// Readings timed at most per batch sent: a larger batch (a replay, a backlog) is sampled
+/// evenly, so the histogram costs a fast replay almost nothing; live batches are smaller
+/// and every reading of them is timed.
+const LATENCY_PER_BATCH: usize = 256;
 
 /// One worker's epochs in flight: when each got its first input, and the ingest times of
 /// its recent readings, for the epoch-duration and end-to-end latency histograms
@@ -515,9 +519,11 @@ impl Timing {
             return;
         };
         let room = LATENCY_PER_EPOCH.saturating_sub(ingest.len());
+        let stride = records.len().div_ceil(LATENCY_PER_BATCH).max(1);
         ingest.extend(
             records
                 .iter()
+                .step_by(stride)
                 .filter_map(|r| r.ingest_ms)
                 .filter(|t| now_ms - t <= LATENCY_RECENT_MS && *t <= now_ms + LATENCY_SKEW_MS)
                 .take(room),

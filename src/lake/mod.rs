@@ -114,10 +114,12 @@ pub fn open(url: &str, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LakeEr
         #[cfg(feature = "hdfs")]
         Some(("hdfs", _)) => Arc::new(hdfs::HdfsStorage::open(url)?),
         #[cfg(not(feature = "hdfs"))]
-        Some(("hdfs", _)) => Err(err(
-            "this fmsflow was built without HDFS; build it with `cargo build --release --features hdfs` \
-             (needs a JDK), or use file:// or s3://",
-        )),
+        Some(("hdfs", _)) => {
+            return Err(err(
+                "this fmsflow was built without HDFS; build it with `cargo build --release --features hdfs` \
+                 (needs a JDK), or use file:// or s3://",
+            ))
+        }
         Some((scheme, _)) => {
             return Err(err(&format!(
                 "unknown scheme `{scheme}`; use file://, s3:// or hdfs://"
