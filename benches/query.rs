@@ -73,6 +73,8 @@ fn main() {
             peers: Vec::new(),
             process: 0,
             max_in_flight: 64,
+            // The benchmark's client is one address asking as fast as it can.
+            rate_limit: 0.0,
             devices,
             poll_interval: cfg.collector.interval.0,
         },

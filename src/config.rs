@@ -21,6 +21,50 @@ pub enum ConfigError {
     /// A value that parses but makes no sense.
     #[error("invalid configuration: `{field}` {problem}")]
     Value { field: &'static str, problem: String },
+    /// A file holding a secret that every user of the machine can read.
+    #[error(
+        "config file {path} holds the secret `{key}` and every user can read it (mode {mode:o}): \
+         `chmod 600 {path}` (or 640 with a group of the service), or leave `{key}` out of the file \
+         and set {env} instead"
+    )]
+    Exposed {
+        path: String,
+        key: &'static str,
+        env: &'static str,
+        mode: u32,
+    },
+}
+
+/// The settings that are secrets: (key, section, name, environment variable).
+const SECRETS: [(&str, &str, &str, &str); 1] = [("api.token", "api", "token", "FMSFLOW_API__TOKEN")];
+
+/// Refuses a config file that holds a secret and is readable by every user.
+fn check_secrets_private(path: &Path, text: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(table) = text.parse::<toml::Table>() else {
+        // Syntax errors are reported, with their place, by the parse that follows.
+        return Ok(());
+    };
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0);
+    if mode & 0o004 == 0 {
+        return Ok(());
+    }
+    for (key, section, name, env) in SECRETS {
+        let set = table
+            .get(section)
+            .and_then(|t| t.get(name))
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| !v.is_empty());
+        if set {
+            return Err(ConfigError::Exposed {
+                path: path.display().to_string(),
+                key,
+                env,
+                mode: mode & 0o777,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A duration written as `250ms`, `10s`, `5m`, `6h` or `1d`.
@@ -189,6 +233,8 @@ pub struct Api {
     pub peers: Vec<String>,
     /// Queries answered at once by one process.
     pub max_in_flight: usize,
+    /// Requests a second one client address may make (0: no limit).
+    pub rate_limit: f64,
     /// Hours the live view keeps behind the newest.
     pub keep_hours: u32,
 }
@@ -364,13 +410,14 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         let file = match path {
-            Some(p) => Some((
-                p.display().to_string(),
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.display().to_string(),
                     source,
-                })?,
-            )),
+                })?;
+                check_secrets_private(p, &text)?;
+                Some((p.display().to_string(), text))
+            }
             None => None,
         };
         Config::from_sources(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), &env)
@@ -461,6 +508,12 @@ impl Config {
         }
         if self.api.max_in_flight == 0 {
             return bad("api.max_in_flight", "must be at least 1");
+        }
+        if !(self.api.rate_limit >= 0.0 && self.api.rate_limit.is_finite()) {
+            return bad(
+                "api.rate_limit",
+                "must be a number of requests a second, 0 or more (0: no limit)",
+            );
         }
         if self.api.keep_hours == 0 {
             return bad("api.keep_hours", "must be at least 1");
@@ -612,6 +665,28 @@ mod tests {
             .to_string();
         assert!(e.contains("laek"), "{e}");
         assert!(Config::from_sources(None, &env(&[("FMSFLOW_LOG", "debug"), ("FMSFLOW_PYTHON", "python3")])).is_ok());
+    }
+
+    #[test]
+    fn a_file_with_a_secret_must_not_be_readable_by_everyone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fmsflow.toml");
+        let chmod = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::write(&path, "[api]\ntoken = \"s3cret\"\n").unwrap();
+        chmod(0o644);
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            e.contains("api.token") && e.contains("chmod 600") && e.contains("644"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "the error must not show the secret: {e}");
+        chmod(0o640);
+        assert_eq!(Config::load(Some(&path)).unwrap().api.token, "s3cret");
+        // No secret in it: any mode will do.
+        std::fs::write(&path, "[fleet]\ndevices = 5\n").unwrap();
+        chmod(0o644);
+        assert_eq!(Config::load(Some(&path)).unwrap().fleet.devices, 5);
     }
 
     #[test]

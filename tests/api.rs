@@ -134,6 +134,9 @@ fn start(files: &[PathBuf], processes: usize, workers: usize, env: &[(&str, &str
                 .args(["--lake", &format!("file://{}", dir.path().join("lake").display())])
                 .args(["--workers", &workers.to_string()])
                 .args(["--http", urls[i].trim_start_matches("http://"), "--keep-serving"])
+                // These tests ask as fast as they can from one address; the rate limit has
+                // a test of its own, which sets it.
+                .env("FMSFLOW_API__RATE_LIMIT", "0")
                 .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());
@@ -697,4 +700,48 @@ fn the_query_command_prints_tables_and_json() {
     let (okay, _, err) = query(&["latest", "999"]);
     assert!(!okay);
     assert!(err.contains("404") && err.contains("unknown device 999"), "{err}");
+}
+
+/// One raw request (`head` holds the request line and headers, without the blank line): the
+/// status and the `Retry-After` header.
+fn raw_request(hostport: &str, head: &str) -> (u16, Option<String>) {
+    let mut s = TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "{head}\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let retry = text.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after:")
+            .map(|v| v.trim().to_string())
+    });
+    (status, retry)
+}
+
+#[test]
+fn long_targets_bodies_and_clients_over_the_rate_limit_are_turned_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_input(dir.path(), 3, 1, 1);
+    let e = start(&files, 1, 1, &[("FMSFLOW_API__RATE_LIMIT", "1")], None);
+    let hostport = e.urls[0].trim_start_matches("http://").to_string();
+    // A request target over 4 KiB: 414, whatever the rate.
+    let long = format!("GET /api/v1/status?x={} HTTP/1.1", "a".repeat(5000));
+    assert_eq!(raw_request(&hostport, &long).0, 414);
+    // A body: 413 (the API takes none).
+    let body = "GET /api/v1/status HTTP/1.1\r\nContent-Length: 4096";
+    assert_eq!(raw_request(&hostport, body).0, 413);
+    // 1 a second in bursts of 2: 30 requests in a row take far less than 28 s, so some get
+    // 429 with Retry-After.
+    let answers: Vec<(u16, Option<String>)> = (0..30)
+        .map(|_| raw_request(&hostport, "GET /api/v1/status HTTP/1.1"))
+        .collect();
+    assert!(answers.iter().any(|(s, _)| *s == 200), "{answers:?}");
+    let limited = answers.iter().find(|(s, _)| *s == 429);
+    assert_eq!(limited.map(|(_, r)| r.as_deref()), Some(Some("1")), "{answers:?}");
+    // The bucket refills (a turned-away request takes no token): the client is answered again.
+    common::wait_for("an answer after the refill", Duration::from_secs(10), || {
+        raw_request(&hostport, "GET /api/v1/status HTTP/1.1").0 == 200
+    });
 }

@@ -57,6 +57,9 @@ pub struct ApiSettings {
     pub process: usize,
     /// Queries answered at once; more get 503 with `Retry-After`.
     pub max_in_flight: usize,
+    /// Requests a second one client address may make (bursts of twice as many); more get
+    /// 429 with `Retry-After`. 0: no limit.
+    pub rate_limit: f64,
     /// Devices are 1..=devices.
     pub devices: u32,
     /// `collector.interval`: every device is polled this often (for availability).
@@ -107,6 +110,65 @@ struct Api {
     limit: Arc<Semaphore>,
     started: Instant,
     metrics: Metrics,
+    clients: RateLimit,
+}
+
+/// Longest request target (path and query) the API reads; longer gets 414.
+const MAX_URI: usize = 4096;
+/// Largest request body the API accepts (it takes none); larger gets 413.
+const MAX_BODY: u64 = 1024;
+/// Client addresses the rate limit remembers before it forgets the idle ones.
+const MAX_CLIENTS: usize = 10_000;
+
+/// Per-client token buckets: `rate` requests a second, bursts of twice that. The cluster's
+/// own processes (the addresses of `api.peers`) are not limited: a query fans out to them.
+struct RateLimit {
+    rate: f64,
+    peers: std::collections::HashSet<std::net::IpAddr>,
+    clients: std::sync::Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimit {
+    fn new(rate: f64, peers: &[String]) -> Self {
+        use std::net::ToSocketAddrs;
+        let peers = peers
+            .iter()
+            .filter_map(|u| {
+                u.split("://")
+                    .nth(1)
+                    .map(|r| r.split('/').next().unwrap_or(r).to_string())
+            })
+            .filter_map(|hostport| hostport.to_socket_addrs().ok())
+            .flatten()
+            .map(|a| a.ip())
+            .collect();
+        RateLimit {
+            rate,
+            peers,
+            clients: Default::default(),
+        }
+    }
+
+    /// Takes a token of `client`'s bucket, if it has one.
+    fn allow(&self, client: std::net::IpAddr) -> bool {
+        if self.rate <= 0.0 || self.peers.contains(&client) {
+            return true;
+        }
+        let (now, burst) = (Instant::now(), (2.0 * self.rate).max(1.0));
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients.len() >= MAX_CLIENTS {
+            clients.retain(|_, (_, seen)| now.duration_since(*seen) < Duration::from_secs(60));
+        }
+        let (tokens, seen) = clients.entry(client).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*seen).as_secs_f64() * self.rate).min(burst);
+        *seen = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Starts the API on its own thread (and runtime, so a busy engine or a slow peer never
@@ -139,6 +201,7 @@ pub fn start(settings: ApiSettings, view: Arc<LiveView>, status: Arc<Status>) ->
         .build()
         .map_err(|e| bind_err(format!("HTTP client: {e}")))?;
     let metrics = Metrics::new(settings.devices);
+    let clients = RateLimit::new(settings.rate_limit, &settings.peers);
     let api = Arc::new(Api {
         view,
         status,
@@ -147,6 +210,7 @@ pub fn start(settings: ApiSettings, view: Arc<LiveView>, status: Arc<Status>) ->
         client,
         started: Instant::now(),
         metrics,
+        clients,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -166,7 +230,7 @@ pub fn start(settings: ApiSettings, view: Arc<LiveView>, status: Arc<Status>) ->
                         return;
                     }
                 };
-                let app = router(api);
+                let app = router(api).into_make_service_with_connect_info::<SocketAddr>();
                 let served = axum::serve(listener, app).with_graceful_shutdown(async {
                     let _ = stop_rx.await;
                 });
@@ -203,8 +267,50 @@ fn router(api: Arc<Api>) -> Router {
         .route("/app.js", get(|| asset("app.js")))
         .route("/style.css", get(|| asset("style.css")))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), guard))
         .layer(axum::middleware::from_fn_with_state(api.clone(), observe))
         .with_state(api)
+}
+
+/// Turns away what the API never reads before any work: a request target over [`MAX_URI`]
+/// bytes (414), a body over [`MAX_BODY`] (413), a client over `api.rate_limit` (429).
+async fn guard(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_URI {
+        return ApiError::with(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is {target} bytes; at most {MAX_URI}"),
+        )
+        .into_response();
+    }
+    let body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if body > MAX_BODY || req.headers().contains_key(header::TRANSFER_ENCODING) {
+        return ApiError::with(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the API takes no request body".to_string(),
+        )
+        .into_response();
+    }
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if client.is_some_and(|c| !api.clients.allow(c)) {
+        return ApiError::with(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "more than {} requests a second from this address (api.rate_limit); retry",
+                api.settings.rate_limit
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The `endpoint` label of a request path (a bounded set: ids never become labels).
@@ -314,10 +420,14 @@ impl ApiError {
     }
 
     fn busy(message: impl Into<String>) -> Self {
+        Self::with(StatusCode::SERVICE_UNAVAILABLE, message.into())
+    }
+
+    fn with(status: StatusCode, message: String) -> Self {
         ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status,
             parameter: None,
-            message: message.into(),
+            message,
         }
     }
 }
@@ -332,7 +442,10 @@ impl IntoResponse for ApiError {
             },
         };
         let mut r = (self.status, axum::Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -802,6 +915,7 @@ pub fn settings_from(cfg: &crate::config::Config, listen: String, process: usize
         peers: cfg.api.peers.clone(),
         process,
         max_in_flight: cfg.api.max_in_flight,
+        rate_limit: cfg.api.rate_limit,
         devices,
         poll_interval: cfg.collector.interval.0,
     }
