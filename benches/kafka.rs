@@ -191,7 +191,7 @@ fn engine_ingest(brokers: &str, topic: &str, n: usize, workers: usize, with_lake
         replay_rate: None,
     };
     let start = Instant::now();
-    engine::run(es, Source::Kafka(spec), writer, None, status.clone(), None).expect("engine run");
+    engine::run(es, Source::Kafka(Box::new(spec)), writer, None, status.clone(), None).expect("engine run");
     let t = start.elapsed().as_secs_f64();
     assert_eq!(status.valid.load(Relaxed) as usize, n, "every record accepted");
     let what = if with_lake {

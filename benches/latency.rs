@@ -149,7 +149,8 @@ fn run(brokers: &str, rate: u32, warmup: u64, secs: u64, epoch_ms: u64) {
         replay_rate: None,
     };
     let (st, engine_sinks) = (status.clone(), sinks.clone());
-    let engine = std::thread::spawn(move || engine::run(es, Source::Kafka(spec), None, Some(engine_sinks), st, None));
+    let engine =
+        std::thread::spawn(move || engine::run(es, Source::Kafka(Box::new(spec)), None, Some(engine_sinks), st, None));
 
     // `rate` devices, each one reading per second, spread evenly over the second.
     let producer = KafkaProducer::new(brokers).unwrap();

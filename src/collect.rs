@@ -49,7 +49,7 @@ pub struct CollectSummary {
 pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
     let k = &opts.kafka;
     ensure_topics(k, &[&k.raw_topic])?;
-    let producer = Arc::new(KafkaProducer::new(&k.brokers)?);
+    let producer = Arc::new(KafkaProducer::with(&k.brokers, &k.security)?);
     let status = Arc::new(Status::default());
     let non_json = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));

@@ -35,8 +35,15 @@ pub enum ConfigError {
     },
 }
 
-/// The settings that are secrets: (key, section, name, environment variable).
-const SECRETS: [(&str, &str, &str, &str); 1] = [("api.token", "api", "token", "FMSFLOW_API__TOKEN")];
+/// The settings that are secrets: (key, environment variable).
+const SECRETS: [(&str, &str); 3] = [
+    ("api.token", "FMSFLOW_API__TOKEN"),
+    ("kafka.security.sasl_password", "FMSFLOW_KAFKA__SECURITY__SASL_PASSWORD"),
+    (
+        "kafka.security.ssl_key_password",
+        "FMSFLOW_KAFKA__SECURITY__SSL_KEY_PASSWORD",
+    ),
+];
 
 /// Refuses a config file that holds a secret and is readable by every user.
 fn check_secrets_private(path: &Path, text: &str) -> Result<(), ConfigError> {
@@ -49,10 +56,12 @@ fn check_secrets_private(path: &Path, text: &str) -> Result<(), ConfigError> {
     if mode & 0o004 == 0 {
         return Ok(());
     }
-    for (key, section, name, env) in SECRETS {
-        let set = table
-            .get(section)
-            .and_then(|t| t.get(name))
+    for (key, env) in SECRETS {
+        let mut at = key.split('.');
+        let first = at.next().and_then(|k| table.get(k));
+        let set = at
+            .try_fold(first, |v, k| Some(v.and_then(|v| v.get(k))))
+            .flatten()
             .and_then(|v| v.as_str())
             .is_some_and(|v| !v.is_empty());
         if set {
@@ -489,6 +498,9 @@ impl Config {
         if !(0.0..=1.0).contains(&self.sim.dirty_rate) {
             return bad("sim.dirty_rate", "must be between 0 and 1");
         }
+        if let Some((field, problem)) = self.kafka.security.problem() {
+            return Err(ConfigError::Value { field, problem });
+        }
         if self.kafka.partitions < 1 {
             return bad("kafka.partitions", "must be at least 1");
         }
@@ -687,6 +699,45 @@ mod tests {
         std::fs::write(&path, "[fleet]\ndevices = 5\n").unwrap();
         chmod(0o644);
         assert_eq!(Config::load(Some(&path)).unwrap().fleet.devices, 5);
+    }
+
+    #[test]
+    fn kafka_security_settings_are_checked_at_start() {
+        let with = |vars: &[(&str, &str)]| Config::from_sources(None, &env(vars));
+        let e = with(&[("FMSFLOW_KAFKA__SECURITY__PROTOCOL", "tls")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.security.protocol"), "{e}");
+        let e = with(&[("FMSFLOW_KAFKA__SECURITY__PROTOCOL", "sasl_ssl")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.security.sasl_mechanism"), "{e}");
+        let e = with(&[
+            ("FMSFLOW_KAFKA__SECURITY__PROTOCOL", "SASL_SSL"),
+            ("FMSFLOW_KAFKA__SECURITY__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("FMSFLOW_KAFKA__SECURITY__SASL_USERNAME", "fmsflow"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kafka.security.sasl_password"), "{e}");
+        let e = with(&[("FMSFLOW_KAFKA__SECURITY__SSL_CA_LOCATION", "/no/such/ca.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kafka.security.ssl_ca_location") && e.contains("/no/such/ca.pem"),
+            "{e}"
+        );
+        let ok = with(&[
+            ("FMSFLOW_KAFKA__SECURITY__PROTOCOL", "sasl_ssl"),
+            ("FMSFLOW_KAFKA__SECURITY__SASL_MECHANISM", "PLAIN"),
+            ("FMSFLOW_KAFKA__SECURITY__SASL_USERNAME", "fmsflow"),
+            ("FMSFLOW_KAFKA__SECURITY__SASL_PASSWORD", "pw"),
+        ])
+        .unwrap();
+        // The password is never shown.
+        let shown = format!("{:?}", ok.kafka);
+        assert!(!shown.contains("\"pw\""), "{shown}");
+        assert!(shown.contains("<set>"), "{shown}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub enum Source {
     /// One channel per worker, fed live; the engine stops when every sender is gone.
     Live(Vec<Receiver<RawRecord>>),
     /// The raw Kafka topic: each worker reads the partitions `p % workers == index`.
-    Kafka(SourceSpec),
+    Kafka(Box<SourceSpec>),
 }
 
 /// Engine parameters.

@@ -771,7 +771,7 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
         }
         connectors::kafka::ensure_topics(&k, &[&k.hourly_topic, &k.rejects_topic])?;
         let sinks = connectors::kafka::KafkaSinks {
-            producer: connectors::kafka::KafkaProducer::new(&k.brokers)?,
+            producer: connectors::kafka::KafkaProducer::with(&k.brokers, &k.security)?,
             hourly_topic: k.hourly_topic.clone(),
             rejects_topic: k.rejects_topic.clone(),
         };
@@ -797,7 +797,7 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
             until_end,
             stop: stop.clone(),
         };
-        (engine::Source::Kafka(spec), Some(Arc::new(sinks)))
+        (engine::Source::Kafka(Box::new(spec)), Some(Arc::new(sinks)))
     } else if let Some(pattern) = source.strip_prefix("file:") {
         let files = connectors::file::expand(pattern)?;
         eprintln!(

@@ -870,3 +870,88 @@ fn the_api_status_reports_each_partitions_position_and_lag() {
         q["total"] == records.len() as u64
     });
 }
+
+/// The test cluster's TLS listener (`scripts/kafka` gives every broker one): its bootstrap
+/// servers and the CA that signed the brokers' certificates.
+fn tls_listener() -> (String, String) {
+    let dir = std::env::var("FMSFLOW_KAFKA_DIR").expect(
+        "FMSFLOW_KAFKA_DIR is not set: the TLS test reads the cluster's bootstrap-tls and tls/ca.pem from the \
+         directory `scripts/kafka start --dir DIR` used (`bash scripts/test` sets it)",
+    );
+    let dir = Path::new(&dir);
+    let bootstrap = std::fs::read_to_string(dir.join("bootstrap-tls")).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (a cluster started before scripts/kafka had TLS listeners? restart it)",
+            dir.display()
+        )
+    });
+    (bootstrap, dir.join("tls/ca.pem").display().to_string())
+}
+
+#[test]
+fn the_engine_reads_and_writes_through_the_brokers_tls_listener() {
+    common::python();
+    let raw = unique("tls");
+    let records = produce_generated(&raw, 2, 1, "0.02");
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, ca) = tls_listener();
+    let over_tls = |cmd: &mut Command, ca: &str| {
+        cmd.env("FMSFLOW_KAFKA__BROKERS", &tls)
+            .env("FMSFLOW_KAFKA__SECURITY__PROTOCOL", "ssl")
+            .env("FMSFLOW_KAFKA__SECURITY__SSL_CA_LOCATION", ca);
+    };
+    // Every record read over TLS, the dead letters written over TLS.
+    let mut cmd = run_command(&raw, 2, "earliest", &dir.path().join("lake"), 2);
+    over_tls(&mut cmd, &ca);
+    let out = common::wait_bounded(
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        Duration::from_secs(180),
+        "fmsflow run over TLS",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = common::read_lake(&dir.path().join("lake"));
+    let letters: u64 = dead_letters_by_rule(&format!("{raw}.rejects")).values().sum();
+    assert!(letters > 0);
+    assert_eq!(
+        v["readings"].as_u64().unwrap() + letters,
+        records.len() as u64,
+        "every record read over TLS is a reading or a dead letter: {v}"
+    );
+    // A CA that did not sign the brokers' certificates: refused, with the TLS error named.
+    let wrong = dir.path().join("other-ca.pem");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=other CA",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut cmd = run_command(&raw, 2, "earliest", &dir.path().join("lake2"), 2);
+    over_tls(&mut cmd, &wrong.display().to_string());
+    let out = common::wait_bounded(
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        Duration::from_secs(180),
+        "fmsflow run over TLS with the wrong CA",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a broker with a certificate the CA did not sign was trusted"
+    );
+    assert!(
+        err.to_lowercase().contains("ssl") || err.to_lowercase().contains("certificate"),
+        "the error names the TLS failure: {err}"
+    );
+}

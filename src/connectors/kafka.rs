@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use fmsflow_dataflows::time::{format_rfc3339, parse_rfc3339, HOUR_MS};
 use fmsflow_dataflows::{HourStats, RawRecord, Rejection, SourcePos, METRICS};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -31,9 +30,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Errors of the Kafka connectors. All name the topic or partition involved.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaConnError {
-    /// A client could not be created (bad setting) or a request failed.
-    #[error("kafka: {what}: {source}")]
-    Client { what: String, source: KafkaError },
+    /// A client could not be created (bad setting) or a request failed; with the brokers'
+    /// last error that librdkafka reported (a TLS handshake, authentication, a refused
+    /// connection), which is often why.
+    #[error("kafka: {what}: {source}{}", broker.as_ref().map(|b| format!(" (the last error from the brokers: {b})")).unwrap_or_default())]
+    Client {
+        what: String,
+        source: Box<KafkaError>,
+        broker: Option<String>,
+    },
     /// The raw topic does not exist.
     #[error("kafka: topic {0:?} does not exist (create it with `fmsflow collect`, or with the admin tools)")]
     NoTopic(String),
@@ -53,7 +58,48 @@ pub enum KafkaConnError {
 
 fn client_err(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaConnError {
     let what = what.into();
-    move |source| KafkaConnError::Client { what, source }
+    move |source| KafkaConnError::Client {
+        what,
+        source: Box::new(source),
+        broker: last_broker_error(),
+    }
+}
+
+/// `e`, with the brokers' own error added when it has none: the admin client does not
+/// serve librdkafka's log and error events, so a consumer of the same settings is asked to
+/// connect for a few seconds (a TLS handshake refused, a wrong password, a closed port).
+fn why_unreachable(s: &KafkaSettings, e: KafkaConnError) -> KafkaConnError {
+    let KafkaConnError::Client {
+        what,
+        source,
+        broker: None,
+    } = e
+    else {
+        return e;
+    };
+    let probe: Result<BaseConsumer<LogContext>, _> = base_config(&s.brokers, &s.security)
+        .set("group.id", format!("{}.probe", s.group))
+        .create_with_context(LogContext);
+    let mut broker = None;
+    if let Ok(consumer) = probe {
+        let until = Instant::now() + Duration::from_secs(5);
+        let _ = consumer.fetch_metadata(None, Duration::from_millis(500));
+        while broker.is_none() && Instant::now() < until {
+            let _ = consumer.poll(Duration::from_millis(100));
+            broker = last_broker_error();
+        }
+    }
+    KafkaConnError::Client { what, source, broker }
+}
+
+/// The last error librdkafka reported about the brokers, in the last minute.
+static LAST_BROKER_ERROR: Mutex<Option<(Instant, String)>> = Mutex::new(None);
+
+fn last_broker_error() -> Option<String> {
+    let last = LAST_BROKER_ERROR.lock().unwrap_or_else(|e| e.into_inner());
+    last.as_ref()
+        .filter(|(at, _)| at.elapsed() < Duration::from_secs(60))
+        .map(|(_, e)| e.clone())
 }
 
 /// How long a request about the raw topic's partitions is retried while it fails for a
@@ -119,6 +165,122 @@ pub struct KafkaSettings {
     pub replication: i32,
     /// Consumer group the engine commits its offsets to.
     pub group: String,
+    /// How every client talks to the brokers (`[kafka.security]`).
+    pub security: KafkaSecurity,
+}
+
+/// TLS and SASL settings of every Kafka client (`[kafka.security]`), passed to librdkafka as
+/// they are. Secrets (`ssl_key_password`, `sasl_password`) are better given as
+/// `FMSFLOW_KAFKA__SECURITY__…` environment variables.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl` (empty: `plaintext`).
+    pub protocol: String,
+    /// CA certificate(s) (PEM) that signed the brokers' certificates; empty: the system's.
+    pub ssl_ca_location: String,
+    /// This client's certificate (PEM), when the brokers ask for one.
+    pub ssl_certificate_location: String,
+    /// This client's private key (PEM).
+    pub ssl_key_location: String,
+    /// The key's password, if it is encrypted.
+    pub ssl_key_password: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a `sasl_*` protocol).
+    pub sasl_mechanism: String,
+    /// SASL user name.
+    pub sasl_username: String,
+    /// SASL password.
+    pub sasl_password: String,
+}
+
+impl std::fmt::Debug for KafkaSecurity {
+    /// Never shows the secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &str| if s.is_empty() { "" } else { "<set>" };
+        f.debug_struct("KafkaSecurity")
+            .field("protocol", &self.protocol)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &hidden(&self.ssl_key_password))
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &hidden(&self.sasl_password))
+            .finish()
+    }
+}
+
+/// The protocols `kafka.security.protocol` takes.
+pub const SECURITY_PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+/// The mechanisms `kafka.security.sasl_mechanism` takes.
+pub const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+impl KafkaSecurity {
+    /// The first setting that cannot work, as (key, problem).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        let protocol = self.protocol();
+        if !SECURITY_PROTOCOLS.contains(&protocol.as_str()) {
+            return Some((
+                "kafka.security.protocol",
+                format!("must be one of {SECURITY_PROTOCOLS:?}, not {:?}", self.protocol),
+            ));
+        }
+        let sasl = protocol.starts_with("sasl_");
+        if sasl && !SASL_MECHANISMS.contains(&self.sasl_mechanism.as_str()) {
+            return Some((
+                "kafka.security.sasl_mechanism",
+                format!("must be one of {SASL_MECHANISMS:?} with {protocol}"),
+            ));
+        }
+        if sasl && (self.sasl_username.is_empty() || self.sasl_password.is_empty()) {
+            return Some((
+                "kafka.security.sasl_username",
+                format!(
+                    "and kafka.security.sasl_password must be set with {protocol} (the password best as \
+                     FMSFLOW_KAFKA__SECURITY__SASL_PASSWORD)"
+                ),
+            ));
+        }
+        for (key, path) in [
+            ("kafka.security.ssl_ca_location", &self.ssl_ca_location),
+            (
+                "kafka.security.ssl_certificate_location",
+                &self.ssl_certificate_location,
+            ),
+            ("kafka.security.ssl_key_location", &self.ssl_key_location),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                return Some((key, format!("{path:?} is not a readable file")));
+            }
+        }
+        None
+    }
+
+    /// The protocol, lower case (`plaintext` when empty).
+    fn protocol(&self) -> String {
+        match self.protocol.to_ascii_lowercase() {
+            p if p.is_empty() => "plaintext".into(),
+            p => p,
+        }
+    }
+
+    /// Sets these settings on a client's configuration.
+    fn apply(&self, c: &mut ClientConfig) {
+        c.set("security.protocol", self.protocol());
+        for (key, value) in [
+            ("ssl.ca.location", &self.ssl_ca_location),
+            ("ssl.certificate.location", &self.ssl_certificate_location),
+            ("ssl.key.location", &self.ssl_key_location),
+            ("ssl.key.password", &self.ssl_key_password),
+            ("sasl.mechanism", &self.sasl_mechanism),
+            ("sasl.username", &self.sasl_username),
+            ("sasl.password", &self.sasl_password),
+        ] {
+            if !value.is_empty() {
+                c.set(key, value);
+            }
+        }
+    }
 }
 
 impl KafkaSettings {
@@ -133,15 +295,17 @@ impl KafkaSettings {
             partitions,
             replication,
             group: format!("{raw}.group"),
+            security: KafkaSecurity::default(),
         }
     }
 }
 
-fn base_config(brokers: &str) -> ClientConfig {
+fn base_config(brokers: &str, security: &KafkaSecurity) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", "fmsflow")
         .set("log_level", "3");
+    security.apply(&mut c);
     c
 }
 
@@ -154,8 +318,8 @@ pub fn ensure_topics(s: &KafkaSettings, topics: &[&str]) -> Result<(), KafkaConn
 /// `("retention.ms", "-1")` for a topic of archived records, whose old timestamps time
 /// retention would delete at once).
 pub fn ensure_topics_with(s: &KafkaSettings, topics: &[&str], config: &[(&str, &str)]) -> Result<(), KafkaConnError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(&s.brokers)
-        .create()
+    let admin: AdminClient<LogContext> = base_config(&s.brokers, &s.security)
+        .create_with_context(LogContext)
         .map_err(client_err("creating the admin client"))?;
     let new: Vec<NewTopic> = topics
         .iter()
@@ -173,14 +337,15 @@ pub fn ensure_topics_with(s: &KafkaSettings, topics: &[&str], config: &[(&str, &
         .expect("a current-thread runtime");
     let results = rt
         .block_on(admin.create_topics(new.iter(), &opts))
-        .map_err(client_err(format!("creating topics {topics:?}")))?;
+        .map_err(|e| why_unreachable(s, client_err(format!("creating topics {topics:?}"))(e)))?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(KafkaConnError::Client {
                     what: format!("creating topic {topic:?}"),
-                    source: KafkaError::AdminOp(code),
+                    source: Box::new(KafkaError::AdminOp(code)),
+                    broker: None,
                 })
             }
         }
@@ -228,6 +393,16 @@ fn forward_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str
 /// librdkafka's client-level errors (broker down, transport), into this program's log.
 fn forward_error(error: KafkaError, reason: &str) {
     tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    let mut last = LAST_BROKER_ERROR.lock().unwrap_or_else(|e| e.into_inner());
+    // "All brokers are down" follows the error that says why: keep that one.
+    let summary = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+    if !(summary
+        && last
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(60)))
+    {
+        *last = Some((Instant::now(), reason.to_string()));
+    }
 }
 
 impl ClientContext for DeliveryContext {
@@ -302,8 +477,13 @@ pub struct KafkaProducer {
 impl KafkaProducer {
     /// Connects to `brokers` (lazily: the first send finds them).
     pub fn new(brokers: &str) -> Result<Self, KafkaConnError> {
+        Self::with(brokers, &KafkaSecurity::default())
+    }
+
+    /// [`KafkaProducer::new`] with TLS or SASL settings (`settings.security`).
+    pub fn with(brokers: &str, security: &KafkaSecurity) -> Result<Self, KafkaConnError> {
         let delivery = Arc::new(Delivery::default());
-        let inner = base_config(brokers)
+        let inner = base_config(brokers, security)
             .set("enable.idempotence", "true")
             // One produce request in flight per broker. librdkafka (2.12) lets an idempotent
             // partition have one request of 5 or more records in flight at a time; while it
@@ -534,7 +714,7 @@ impl PartitionReader {
     /// `spec.from` names.
     pub fn open(spec: &SourceSpec, index: usize, peers: usize) -> Result<Self, KafkaConnError> {
         let s = &spec.settings;
-        let consumer: BaseConsumer<LogContext> = base_config(&s.brokers)
+        let consumer: BaseConsumer<LogContext> = base_config(&s.brokers, &s.security)
             .set("group.id", &s.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
