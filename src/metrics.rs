@@ -463,38 +463,29 @@ impl Metrics {
     /// (at zero), for a fleet of `devices`.
     pub fn new(devices: u32) -> Metrics {
         let r = Registry::new();
-        let rejected_vec = IntCounterVec::new(
-            Opts::new(
-                names::REJECTED,
-                "Records rejected, by the quality rule that rejected them.",
-            ),
+        let rejected_vec = counter_vec(
+            &r,
+            names::REJECTED,
+            "Records rejected, by the quality rule that rejected them.",
             &["rule"],
-        )
-        .expect("valid metric name");
-        r.register(Box::new(rejected_vec.clone()))
-            .expect("metric registered once");
+        );
         let rejected = Rule::ALL
             .iter()
             .map(|rule| rejected_vec.with_label_values(&[rule.name()]))
             .collect();
-        let query_seconds = HistogramVec::new(
-            HistogramOpts::new(names::QUERY_SECONDS, "Time to answer a query-API request, by endpoint.").buckets(vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 3.0,
-            ]),
+        let query_seconds = histogram_vec(
+            &r,
+            names::QUERY_SECONDS,
+            "Time to answer a query-API request, by endpoint.",
             &["endpoint"],
-        )
-        .expect("valid metric name");
-        r.register(Box::new(query_seconds.clone()))
-            .expect("metric registered once");
-        let queries = IntCounterVec::new(
-            Opts::new(
-                names::QUERIES,
-                "Query-API requests answered, by endpoint and status class (2xx, 4xx, 5xx).",
-            ),
+            vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 3.0],
+        );
+        let queries = counter_vec(
+            &r,
+            names::QUERIES,
+            "Query-API requests answered, by endpoint and status class (2xx, 4xx, 5xx).",
             &["endpoint", "class"],
-        )
-        .expect("valid metric name");
-        r.register(Box::new(queries.clone())).expect("metric registered once");
+        );
         for e in ENDPOINTS {
             query_seconds.with_label_values(&[e]);
             for class in ["2xx", "4xx", "5xx"] {
@@ -505,7 +496,7 @@ impl Metrics {
         let by_quality = gauge_vec(
             &r,
             names::DEVICES_BY_QUALITY,
-            "Devices of this process whose quality (valid / records) over the live view's hours is at most `le`.",
+            "Devices of this process whose quality (valid / records) over the last 24 hours is at most `le`.",
             &["le"],
         );
         let by_quality = QUALITY_BOUNDS
