@@ -112,6 +112,16 @@ impl HdfsStorage {
     }
 }
 
+/// Where [`Storage::put_atomic`] moves the old version of a file it replaces, until the new
+/// one is in place: `.NAME.replaced` beside it (hidden, so never listed; not a temporary
+/// file, so never swept).
+fn replaced_path(path: &str) -> String {
+    match path.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/.{name}.replaced"),
+        None => format!(".{path}.replaced"),
+    }
+}
+
 /// A temporary file of another host's process is abandoned once untouched this long.
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -184,14 +194,21 @@ impl Storage for HdfsStorage {
         if self.client.rename_file(&tmp, &path).is_ok() {
             return Ok(());
         }
-        // The rename fails when the target exists (HDFS renames never replace): delete it,
-        // then rename again.
+        // The rename fails when the target exists (HDFS renames never replace): move it
+        // aside, rename again, then delete it. A reader that finds no target meanwhile (or
+        // after a crash in between) reads the one moved aside: the old version, whole.
         let result = match self.exists(&path) {
-            Ok(true) => self
-                .client
-                .remove_file(&path)
-                .and_then(|()| self.client.rename_file(&tmp, &path))
-                .map_err(|e| io_err("replacing", &path, e)),
+            Ok(true) => {
+                let aside = replaced_path(&path);
+                let _ = self.client.remove_file(&aside);
+                self.client
+                    .rename_file(&path, &aside)
+                    .and_then(|()| self.client.rename_file(&tmp, &path))
+                    .map(|()| {
+                        let _ = self.client.remove_file(&aside);
+                    })
+                    .map_err(|e| io_err("replacing", &path, e))
+            }
             Ok(false) => self
                 .client
                 .rename_file(&tmp, &path)
@@ -205,10 +222,14 @@ impl Storage for HdfsStorage {
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
-        let path = self.path(key);
+        let mut path = self.path(key);
         // Looked up first: opening a missing file makes libhdfs print a Java stack trace.
         if !self.exists(&path)? {
-            return Ok(None);
+            // Mid-replacement (or killed there): the old version, moved aside.
+            path = replaced_path(&path);
+            if !self.exists(&path)? {
+                return Ok(None);
+            }
         }
         let mut f = self
             .client
