@@ -7,6 +7,8 @@
 //! `off` (`engine.metrics = false`), or `recent`: every reading stamped as ingested now, so
 //! each one's end-to-end latency is kept and observed (the live path's cost; the replay's
 //! 2025 stamps are too old to count), with `rules.max_age` lifted so none is stale.
+//! `FMSFLOW_BENCH_FORGET=H`: the collections forget hours `H` hours behind the watermark
+//! (`FlowConfig::forget_after_ms`; 0 = as soon as they can), as the engine does on Kafka.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -77,7 +79,12 @@ fn main() {
     );
     let metrics = std::env::var("FMSFLOW_BENCH_METRICS").unwrap_or_else(|_| "on".into());
     fmsflow::metrics::set_enabled(metrics != "off");
-    let mut flow = FlowConfig::default();
+    let mut flow = FlowConfig {
+        forget_after_ms: std::env::var("FMSFLOW_BENCH_FORGET")
+            .ok()
+            .map(|h| h.parse::<i64>().expect("FMSFLOW_BENCH_FORGET: hours") * 3_600_000),
+        ..FlowConfig::default()
+    };
     let mut data = records(hours);
     if metrics == "recent" {
         let now = fmsflow::clock::wall_ms();

@@ -43,10 +43,15 @@ pub struct CollectSummary {
     pub poll_errors: u64,
     /// Payloads that are not JSON (produced all the same).
     pub non_json: u64,
+    /// Requests by outcome class (`crate::metrics::POLL_CLASSES` order), retries included.
+    pub polls: Vec<(&'static str, u64)>,
+    /// Polls not made: the device's previous poll was still running.
+    pub skipped: u64,
 }
 
 /// Runs the collector until Ctrl-C or `duration`, then flushes the producer.
 pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
+    let clock = Clock::from_env().map_err(anyhow::Error::msg)?;
     let k = &opts.kafka;
     ensure_topics(k, &[&k.raw_topic])?;
     let producer = Arc::new(KafkaProducer::with(&k.brokers, &k.security)?);
@@ -110,13 +115,7 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
         None => None,
     };
     rt.block_on(async {
-        let poller = tokio::spawn(poll(
-            opts.poll.clone(),
-            Clock::real(),
-            status.clone(),
-            deliver,
-            stop.clone(),
-        ));
+        let poller = tokio::spawn(poll(opts.poll.clone(), clock, status.clone(), deliver, stop.clone()));
         let mut ticker = tokio::time::interval(Duration::from_secs(5));
         ticker.tick().await;
         let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
@@ -166,6 +165,8 @@ pub fn run(opts: CollectOptions) -> anyhow::Result<CollectSummary> {
         failed: d.failed.load(Relaxed),
         poll_errors: status.poll_errors.load(Relaxed),
         non_json: non_json.load(Relaxed),
+        polls: crate::metrics::shared().polls_by_class(),
+        skipped: crate::metrics::shared().polls_skipped.get(),
     };
     if let Some(e) = status.error() {
         anyhow::bail!("{e}");

@@ -580,6 +580,9 @@ impl Config {
             rules: self.rule_config(),
             grace_ms: self.engine.grace.ms(),
             recovery: None,
+            // The collections hold what the live view answers for (api.keep_hours). Kafka's
+            // and the poller's records all carry an ingest time; a replay of files turns this off.
+            forget_after_ms: Some(self.api.keep_hours as i64 * fmsflow_dataflows::time::HOUR_MS),
         }
     }
 }

@@ -103,6 +103,45 @@ pub fn dirty_payload(
     })
 }
 
+/// The body of a 200 answer that is not an FMS reading, as a broken gateway or firmware sends
+/// them (the simulator's `garbage` fault), the content type it comes with, and the rule that
+/// rejects it. Four shapes, chosen from (`seed`, `device`, `n`): the reading cut short, an
+/// HTML error page, random bytes (not UTF-8), and JSON of another shape.
+pub fn garbage_payload(seed: u64, device: u32, n: u64, time_ms: i64) -> (Vec<u8>, &'static str, Rule) {
+    let d = device as u64;
+    match mix(seed ^ 0x6A2B, d, n) % 4 {
+        0 => {
+            let full = clean_payload(seed, device, time_ms);
+            (full.as_bytes()[..full.len() / 3].to_vec(), "application/json", Rule::MalformedJson)
+        }
+        1 => (
+            format!(
+                "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n<body><h1>502 Bad Gateway</h1><p>device {device}: upstream sent an invalid response</p></body></html>\n"
+            )
+            .into_bytes(),
+            "text/html; charset=utf-8",
+            Rule::MalformedJson,
+        ),
+        2 => {
+            // 0xFF first: never UTF-8, never the start of JSON.
+            let mut bytes = vec![0xFF];
+            for i in 0..6 {
+                bytes.extend_from_slice(&mix(seed ^ 0xB17E5, d, n.wrapping_mul(8) + i).to_le_bytes());
+            }
+            (bytes, "application/octet-stream", Rule::MalformedJson)
+        }
+        _ => (
+            format!(
+                "{{\"status\": \"maintenance\", \"device\": {device}, \"message\": \"sensor bus offline\", \"time\": \"{}\"}}",
+                format_rfc3339(time_ms)
+            )
+            .into_bytes(),
+            "application/json",
+            Rule::MissingField,
+        ),
+    }
+}
+
 /// Whether the `n`-th response for `device` is dirty, and of which kind.
 pub fn dirty_kind(seed: u64, device: u32, n: u64, rate: f64) -> Option<Rule> {
     if rate <= 0.0 || unit(mix(seed ^ 0xD1_27, device as u64, n)) >= rate {
@@ -135,6 +174,27 @@ mod tests {
             assert_eq!(check(&p, t + 300), Ok(()), "{p}");
         }
         assert_ne!(clean_payload(42, 1, t), clean_payload(43, 1, t));
+    }
+
+    #[test]
+    fn every_garbage_shape_is_caught_by_the_rule_it_names() {
+        let t = 1_751_876_489_000;
+        let mut shapes = std::collections::BTreeSet::new();
+        for d in 1..=20 {
+            for n in 0..20 {
+                let (body, ctype, rule) = garbage_payload(42, d, n, t);
+                shapes.insert(ctype);
+                let raw = RawRecord {
+                    payload: body.clone(),
+                    ingest_ms: Some(t + 300),
+                    pos: SourcePos::default(),
+                };
+                let got = validate(raw, &RuleConfig::default()).map(|_| ()).map_err(|r| r.rule);
+                assert_eq!(got, Err(rule), "{}", String::from_utf8_lossy(&body));
+                assert_eq!(garbage_payload(42, d, n, t), (body, ctype, rule));
+            }
+        }
+        assert_eq!(shapes.len(), 3, "every shape was made: {shapes:?}");
     }
 
     #[test]

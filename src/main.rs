@@ -51,7 +51,16 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         http: Option<String>,
     },
-    /// Serve the FMS API simulator: GET /{id}/ for ids 1..=N, /health, /stats.
+    /// Serve the FMS API simulator: GET /{id}/ for ids 1..=N, /health, /stats, /metrics.
+    ///
+    /// Faults, to rehearse a failing FMS API: a faulty device answers `silence` (503), `error`
+    /// (500 with a body), `hang` (nothing until --hang-for passes, far beyond the collector's
+    /// timeout; then 504) or `garbage` (200 with a body that is not a reading: truncated JSON,
+    /// an HTML page, random bytes, JSON of another shape). PUT /control/fault/{id}?kind=<kind>
+    /// sets one, DELETE /control/fault/{id} ends it (PUT/DELETE /control/silence/{id}: the
+    /// same for silence); --fault-share gives a share of the fleet one from the start.
+    /// /stats counts them: `served` (every 200, garbage included: what reaches Kafka), `dirty`
+    /// by rule (garbage included), `faults` by kind; /stats/devices per device.
     Sim {
         /// Number of devices.
         #[arg(long)]
@@ -65,6 +74,17 @@ enum Command {
         /// Fraction of dirty responses, spread evenly over every rule.
         #[arg(long)]
         dirty_rate: Option<f64>,
+        /// Fraction of the devices given a fault from the start (0 to 1, rounded to whole
+        /// devices), chosen from the seed.
+        #[arg(long, default_value_t = 0.0)]
+        fault_share: f64,
+        /// The faults --fault-share deals to its devices in turn: silence, error, hang, garbage.
+        #[arg(long, value_delimiter = ',', default_value = "error,hang,garbage")]
+        fault_kinds: Vec<sim::Fault>,
+        /// How long a hanging device holds a request before it answers 504 (a stopping
+        /// simulator answers at once).
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        hang_for: Duration,
     },
     /// Poll the FMS API for every device and produce each payload to the raw Kafka topic.
     Collect {
@@ -271,6 +291,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     fmsflow::no_huge_pages();
+    #[cfg(feature = "hdfs")]
+    fmsflow::lake::hdfs::jvm_leaves_signals_alone();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FMSFLOW_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -322,6 +344,9 @@ fn real_main() -> anyhow::Result<()> {
             port,
             seed,
             dirty_rate,
+            fault_share,
+            fault_kinds,
+            hang_for,
         } => {
             let settings = sim::SimSettings {
                 devices: devices.unwrap_or(cfg.fleet.devices),
@@ -333,17 +358,35 @@ fn real_main() -> anyhow::Result<()> {
                 (0.0..=1.0).contains(&settings.dirty_rate),
                 "--dirty-rate must be between 0 and 1"
             );
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&fault_share),
+                "--fault-share must be between 0 and 1"
+            );
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let sim = sim::Sim::new(settings.clone(), clock::Clock::real());
+                let sim = sim::Sim::new(settings.clone(), clock::Clock::from_env().map_err(anyhow::Error::msg)?);
+                sim.set_hang_for(hang_for);
+                let faulty = sim.fault_share(fault_share, &fault_kinds);
                 let (addr, task) = sim::serve(sim, port.unwrap_or(cfg.sim.port), fmsflow::shutdown::signal())
                     .await
                     .context("binding the simulator's port")?;
+                let faults = if faulty.is_empty() {
+                    String::new()
+                } else {
+                    let kinds: Vec<String> = sim::Fault::ALL
+                        .iter()
+                        .map(|k| (k, faulty.iter().filter(|(_, f)| f == k).count()))
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(k, n)| format!("{n} {k}"))
+                        .collect();
+                    format!(", faulty devices: {} (GET /stats/devices lists them)", kinds.join(", "))
+                };
+                // One line: a parent reading the port may stop reading after it.
                 println!(
-                    "fmsflow sim: {} devices on http://{addr} (seed {}, dirty rate {})",
+                    "fmsflow sim: {} devices on http://{addr} (seed {}, dirty rate {}{faults})",
                     settings.devices, settings.seed, settings.dirty_rate
                 );
                 let _ = std::io::stdout().flush();
@@ -394,9 +437,16 @@ fn real_main() -> anyhow::Result<()> {
                         )
                     })?,
             })?;
+            let classes: Vec<String> = summary.polls.iter().map(|(c, n)| format!("{c} {n}")).collect();
             println!(
-                "collected: {} produced, {} delivered, {} failed, {} poll errors, {} not JSON",
-                summary.produced, summary.delivered, summary.failed, summary.poll_errors, summary.non_json
+                "collected: {} produced, {} delivered, {} failed, {} poll errors, {} not JSON; requests by outcome: {}; {} polls skipped (the previous still running)",
+                summary.produced,
+                summary.delivered,
+                summary.failed,
+                summary.poll_errors,
+                summary.non_json,
+                classes.join(", "),
+                summary.skipped
             );
             Ok(())
         }
@@ -808,6 +858,10 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
         );
         // The workers stop reading at their next batch (`shutdown::requested`).
         fmsflow::shutdown::on_signal("ending the replay here and finishing the epochs in flight", || {});
+        // A file's lines may carry no ingest time, and such a reading can reach an hour any
+        // time later: its aggregates must still be there. A replay of files is bounded, and
+        // so is what it keeps.
+        flow.forget_after_ms = None;
         (engine::Source::Files(files), None)
     } else {
         anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");

@@ -45,6 +45,7 @@ pub mod names {
     pub const BUILD_INFO: &str = "fmsflow_build_info";
     pub const FAILED: &str = "fmsflow_failed";
     pub const UPTIME: &str = "fmsflow_uptime_seconds";
+    pub const RESIDENT_MEMORY: &str = "fmsflow_resident_memory_bytes";
     pub const LATENCY: &str = "fmsflow_latency_seconds";
     pub const EPOCH_SECONDS: &str = "fmsflow_epoch_duration_seconds";
     pub const SINK_WRITE_SECONDS: &str = "fmsflow_sink_write_duration_seconds";
@@ -59,10 +60,12 @@ pub mod names {
     pub const POLLS: &str = "fmsflow_collector_polls_total";
     pub const POLL_SECONDS: &str = "fmsflow_collector_poll_duration_seconds";
     pub const POLLS_EXPECTED: &str = "fmsflow_collector_polls_expected_total";
+    pub const POLLS_SKIPPED: &str = "fmsflow_collector_polls_skipped_total";
     pub const PRODUCED: &str = "fmsflow_collector_records_produced_total";
     pub const DELIVERED: &str = "fmsflow_collector_records_delivered_total";
     pub const SIM_RESPONSES: &str = "fmsflow_sim_responses_total";
     pub const SIM_SILENCED: &str = "fmsflow_sim_devices_silenced";
+    pub const SIM_FAULTY: &str = "fmsflow_sim_devices_faulty";
 }
 
 /// The text exposition format's content type.
@@ -93,6 +96,18 @@ pub fn enabled() -> bool {
     ENABLED.load(Relaxed)
 }
 
+/// This process's resident memory (`VmRSS` of /proc/self/status), where there is one.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    kb.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
 /// The instruments every part of one process records into, and its identity (build, start,
 /// uptime).
 pub struct Shared {
@@ -100,6 +115,7 @@ pub struct Shared {
     pipeline: Registry,
     started: Instant,
     uptime: Gauge,
+    resident: Gauge,
     /// Poll time or Kafka record timestamp to the aggregate updated, per reading.
     pub latency: Histogram,
     /// An epoch's first input to the epoch done (aggregated, stored), per epoch.
@@ -115,6 +131,8 @@ pub struct Shared {
     poll_seconds: Histogram,
     /// Device polls the collector scheduled (one per device per interval).
     pub polls_expected: IntCounter,
+    /// Scheduled polls not made: the device's previous poll was still running.
+    pub polls_skipped: IntCounter,
 }
 
 fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
@@ -172,6 +190,11 @@ impl Shared {
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let uptime = gauge(&process, names::UPTIME, "Seconds since this process started.");
+        let resident = gauge(
+            &process,
+            names::RESIDENT_MEMORY,
+            "Resident memory of this process (VmRSS), read at each scrape.",
+        );
         let r = Registry::new();
         let sink_write = histogram_vec(
             &r,
@@ -237,6 +260,11 @@ impl Shared {
                 names::POLLS_EXPECTED,
                 "Device polls scheduled: one per device per interval, answered or not.",
             ),
+            polls_skipped: counter(
+                &r,
+                names::POLLS_SKIPPED,
+                "Scheduled polls not made because the device's previous poll was still running (a device that hangs).",
+            ),
             sink_write,
             sink_bytes,
             sink_errors,
@@ -246,6 +274,7 @@ impl Shared {
             pipeline: r,
             started: Instant::now(),
             uptime,
+            resident,
         }
     }
 
@@ -282,10 +311,21 @@ impl Shared {
         }
     }
 
+    /// The FMS API polls counted so far, by class, in [`POLL_CLASSES`] order.
+    pub fn polls_by_class(&self) -> Vec<(&'static str, u64)> {
+        POLL_CLASSES
+            .iter()
+            .map(|c| (*c, self.polls.with_label_values(&[c]).get()))
+            .collect()
+    }
+
     /// The text exposition of this process's identity, with the pipeline's instruments
     /// (`pipeline`) and `more`.
     pub fn render(&self, pipeline: bool, more: &[&Registry]) -> String {
         self.uptime.set(self.started.elapsed().as_secs_f64());
+        if let Some(b) = resident_bytes() {
+            self.resident.set(b as f64);
+        }
         let mut families = self.process.gather();
         if pipeline {
             families.extend(self.pipeline.gather());
@@ -333,16 +373,22 @@ impl CollectorMetrics {
     }
 }
 
-/// The simulator's series: what it served, by kind, and the devices silenced.
+/// The simulator's series: what it served, by kind, and the devices given a fault.
 pub struct SimMetrics {
     registry: Registry,
     responses: Vec<IntCounter>,
     silenced: IntGauge,
+    faulty: Vec<IntGauge>,
     scrape: Mutex<()>,
 }
 
-/// The `kind` labels of [`names::SIM_RESPONSES`] besides the rule names.
-pub const SIM_KINDS: [&str; 2] = ["clean", "silenced"];
+/// The `kind` labels of [`names::SIM_RESPONSES`] besides the rule names: clean readings, then
+/// the answers of faulty devices (`silenced`: 503, `error`: 500, `hang`: held past the
+/// client's timeout, `garbage`: a 200 body that is not a reading).
+pub const SIM_KINDS: [&str; 5] = ["clean", "silenced", "error", "hang", "garbage"];
+
+/// The `kind` labels of [`names::SIM_FAULTY`]: the simulator's fault kinds.
+pub const SIM_FAULTS: [&str; 4] = ["silence", "error", "hang", "garbage"];
 
 impl SimMetrics {
     /// The series, every kind at zero.
@@ -351,7 +397,7 @@ impl SimMetrics {
         let responses_vec = counter_vec(
             &r,
             names::SIM_RESPONSES,
-            "Device responses served: clean, silenced (503), or dirty by the rule that must catch them.",
+            "Device responses served: clean, a faulty device's (silenced 503, error 500, hang, garbage), or dirty by the rule that must catch them.",
             &["kind"],
         );
         let responses = SIM_KINDS
@@ -360,25 +406,38 @@ impl SimMetrics {
             .chain(Rule::ALL.iter().map(|r| r.name()))
             .map(|k| responses_vec.with_label_values(&[k]))
             .collect();
+        let faulty_vec = gauge_vec(
+            &r,
+            names::SIM_FAULTY,
+            "Devices given a fault (--fault-share or /control/fault), by kind.",
+            &["kind"],
+        );
+        let faulty = SIM_FAULTS.iter().map(|k| faulty_vec.with_label_values(&[k])).collect();
         SimMetrics {
             silenced: int_gauge(
                 &r,
                 names::SIM_SILENCED,
                 "Devices silenced through /control (answering 503).",
             ),
+            faulty,
             responses,
             registry: r,
             scrape: Mutex::new(()),
         }
     }
 
-    /// The text exposition: `counts` in [`SIM_KINDS`] then `Rule::ALL` order.
-    pub fn render(&self, counts: &[u64], silenced: usize) -> String {
+    /// The text exposition: `counts` in [`SIM_KINDS`] then `Rule::ALL` order, `faulty` the
+    /// devices given each fault in [`SIM_FAULTS`] order (the first, `silence`, is also the
+    /// silenced gauge).
+    pub fn render(&self, counts: &[u64], faulty: &[usize]) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         for (c, n) in self.responses.iter().zip(counts) {
             advance(c, *n);
         }
-        self.silenced.set(silenced as i64);
+        for (g, n) in self.faulty.iter().zip(faulty) {
+            g.set(*n as i64);
+        }
+        self.silenced.set(faulty.first().copied().unwrap_or(0) as i64);
         shared().render(false, &[&self.registry])
     }
 }
@@ -627,7 +686,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
     let texts = [
         Metrics::new(1).render(&status, None),
         CollectorMetrics::new(1).render(0, 0),
-        SimMetrics::new().render(&[], 0),
+        SimMetrics::new().render(&[], &[]),
     ];
     texts
         .iter()

@@ -254,24 +254,11 @@ fn the_engine_role_deploys_a_cluster_of_three_processes_that_reads_kafka() {
     // re-read after the next start): those hours hold exactly what a one-process replay of
     // the same topic puts in them, nothing lost, nothing twice.
     let reference = root.join("reference");
-    let mut cmd = Command::new(common::bin());
-    common::kafka::kafka_env(&mut cmd, &raw, 3)
-        .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.reference"))
+    let mut cmd = common::kafka::replay_command(&raw, 3, "earliest", &format!("file://{}", reference.display()), 1);
+    cmd.env("FMSFLOW_KAFKA__GROUP", format!("{raw}.reference"))
         .env("FMSFLOW_FLEET__DEVICES", "20")
         .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.reference.hourly"))
-        .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.reference.rejects"))
-        .args([
-            "run",
-            "--source",
-            "kafka",
-            "--from",
-            "earliest",
-            "--until",
-            "end",
-            "--workers",
-            "1",
-        ])
-        .args(["--lake", &format!("file://{}", reference.display())]);
+        .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.reference.rejects"));
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "the reference replay: {}", show(&o));
     let (got, want) = (common::read_lake(&lake), common::read_lake(&reference));

@@ -25,15 +25,7 @@ fn run_command(raw: &str, partitions: i32, from: &str, lake: &Path, workers: usi
 
 /// [`run_command`] into the lake at a URL; an `s3://` one on the test S3 server.
 fn run_command_at(raw: &str, partitions: i32, from: &str, lake: &str, workers: usize) -> Command {
-    let mut cmd = Command::new(common::bin());
-    kafka_env(&mut cmd, raw, partitions)
-        .args(["run", "--source", "kafka", "--until", "end", "--from", from])
-        .args(["--workers", &workers.to_string(), "--lake", lake]);
-    if lake.starts_with("s3://") {
-        cmd.env("FMSFLOW_LAKE__S3_ENDPOINT", common::s3::endpoint())
-            .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true");
-    }
-    cmd
+    common::kafka::replay_command(raw, partitions, from, lake, workers)
 }
 
 /// The storage of a lake URL (the test S3 server's settings for `s3://`).
@@ -487,11 +479,23 @@ impl Rng {
 /// never killed, row for row. A quarter of the kills come while a life starts or recovers (a
 /// random moment in its first 0.6 s), the rest once its checkpoint has passed a random share
 /// of the input left, plus a random 0-30 ms.
+/// A setting of the fault tests from the environment (`scripts/faults` sets longer ones).
+fn fault_setting(var: &str, default: u32) -> u32 {
+    std::env::var(var).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{var}={v:?} is not a whole number"))
+    })
+}
+
+/// The engine SIGKILLed `FMSFLOW_FAULT_KILLS` times (20) at random points of a replay of
+/// `FMSFLOW_FAULT_HOURS` (6) hours of generated records, resumed each time from its
+/// checkpoint; the lake must end as an uninterrupted run's.
 fn crash_test(name: &str, lake: &str) {
     common::python();
     let raw = unique(name);
     let partitions = 3;
-    let total = produce_generated(&raw, partitions, 6, "0.02").len() as f64;
+    let hours = fault_setting("FMSFLOW_FAULT_HOURS", 6);
+    let total = produce_generated(&raw, partitions, hours, "0.02").len() as f64;
     let (processes, workers) = (1, 2);
     let run =
         |lake: &str, from: &str, outputs: &str| start_run(&raw, partitions, lake, from, outputs, processes, workers);
@@ -514,7 +518,7 @@ fn crash_test(name: &str, lake: &str) {
             .as_object()
             .map_or(0.0, |m| m.values().filter_map(|v| v.as_f64()).sum())
     };
-    let kills = 20;
+    let kills = fault_setting("FMSFLOW_FAULT_KILLS", 20) as usize;
     let mut rng = Rng::new();
     let mut made = 0;
     for k in 0..kills {
@@ -693,79 +697,64 @@ fn a_topic_just_created_is_opened_and_a_missing_one_named() {
 /// The engine retries its writes and waits meanwhile; the lake it leaves in S3 holds the rows
 /// an uninterrupted run leaves, none lost, none twice. The server is one of its own (started
 /// with `scripts/s3` on a free port), so no other test sees the outage.
-#[test]
-fn an_s3_outage_mid_run_loses_nothing() {
+/// How long the fault tests keep a lake backend away: `FMSFLOW_FAULT_OUTAGE_S`, 60 s by
+/// default (`scripts/faults` runs them with 300 s).
+fn outage() -> Duration {
+    Duration::from_secs(fault_setting("FMSFLOW_FAULT_OUTAGE_S", 60).into())
+}
+
+/// A lake's backend taken away in the middle of a run that follows Kafka, and given back.
+struct LakeOutage<'a> {
+    lake: String,
+    storage: std::sync::Arc<dyn Storage>,
+    /// Settings of the run beyond the lake URL.
+    env: Vec<(&'static str, String)>,
+    /// Checked, while the backend is away, with the run's log so far.
+    during: Box<dyn Fn(&str) + 'a>,
+    down: Box<dyn Fn() + 'a>,
+    up: Box<dyn Fn() + 'a>,
+    /// The lake as DuckDB and pyarrow read it.
+    read: Box<dyn Fn() -> serde_json::Value + 'a>,
+}
+
+/// The engine follows a topic into `o.lake`; once an hour is sealed there, the backend goes
+/// away for [`outage`] while the rest of the input arrives. The engine must retry, hold back
+/// (read no more than its queues hold), write everything once the backend is back, and stop
+/// cleanly: the lake then holds exactly the rows of an uninterrupted replay.
+fn lake_outage_loses_nothing(name: &str, o: LakeOutage) {
     common::python();
     let dir = tempfile::tempdir().unwrap();
-    let s3_dir = dir.path().join("s3").display().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let s3_script = |cmd: &str| {
-        let st = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3"))
-            .args([cmd, "--dir", &s3_dir])
-            .env("FMSFLOW_S3_PORT", &port)
-            .status()
-            .unwrap();
-        assert!(st.success(), "scripts/s3 {cmd} failed");
-    };
-    s3_script("start");
-    // Stops the server however the test ends.
-    struct Stop<F: Fn(&str)>(F);
-    impl<F: Fn(&str)> Drop for Stop<F> {
-        fn drop(&mut self) {
-            (self.0)("stop");
-        }
-    }
-    let stop = Stop(&s3_script);
-    let raw = unique("s3-outage");
+    let raw = unique(name);
     let partitions = 2;
     let records = generated(4, "0.02");
     create_topic(&raw, partitions);
     let half = records.len() / 2;
     produce(&raw, &records[..half]);
 
-    let bucket = common::s3::bucket_at(&endpoint, "outage");
     let log = dir.path().join("run.log");
-    let mut cmd = common::kafka::follow_command(&raw, partitions, &format!("s3://{bucket}/lake"));
-    cmd.env("FMSFLOW_LAKE__S3_ENDPOINT", &endpoint)
-        .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true")
-        .env("FMSFLOW_LAKE__RETRY_FOR", "5m")
-        // Our retries take over after the SDK's second try, so the test sees them soon.
-        .env("FMSFLOW_LAKE__S3_MAX_ATTEMPTS", "2")
+    let mut cmd = common::kafka::follow_command(&raw, partitions, &o.lake);
+    // The run keeps retrying through the outage, and a while beyond.
+    cmd.env("FMSFLOW_LAKE__RETRY_FOR", format!("{}s", outage().as_secs() + 300))
         // At most batch × 3 records per worker wait for their outputs to be stored.
         .env("FMSFLOW_ENGINE__BATCH", "200")
+        .envs(o.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     let mut engine = common::kafka::Killed(cmd.spawn().expect("starting fmsflow run"));
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
 
-    let opts = fmsflow::lake::s3::S3Options {
-        endpoint: Some(endpoint.clone()),
-        ..common::s3::options()
-    };
-    let s3 = fmsflow::lake::s3::S3Storage::open(&bucket, "lake", &opts).unwrap();
-    common::wait_for("a sealed hour in S3", Duration::from_secs(120), || {
-        !s3.list("hourly").unwrap().is_empty()
+    common::wait_for("a sealed hour in the lake", Duration::from_secs(120), || {
+        !o.storage.list("hourly").unwrap_or_default().is_empty()
     });
-    s3_script("stop");
+    (o.down)();
     let stopped = std::time::Instant::now();
     produce(&raw, &records[half..]);
-    let waited = std::time::Instant::now();
-    while !logged().contains("retrying in") {
-        assert!(
-            waited.elapsed() < Duration::from_secs(120),
-            "the engine did not retry a lake write within 120 s of the outage:\n{}",
-            logged()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(60).saturating_sub(stopped.elapsed()));
-    // Backpressure: with the lake down, the engine stops reading once 3 batches per worker
+    common::wait_for("the engine retrying a lake write", Duration::from_secs(180), || {
+        logged().contains("retrying in")
+    });
+    (o.during)(&logged());
+    std::thread::sleep(outage().saturating_sub(stopped.elapsed()));
+    // Backpressure: with the lake away, the engine stops reading once 3 batches per worker
     // wait to be stored, instead of holding the whole backlog in memory.
     let read_in_outage = logged()
         .lines()
@@ -778,46 +767,208 @@ fn an_s3_outage_mid_run_loses_nothing() {
         .unwrap_or(0);
     assert!(
         read_in_outage <= half + 2 * 3 * 200,
-        "the engine read {read_in_outage} of {} records while the lake was down: no backpressure",
+        "the engine read {read_in_outage} of {} records while the lake was away: no backpressure",
         records.len()
     );
-    s3_script("start");
+    (o.up)();
     let all = format!(" {} records in,", records.len());
-    common::wait_for("the engine reading every record", Duration::from_secs(180), || {
+    common::wait_for("the engine reading every record", Duration::from_secs(300), || {
         logged().contains(&all)
     });
     // Stopped as an operator stops it: the run seals what is left and writes it.
     unsafe { libc::kill(engine.0.id() as i32, libc::SIGINT) };
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = engine.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the run did not stop:\n{}",
-            logged()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    common::wait_for("the run to stop", Duration::from_secs(120), || {
+        engine.0.try_wait().unwrap().is_some()
+    });
+    let status = engine.0.wait().unwrap();
     assert!(status.success(), "the run failed:\n{}", logged());
 
     let local = dir.path().join("local");
     replay(&raw, partitions, "earliest", &local, 2);
-    let (a, b) = (
-        common::read_lake(&local),
-        common::read_lake_with(&format!("s3://{bucket}/lake"), &[("AWS_ENDPOINT_URL", &endpoint)]),
-    );
-    drop(stop);
-    common::assert_same_rows(&a, &b, ("uninterrupted", "the S3 lake after the outage"));
+    let (a, b) = (common::read_lake(&local), (o.read)());
+    common::assert_same_rows(&a, &b, ("uninterrupted", "the lake after the outage"));
     assert_eq!(b["readings"], b["readings_distinct"], "{b}");
+    common::assert_committed_in(o.storage.as_ref(), &o.lake);
     let retries = logged().matches("retrying in").count();
     eprintln!(
-        "{} readings; the run retried {retries} lake writes through a 60 s outage, during which \
+        "{} readings; the run retried {retries} lake writes through a {} s outage, during which \
          it had read {read_in_outage} of {} records",
         b["readings"],
+        outage().as_secs(),
         records.len()
     );
+}
+
+/// Runs a script of the project's (`scripts/<name>`) with `env`; fails unless it succeeds.
+fn script(name: &str, args: &[&str], env: &[(&str, &str)]) {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/{name}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{name} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_s3_outage_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3_dir = dir.path().join("s3").display().to_string();
+    let port = common::free_ports(1)[0].to_string();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let s3 = |cmd: &str| script("s3", &[cmd, "--dir", &s3_dir], &[("FMSFLOW_S3_PORT", &port)]);
+    s3("start");
+    // Stops the server however the test ends.
+    let _stop = Stop(|| s3("stop"));
+    let bucket = common::s3::bucket_at(&endpoint, "outage");
+    let lake = format!("s3://{bucket}/lake");
+    let opts = fmsflow::lake::s3::S3Options {
+        endpoint: Some(endpoint.clone()),
+        ..common::s3::options()
+    };
+    lake_outage_loses_nothing(
+        "s3-outage",
+        LakeOutage {
+            lake: lake.clone(),
+            storage: std::sync::Arc::new(fmsflow::lake::s3::S3Storage::open(&bucket, "lake", &opts).unwrap()),
+            env: vec![
+                ("FMSFLOW_LAKE__S3_ENDPOINT", endpoint.clone()),
+                ("FMSFLOW_LAKE__S3_PATH_STYLE", "true".into()),
+                // Our retries take over after the SDK's second try, so the test sees them soon.
+                ("FMSFLOW_LAKE__S3_MAX_ATTEMPTS", "2".into()),
+                ("AWS_ENDPOINT_URL", endpoint.clone()),
+            ],
+            during: Box::new(|_| {}),
+            down: Box::new(|| s3("stop")),
+            up: Box::new(|| s3("start")),
+            read: Box::new(|| common::read_lake_with(&lake, &[("AWS_ENDPOINT_URL", &endpoint)])),
+        },
+    );
+}
+
+/// Runs its closure when dropped: stops what a test started, however the test ends.
+struct Stop<F: Fn()>(F);
+impl<F: Fn()> Drop for Stop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// The NameNode of an HDFS of the test's own (the shared one serves other tests) stopped for
+/// the outage and started again with its namespace.
+#[test]
+fn a_namenode_outage_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hdfs_dir = dir.path().join("hdfs").display().to_string();
+    let ports = common::free_ports(2);
+    let (rpc, http) = (ports[0].to_string(), ports[1].to_string());
+    let hdfs = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--dir", &hdfs_dir]);
+        script(
+            "hdfs",
+            &a,
+            &[("FMSFLOW_HDFS_PORT", &rpc), ("FMSFLOW_HDFS_HTTP_PORT", &http)],
+        )
+    };
+    hdfs(&["start"]);
+    let _stop = Stop(|| hdfs(&["stop"]));
+    let lake = format!("hdfs://127.0.0.1:{rpc}/outage/lake");
+    let fetched = dir.path().join("fetched");
+    lake_outage_loses_nothing(
+        "namenode-outage",
+        LakeOutage {
+            lake: lake.clone(),
+            storage: common::open_lake(&lake),
+            env: Vec::new(),
+            during: Box::new(|_| {}),
+            down: Box::new(|| hdfs(&["stop-node", "namenode"])),
+            up: Box::new(|| hdfs(&["start-node", "namenode"])),
+            read: Box::new(|| {
+                common::hdfs::fetch(&lake, &fetched);
+                common::read_lake(&fetched)
+            }),
+        },
+    );
+}
+
+/// The disk of a local lake fills up (another file takes all its space) and is freed again.
+/// The lake is on a tmpfs of its own: mounting one needs root.
+#[test]
+fn a_full_lake_disk_loses_nothing_and_corrupts_nothing() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test mounts a small tmpfs to fill up, which needs root (CI runs as root)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "fmsflow-full-disk"])
+        .arg(&disk)
+        .status()
+        .expect("running mount");
+    assert!(
+        st.success(),
+        "mount -t tmpfs failed (the test needs root and a kernel that allows it)"
+    );
+    let _unmount = Stop(|| {
+        let _ = Command::new("umount").arg("-l").arg(&disk).status();
+    });
+    let root = disk.join("lake");
+    let filler = disk.join("filler");
+    let lake = format!("file://{}", root.display());
+    let full = || {
+        // Takes every byte left, down to the last page.
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        for chunk in [1 << 20, 4096] {
+            let block = vec![0u8; chunk];
+            while f.write_all(&block).is_ok() {}
+        }
+        let free = nix_free_bytes(&disk);
+        assert!(free < 64 << 10, "the disk still has {free} bytes free");
+    };
+    let storage = common::open_lake(&lake);
+    lake_outage_loses_nothing(
+        "full-disk",
+        LakeOutage {
+            lake: lake.clone(),
+            storage: storage.clone(),
+            env: Vec::new(),
+            during: Box::new(|log| {
+                assert!(
+                    log.contains("disk is full"),
+                    "the run's log does not say the disk is full:\n{log}"
+                );
+                // Nothing half-written is left or listed, and readers see whole hours.
+                common::assert_readable_after_kill(storage.as_ref(), "with the disk full");
+                let tmp: Vec<String> = files(&root).into_keys().filter(|k| k.ends_with(".tmp")).collect();
+                assert!(tmp.is_empty(), "failed writes left temporary files: {tmp:?}");
+            }),
+            down: Box::new(full),
+            up: Box::new(|| std::fs::remove_file(&filler).unwrap()),
+            read: Box::new(|| common::read_lake(&root)),
+        },
+    );
+}
+
+/// Free bytes of the filesystem holding `path` (statvfs).
+fn nix_free_bytes(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut s) },
+        0,
+        "statvfs {}",
+        path.display()
+    );
+    s.f_bavail as u64 * s.f_frsize as u64
 }
 
 /// The query API of an engine following Kafka: its status names each partition's position,
@@ -871,21 +1022,90 @@ fn the_api_status_reports_each_partitions_position_and_lag() {
     });
 }
 
-/// The test cluster's TLS listener (`scripts/kafka` gives every broker one): its bootstrap
-/// servers and the CA that signed the brokers' certificates.
-fn tls_listener() -> (String, String) {
+/// A file of the test cluster's directory (`FMSFLOW_KAFKA_DIR`, the DIR of `scripts/kafka
+/// start --dir DIR`): its path and its text.
+fn cluster_file(name: &str) -> (String, String) {
     let dir = std::env::var("FMSFLOW_KAFKA_DIR").expect(
-        "FMSFLOW_KAFKA_DIR is not set: the TLS test reads the cluster's bootstrap-tls and tls/ca.pem from the \
-         directory `scripts/kafka start --dir DIR` used (`bash scripts/test` sets it)",
+        "FMSFLOW_KAFKA_DIR is not set: the TLS and SASL tests read the cluster's bootstrap-tls, tls/ca.pem, \
+         bootstrap-sasl and sasl.env from the directory `scripts/kafka start --dir DIR` used (`bash scripts/test` \
+         sets it)",
     );
-    let dir = Path::new(&dir);
-    let bootstrap = std::fs::read_to_string(dir.join("bootstrap-tls")).unwrap_or_else(|e| {
+    let path = Path::new(&dir).join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (a cluster started before scripts/kafka had TLS listeners? restart it)",
-            dir.display()
+            "{}: {e} (a cluster started before scripts/kafka had TLS and SASL listeners? restart it)",
+            path.display()
         )
     });
-    (bootstrap, dir.join("tls/ca.pem").display().to_string())
+    (path.display().to_string(), text)
+}
+
+/// The test cluster's TLS listener (`scripts/kafka` gives every broker one): its bootstrap
+/// servers, and settings that trust the CA that signed the brokers' certificates.
+fn tls_listener() -> (String, fmsflow::connectors::kafka::KafkaSecurity) {
+    let security = fmsflow::connectors::kafka::KafkaSecurity {
+        protocol: "ssl".into(),
+        ssl_ca_location: cluster_file("tls/ca.pem").0,
+        ..Default::default()
+    };
+    (cluster_file("bootstrap-tls").1, security)
+}
+
+/// The test cluster's SASL_SSL listener (`scripts/kafka` gives every broker one): its
+/// bootstrap servers, and settings that log in with `mechanism` as the test user whose name
+/// and password `scripts/kafka` wrote to DIR/sasl.env.
+fn sasl_listener(mechanism: &str) -> (String, fmsflow::connectors::kafka::KafkaSecurity) {
+    let (path, env) = cluster_file("sasl.env");
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{path} has no {name}"))
+            .to_string()
+    };
+    let security = fmsflow::connectors::kafka::KafkaSecurity {
+        protocol: "sasl_ssl".into(),
+        sasl_mechanism: mechanism.into(),
+        sasl_username: var("FMSFLOW_KAFKA_SASL_USERNAME"),
+        sasl_password: var("FMSFLOW_KAFKA_SASL_PASSWORD"),
+        ..tls_listener().1
+    };
+    (cluster_file("bootstrap-sasl").1, security)
+}
+
+/// `fmsflow run --from earliest --until end` of the 2 partitions of `raw` into `lake` on 2
+/// workers, talking to `brokers` with these `[kafka.security]` settings (given as
+/// `FMSFLOW_KAFKA__SECURITY__…` variables): its output, within 3 minutes.
+fn run_through(
+    raw: &str,
+    lake: &Path,
+    brokers: &str,
+    security: &fmsflow::connectors::kafka::KafkaSecurity,
+    what: &str,
+) -> std::process::Output {
+    let mut cmd = run_command(raw, 2, "earliest", lake, 2);
+    cmd.env("FMSFLOW_KAFKA__BROKERS", brokers)
+        .env("FMSFLOW_KAFKA__SECURITY__PROTOCOL", &security.protocol);
+    for (key, value) in security.given() {
+        cmd.env(format!("FMSFLOW_KAFKA__SECURITY__{}", key.to_uppercase()), value);
+    }
+    common::wait_bounded(
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        Duration::from_secs(180),
+        what,
+    )
+}
+
+/// [`run_through`] into the lake `lake2` of `dir`, which must fail at start: its stderr.
+fn refused_through(
+    raw: &str,
+    dir: &Path,
+    brokers: &str,
+    security: &fmsflow::connectors::kafka::KafkaSecurity,
+    what: &str,
+) -> String {
+    let out = run_through(raw, &dir.join("lake2"), brokers, security, what);
+    assert!(!out.status.success(), "{what} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -894,22 +1114,12 @@ fn the_engine_reads_and_writes_through_the_brokers_tls_listener() {
     let raw = unique("tls");
     let records = produce_generated(&raw, 2, 1, "0.02");
     let dir = tempfile::tempdir().unwrap();
-    let (tls, ca) = tls_listener();
-    let over_tls = |cmd: &mut Command, ca: &str| {
-        cmd.env("FMSFLOW_KAFKA__BROKERS", &tls)
-            .env("FMSFLOW_KAFKA__SECURITY__PROTOCOL", "ssl")
-            .env("FMSFLOW_KAFKA__SECURITY__SSL_CA_LOCATION", ca);
-    };
+    let (tls, security) = tls_listener();
     // Every record read over TLS, the dead letters written over TLS.
-    let mut cmd = run_command(&raw, 2, "earliest", &dir.path().join("lake"), 2);
-    over_tls(&mut cmd, &ca);
-    let out = common::wait_bounded(
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
-        Duration::from_secs(180),
-        "fmsflow run over TLS",
-    );
+    let lake = dir.path().join("lake");
+    let out = run_through(&raw, &lake, &tls, &security, "fmsflow run over TLS");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = common::read_lake(&dir.path().join("lake"));
+    let v = common::read_lake(&lake);
     let letters: u64 = dead_letters_by_rule(&format!("{raw}.rejects")).values().sum();
     assert!(letters > 0);
     assert_eq!(
@@ -938,20 +1148,69 @@ fn the_engine_reads_and_writes_through_the_brokers_tls_listener() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let mut cmd = run_command(&raw, 2, "earliest", &dir.path().join("lake2"), 2);
-    over_tls(&mut cmd, &wrong.display().to_string());
-    let out = common::wait_bounded(
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
-        Duration::from_secs(180),
-        "fmsflow run over TLS with the wrong CA",
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "a broker with a certificate the CA did not sign was trusted"
+    let wrong_ca = fmsflow::connectors::kafka::KafkaSecurity {
+        ssl_ca_location: wrong.display().to_string(),
+        ..security
+    };
+    let err = refused_through(
+        &raw,
+        dir.path(),
+        &tls,
+        &wrong_ca,
+        "fmsflow run over TLS with a CA that did not sign the brokers' certificates",
     );
     assert!(
         err.to_lowercase().contains("ssl") || err.to_lowercase().contains("certificate"),
         "the error names the TLS failure: {err}"
+    );
+}
+
+/// The engine logs in to the SASL_SSL listener with PLAIN (the test's own producer and
+/// consumer with SCRAM-SHA-256), and a wrong password stops it at start, naming the settings.
+#[test]
+fn the_engine_reads_and_writes_through_the_brokers_sasl_listener() {
+    common::python();
+    let raw = unique("sasl");
+    let (sasl, scram) = sasl_listener("SCRAM-SHA-256");
+    let (_, plain) = sasl_listener("PLAIN");
+    // The raw records produced as the test user.
+    let records = generated(1, "0.02");
+    create_topic(&raw, 2);
+    let producer = fmsflow::connectors::kafka::KafkaProducer::with(&sasl, &scram).unwrap();
+    common::kafka::produce_through(&producer, &raw, &records);
+    // Every record read over SASL_SSL, the dead letters written over it.
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let out = run_through(&raw, &lake, &sasl, &plain, "fmsflow run over SASL_SSL");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = common::read_lake(&lake);
+    let consumer = fmsflow::connectors::kafka::base_config(&sasl, &scram);
+    let letters = common::kafka::consume_all_with(&format!("{raw}.rejects"), &consumer).len() as u64;
+    assert!(letters > 0);
+    assert_eq!(
+        v["readings"].as_u64().unwrap() + letters,
+        records.len() as u64,
+        "every record read over SASL_SSL is a reading or a dead letter: {v}"
+    );
+    // A wrong password: refused at start, the error naming the failed authentication and the
+    // settings to check, and showing neither password.
+    let wrong = fmsflow::connectors::kafka::KafkaSecurity {
+        sasl_password: "not-the-password".into(),
+        ..plain.clone()
+    };
+    let err = refused_through(
+        &raw,
+        dir.path(),
+        &sasl,
+        &wrong,
+        "fmsflow run over SASL_SSL with a wrong password",
+    );
+    assert!(
+        err.contains("SASL authentication") && err.contains("kafka.security.sasl_username"),
+        "the error names the failed authentication and the settings: {err}"
+    );
+    assert!(
+        !err.contains(&plain.sasl_password) && !err.contains("not-the-password"),
+        "the error shows a password: {err}"
     );
 }

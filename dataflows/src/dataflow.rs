@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use differential_dataflow::collection::AsCollection;
+use differential_dataflow::difference::Semigroup;
 use differential_dataflow::operators::CountTotal;
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -93,6 +94,14 @@ pub struct FlowConfig {
     /// Set when resuming after a crash: the first epochs replay records whose outputs the
     /// lake already holds.
     pub recovery: Option<Recovery>,
+    /// The `hourly` and `quality` collections forget an hour's keys (retract them) once the
+    /// event-time watermark is this far past the hour's end, so the arrangements behind
+    /// them hold a bounded window and memory stays flat over months; never before the hour's
+    /// state is dropped (`max_age` + `grace` + an hour past its end). Only for inputs whose
+    /// records all carry an ingest time (a record without one can reopen a forgotten hour,
+    /// whose tables would then hold only its own statistics). `None` keeps every hour, as a
+    /// bounded replay of files does.
+    pub forget_after_ms: Option<i64>,
 }
 
 impl FlowConfig {
@@ -108,6 +117,7 @@ impl Default for FlowConfig {
             rules: RuleConfig::default(),
             grace_ms: 5 * 60 * 1000,
             recovery: None,
+            forget_after_ms: None,
         }
     }
 }
@@ -241,19 +251,33 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
     let retention = cfg.rules.max_age_ms + HOUR_MS;
     let (readings, losers, hourly_updates, valid_counts, watermarks, latest) = dedup(scope, ok, retention);
     let dups = duplicates(payloads, losers);
+    let watermarks = watermarks.broadcast();
 
     let rejections = concat(bad, dups);
     let reject_counts = count_rejections(rejections.clone());
 
+    let mut hourly_updates = hourly_updates;
+    let mut quality_updates = concat(valid_counts, reject_counts);
+    if let Some(after) = cfg.forget_after_ms {
+        // Not before the sealing operator has dropped the hour (see `seal`).
+        let after = after.max(HOUR_MS + cfg.grace_ms + cfg.rules.max_age_ms);
+        hourly_updates = forget_hours(hourly_updates, watermarks.clone(), |k: &DeviceHour| k.1, after);
+        quality_updates = forget_hours(
+            quality_updates,
+            watermarks.clone(),
+            |k: &(u32, i64, Outcome)| k.1,
+            after,
+        );
+    }
     let hourly = hourly_updates.as_collection().count_total();
-    let quality = concat(valid_counts, reject_counts).as_collection().count_total();
+    let quality = quality_updates.as_collection().count_total();
 
     Outputs {
         readings,
         rejections,
         hourly,
         quality,
-        watermarks: watermarks.broadcast(),
+        watermarks,
         latest,
         grace_ms: cfg.grace_ms,
         max_age_ms: cfg.rules.max_age_ms,
@@ -267,6 +291,119 @@ fn concat<'scope, D: Clone + 'static>(
 ) -> Stream<'scope, Epoch, Vec<D>> {
     use timely::dataflow::operators::Concat;
     a.concat(b)
+}
+
+/// How an update of a collection is taken back: the difference that, added to it, is zero.
+pub trait Retract {
+    /// The retraction of `self`.
+    fn retraction(&self) -> Self;
+}
+
+impl Retract for isize {
+    fn retraction(&self) -> Self {
+        self.wrapping_neg()
+    }
+}
+
+impl Retract for HourStats {
+    fn retraction(&self) -> Self {
+        self.negated()
+    }
+}
+
+/// Passes `updates` through and, once the event-time watermark is more than `after_ms` past
+/// an hour's end, retracts everything this worker passed of that hour's keys, at the epoch
+/// after the one that moved the watermark there: the collection then holds an hour's keys only while the
+/// hour can change or be asked for, and the arrangements behind it, compacted as time
+/// advances, drop them. Each worker takes back exactly what it passed, so a key whose
+/// updates came through several workers (per-worker rejection counts) cancels in total.
+/// Holds what it passed of the hours in the window: bounded, as the collection now is.
+/// Updates for an hour already forgotten (a reopened hour) are passed and forgotten again
+/// at the next epoch: the collection then holds only their own statistics, so this is for
+/// inputs whose readings all carry an ingest time, which can never reopen an hour.
+fn forget_hours<'scope, K, R>(
+    updates: Stream<'scope, Epoch, Vec<(K, Epoch, R)>>,
+    watermarks: Stream<'scope, Epoch, Vec<i64>>,
+    hour_of: fn(&K) -> i64,
+    after_ms: i64,
+) -> Stream<'scope, Epoch, Vec<(K, Epoch, R)>>
+where
+    K: Clone + Eq + std::hash::Hash + 'static,
+    R: Semigroup + Retract + Clone + 'static,
+{
+    let scope = updates.scope();
+    let mut builder = OperatorBuilder::new("ForgetHours".to_owned(), scope);
+    let mut i_up = builder.new_input(updates, Pipeline);
+    let mut i_wm = builder.new_input(watermarks, Pipeline);
+    let (o_up, s_up) = builder.new_output::<Vec<(K, Epoch, R)>>();
+    let mut o_up = OutputBuilder::from(o_up);
+    builder.build(move |caps| {
+        let mut caps: Vec<Capability<Epoch>> = caps;
+        // What was passed, by epoch, until the epoch is complete; then by hour.
+        let mut pending: BTreeMap<Epoch, Vec<(K, R)>> = BTreeMap::new();
+        let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
+        let mut passed: BTreeMap<i64, FastMap<K, R>> = BTreeMap::new();
+        let mut watermark = i64::MIN;
+        move |frontiers| {
+            let mut out = o_up.activate();
+            i_up.for_each_stamp(|cap, data| {
+                for batch in data {
+                    for (k, t, r) in batch.iter() {
+                        pending.entry(*t).or_default().push((k.clone(), r.clone()));
+                    }
+                    out.session(&cap).give_container(batch);
+                }
+            });
+            i_wm.for_each_stamp(|cap, data| {
+                let w = pending_wm.entry(epoch_of(&cap)).or_insert(i64::MIN);
+                data.for_each(|b| *w = b.iter().copied().fold(*w, i64::max));
+            });
+            let done = |t: &Epoch| !frontiers.iter().any(|f| f.frontier().less_equal(t));
+            loop {
+                let next = match (pending.keys().next(), pending_wm.keys().next()) {
+                    (Some(a), Some(b)) => *a.min(b),
+                    (Some(a), None) | (None, Some(a)) => *a,
+                    (None, None) => break,
+                };
+                if !done(&next) {
+                    break;
+                }
+                for (k, r) in pending.remove(&next).into_iter().flatten() {
+                    match passed.entry(hour_of(&k)).or_default().entry(k) {
+                        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().plus_equals(&r),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(r);
+                        }
+                    }
+                }
+                if let Some(w) = pending_wm.remove(&next) {
+                    watermark = watermark.max(w);
+                }
+                // Taken back in the next epoch: the hour's last update, at this one, must
+                // reach the sealing operator, which drops the hour now (at the same point).
+                let limit = watermark.saturating_sub(after_ms);
+                while let Some(e) = passed.first_entry() {
+                    if (*e.key() + 1) * HOUR_MS >= limit {
+                        break;
+                    }
+                    let keys = e.remove();
+                    let at = next + 1;
+                    let cap = caps[0].delayed(&at);
+                    out.session(&cap)
+                        .give_iterator(keys.into_iter().map(|(k, r)| (k, at, r.retraction())));
+                }
+            }
+            let least = frontiers
+                .iter()
+                .filter_map(|f| f.frontier().iter().min().copied())
+                .min();
+            match least {
+                Some(f) => caps.iter_mut().for_each(|c| c.downgrade(&f)),
+                None => caps.clear(),
+            }
+        }
+    });
+    s_up
 }
 
 /// Per-epoch counts of rejections by (device, hour, rule), pre-aggregated per worker.

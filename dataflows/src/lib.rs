@@ -6,6 +6,8 @@
 #![deny(missing_docs)]
 
 pub mod dataflow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod oracle;
 pub mod rules;

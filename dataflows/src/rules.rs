@@ -182,6 +182,8 @@ struct Wire<'a> {
     /// sensor1..3, motor1..3.
     metrics: [Option<f64>; 6],
     is_fail: Option<bool>,
+    /// An unknown key held a control character (see [`Key::Control`]).
+    control_key: bool,
 }
 
 /// The error of a key that is not valid JSON text (serde_json's own words for a bad string).
@@ -195,6 +197,10 @@ enum Key {
     Metric(usize),
     IsFail,
     Other,
+    /// An unknown key with a control character: JSON if it was escaped (`"a\tb"`), not if
+    /// it was raw, and the unescaped bytes no longer tell which. [`check`] has serde_json
+    /// check the payload's strings as text then.
+    Control,
 }
 
 impl<'de> Deserialize<'de> for Key {
@@ -219,9 +225,8 @@ impl<'de> Deserialize<'de> for Key {
                     // The known keys are plain ASCII; only an unknown key can hold what JSON
                     // forbids in a string and serde_json does not check in raw bytes: invalid
                     // UTF-8 (lone surrogate escapes included) and raw control characters.
-                    _ if b.iter().any(|c| *c < 0x20) || std::str::from_utf8(b).is_err() => {
-                        return Err(E::custom(BAD_KEY))
-                    }
+                    _ if std::str::from_utf8(b).is_err() => return Err(E::custom(BAD_KEY)),
+                    _ if b.iter().any(|c| *c < 0x20) => Key::Control,
                     _ => Key::Other,
                 })
             }
@@ -385,6 +390,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Wire<'a> {
                             w.is_fail = map.next_value_seed(Nullable::new())?;
                         }
                         Key::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                        Key::Control => {
+                            w.control_key = true;
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
                     }
@@ -852,6 +861,13 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
             ))
         }
     };
+    // A raw control character in a key is not JSON, an escaped one is (see `Key::Control`):
+    // serde_json tells them apart when it skips the text, checking every string.
+    if wire.control_key {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&raw.payload) {
+            return Err((Rule::MalformedJson, format!("cannot decode payload: {e}"), 0, None));
+        }
+    }
     let missing = |field: &str| {
         Err((
             Rule::MissingField,

@@ -175,6 +175,20 @@ impl HourStats {
         }
     }
 
+    /// The value that, added to `self`, gives statistics of no reading ([`IsZero`]), which
+    /// differential then drops: counts and sums negated (wrapping, as they are added);
+    /// extremes and time span kept, as merging them with themselves changes nothing.
+    pub fn negated(&self) -> Self {
+        let mut n = *self;
+        n.count = self.count.wrapping_neg();
+        n.fails = self.fails.wrapping_neg();
+        for m in n.metrics.iter_mut() {
+            m.sum = m.sum.wrapping_neg();
+            m.sum_sq = m.sum_sq.wrapping_neg();
+        }
+        n
+    }
+
     /// Mean of metric `i`.
     pub fn mean(&self, i: usize) -> f64 {
         self.metrics[i].mean(self.count)
@@ -211,8 +225,9 @@ impl Semigroup for HourStats {
         for (a, b) in self.metrics.iter_mut().zip(rhs.metrics.iter()) {
             a.merge(b);
         }
-        self.count += rhs.count;
-        self.fails += rhs.fails;
+        // Wrapping: a retraction (see [`HourStats::negated`]) is a "negative" count.
+        self.count = self.count.wrapping_add(rhs.count);
+        self.fails = self.fails.wrapping_add(rhs.fails);
         self.first_ms = self.first_ms.min(rhs.first_ms);
         self.last_ms = self.last_ms.max(rhs.last_ms);
     }
@@ -278,6 +293,29 @@ mod tests {
             b.plus_equals(&HourStats::of(&r));
         }
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_negated_value_cancels_its_sum_in_any_order() {
+        let rs: Vec<Reading> = (0..5).map(|i| reading(i * 10, i as f64 * 1.5 - 2.0, i == 3)).collect();
+        let mut whole = HourStats::default();
+        rs.iter().for_each(|r| whole.add(r));
+        // The retraction of the whole, added before, between and after the parts.
+        for at in 0..=rs.len() {
+            let mut acc = HourStats::default();
+            for (i, r) in rs.iter().enumerate() {
+                if i == at {
+                    acc.plus_equals(&whole.negated());
+                }
+                acc.plus_equals(&HourStats::of(r));
+            }
+            if at == rs.len() {
+                acc.plus_equals(&whole.negated());
+            }
+            assert!(acc.is_zero(), "retraction added at {at} leaves {acc:?}");
+            assert!(acc.metrics.iter().all(|m| m.sum == 0 && m.sum_sq == 0));
+        }
+        assert!(!whole.negated().is_zero());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Fuzzing `rules::validate` with proptest: arbitrary bytes, JSON-shaped noise and mutations
 //! of valid payloads (truncation, byte flips, insertions, deletions, spliced tokens). The
 //! rules must never panic; every rejection must carry a reason and the exact original bytes;
-//! every accepted reading must satisfy the rules it passed.
+//! every accepted reading must satisfy the rules it passed; the outcome is the one serde's
+//! derived decoding of the fields implies. The checks are the `payload` fuzz target's
+//! (`fmsflow_dataflows::fuzzing`, see docs/FUZZING.md).
 
-use fmsflow_dataflows::rules::{validate, validate_keeping, Rule, RuleConfig};
+use fmsflow_dataflows::fuzzing::check_at;
+use fmsflow_dataflows::rules::{validate, RuleConfig};
 use fmsflow_dataflows::{RawRecord, SourcePos};
 use proptest::prelude::*;
 
@@ -123,49 +126,11 @@ fn ingest() -> impl Strategy<Value = Option<i64>> {
     ]
 }
 
-/// Validates `payload` and checks the properties every outcome must have.
+/// Validates `payload` and checks the properties every outcome must have: the `payload`
+/// fuzz target's check (`fmsflow_dataflows::fuzzing`), which panics when one does not hold.
 fn check(payload: Vec<u8>, ingest_ms: Option<i64>) -> Result<(), TestCaseError> {
-    let cfg = RuleConfig::default();
     let pos = SourcePos { source: 3, offset: 77 };
-    let raw = RawRecord {
-        payload: payload.clone(),
-        ingest_ms,
-        pos,
-    };
-    let outcome = validate_keeping(raw.clone(), &cfg);
-    prop_assert_eq!(&validate_keeping(raw, &cfg), &outcome, "validate is deterministic");
-    match outcome {
-        Ok((r, kept)) => {
-            prop_assert_eq!(&kept, &payload, "an accepted reading's bytes are handed back for dedup");
-            prop_assert_eq!((r.ingest_ms, r.pos), (ingest_ms, pos));
-            prop_assert!((1..=cfg.fleet_size).contains(&r.device), "device {}", r.device);
-            for (v, (lo, hi)) in r.metrics.iter().zip(cfg.ranges.iter()) {
-                prop_assert!(v.is_finite() && *lo <= *v && *v <= *hi, "metric {} accepted", v);
-            }
-            if let Some(i) = ingest_ms {
-                prop_assert!(r.time_ms - i <= cfg.max_future_ms && i - r.time_ms <= cfg.max_age_ms);
-            }
-        }
-        Err(rej) => {
-            prop_assert!(
-                !rej.reason.trim().is_empty(),
-                "a rejection by {:?} without a reason",
-                rej.rule
-            );
-            prop_assert_eq!(&rej.payload, &payload, "a rejection keeps the exact original bytes");
-            prop_assert_eq!((rej.ingest_ms, rej.pos), (ingest_ms, pos));
-            prop_assert_ne!(rej.rule, Rule::Duplicate, "only the Deduper finds duplicates");
-            prop_assert!(
-                rej.device == 0 || (1..=cfg.fleet_size).contains(&rej.device),
-                "a rejection's device is 0 or in the fleet, not {}",
-                rej.device
-            );
-            if rej.rule == Rule::UnknownDevice {
-                prop_assert_eq!(rej.device, 0);
-            }
-            let _ = rej.hour();
-        }
-    }
+    check_at(&RuleConfig::default(), &payload, ingest_ms, pos);
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use fmsflow_dataflows::dataflow::{build, Epoch, FlowConfig, HourBatch, Recovery};
 use fmsflow_dataflows::oracle::{expected, Expected};
 use fmsflow_dataflows::rules::{validate, Outcome, RuleConfig};
-use fmsflow_dataflows::time::{format_rfc3339, hour_of, parse_rfc3339};
+use fmsflow_dataflows::time::{format_rfc3339, hour_of, parse_rfc3339, HOUR_MS as HOUR};
 use fmsflow_dataflows::{DeviceHour, HourStats, RawRecord, Rejection, Rule, SourcePos, METRICS};
 use proptest::prelude::*;
 use timely::container::CapacityContainerBuilder;
@@ -39,6 +39,7 @@ fn flow_config() -> FlowConfig {
         },
         grace_ms: 5 * MINUTE,
         recovery: None,
+        forget_after_ms: None,
     }
 }
 
@@ -726,6 +727,63 @@ fn same_results_at_1_2_and_4_workers() {
                 // Readings and rejections are split by worker, so only their union is.)
                 assert!(tables(&other) == tables(&base), "{context}: table versions differ");
             }
+        }
+    }
+}
+
+/// With `forget_after_ms`, the collections end holding only the hours within the window of
+/// the last watermark, with the same values as without it, and the lake is the same.
+#[test]
+fn forgetting_old_hours_keeps_the_window_and_the_lake() {
+    // Forgetting is for inputs whose records all carry an ingest time (Kafka, the poller):
+    // only a record without one can reopen an hour after its state was dropped.
+    let records: Vec<_> = fixed_input(1500)
+        .into_iter()
+        .filter(|(_, r)| r.ingest_ms.is_some())
+        .collect();
+    let keep = flow_config();
+    let forget = FlowConfig {
+        // The least it takes: an hour is forgotten when its state is dropped.
+        forget_after_ms: Some(0),
+        ..keep.clone()
+    };
+    let after = HOUR + keep.grace_ms + keep.rules.max_age_ms;
+    for (workers, lockstep) in [(1, true), (2, false), (3, true)] {
+        let context = format!("{workers} worker(s), lockstep {lockstep}");
+        let base = run(&records, &keep, workers, lockstep);
+        let f = run(&records, &forget, workers, lockstep);
+        let last = f.watermarks.iter().map(|w| w.1).max().expect("a watermark");
+        let kept = |hour: i64| (hour + 1) * HOUR >= last - after;
+        let hours: BTreeSet<i64> = base.hourly.keys().map(|k| k.1).collect();
+        let gone = hours.iter().filter(|h| !kept(**h)).count();
+        assert!(
+            gone >= 3 && gone < hours.len(),
+            "{context}: the input forgets some hours but not all ({gone} of {})",
+            hours.len()
+        );
+        let want_hourly: BTreeMap<_, _> = base
+            .hourly
+            .iter()
+            .filter(|(k, _)| kept(k.1))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        assert!(
+            f.hourly == want_hourly,
+            "{context}: hourly holds other than the window's keys"
+        );
+        let want_quality: BTreeMap<_, _> = base
+            .quality
+            .iter()
+            .filter(|(k, _)| kept(k.1))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        assert!(
+            f.quality == want_quality,
+            "{context}: quality holds other than the window's keys"
+        );
+        assert!(merged(&f) == merged(&base), "{context}: the lake differs");
+        if lockstep {
+            assert!(tables(&f) == tables(&base), "{context}: table versions differ");
         }
     }
 }

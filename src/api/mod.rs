@@ -8,6 +8,10 @@
 
 pub mod answers;
 pub mod client;
+/// The `api_request` fuzz target's harness: the router over an in-memory view, and the
+/// checks of its answers (docs/FUZZING.md).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod view;
 
 use std::collections::HashMap;
@@ -16,6 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -256,7 +261,14 @@ fn router(api: Arc<Api>) -> Router {
         .route("/quality", get(quality))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .route("/openapi.json", get(openapi))
-        .fallback(|| async { ApiError::not_found("no such API path (see /api/v1/openapi.json)") });
+        .fallback(|| async { ApiError::not_found("no such API path (see /api/v1/openapi.json)") })
+        // After every route: it applies to the routes there are. axum adds `Allow`.
+        .method_not_allowed_fallback(|| async {
+            ApiError::with(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the API answers GET (and HEAD) only".to_string(),
+            )
+        });
     let metrics = Router::new()
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), authorize));
@@ -267,6 +279,15 @@ fn router(api: Arc<Api>) -> Router {
         .route("/app.js", get(|| asset("app.js")))
         .route("/style.css", get(|| asset("style.css")))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        // A path under the API's prefix that the nested router does not take (`/api/v1/`)
+        // gets the API's 404 too; any other unknown path a plain one.
+        .fallback(|uri: axum::http::Uri| async move {
+            if uri.path() == "/api/v1" || uri.path().starts_with("/api/v1/") {
+                ApiError::not_found("no such API path (see /api/v1/openapi.json)").into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            }
+        })
         .layer(axum::middleware::from_fn_with_state(api.clone(), guard))
         .layer(axum::middleware::from_fn_with_state(api.clone(), observe))
         .with_state(api)
@@ -526,6 +547,17 @@ impl<'a> Params<'a> {
     }
 }
 
+/// The `{id}` of a `/devices/{id}/...` path: 400 (in the API's error shape) when it is not
+/// text, percent-encoded bytes that are not UTF-8.
+fn path_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|e| {
+        ApiError::bad(
+            "id",
+            format!("the device id is not a positive integer ({})", e.body_text()),
+        )
+    })
+}
+
 /// The device of a `/devices/{id}/...` path: 404 outside the fleet.
 fn device_of(api: &Api, id: &str) -> Result<u32, ApiError> {
     let d: u32 = id
@@ -722,11 +754,11 @@ async fn status(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, Str
 
 async fn device_hourly(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer<DeviceHourly> {
     let p = Params::new(&q, &["from", "to"])?;
-    let device = device_of(&api, &id)?;
+    let device = device_of(&api, &path_id(id)?)?;
     let ctx = api.begin(&p).await?;
     let newest = api.view.watermark(ctx.as_of).map(|w| w.div_euclid(HOUR_MS));
     let (from, to) = p.hours(newest)?;
@@ -755,11 +787,11 @@ async fn device_hourly(
 
 async fn device_latest(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer<DeviceLatestAnswer> {
     let p = Params::new(&q, &[])?;
-    let device = device_of(&api, &id)?;
+    let device = device_of(&api, &path_id(id)?)?;
     let ctx = api.begin(&p).await?;
     let mut best = api.view.device_latest(ctx.as_of, device).map(|l| LatestRow::new(&l));
     for peer in api

@@ -2,8 +2,15 @@
 //! interval with jitter, a bound on requests in flight, a per-request timeout, and retries
 //! with backoff. Failures are counted and logged at most once per few seconds; they never
 //! stop the poller.
+//!
+//! A device that hangs cannot hold up the others: the schedule never waits for a request
+//! (each poll waits for its slot in a task of its own), and a device is polled again only once
+//! its previous poll has ended. A poll that falls due while the device's previous one is still
+//! running (waiting for a slot, asking, or retrying) is skipped and counted
+//! (`fmsflow_collector_polls_skipped_total`), so a hanging device holds at most one of the
+//! `concurrency` slots, for at most `(retries + 1) × timeout` plus the backoff.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +59,9 @@ pub async fn poll(
         }
     };
     let limit = Arc::new(Semaphore::new(settings.concurrency));
+    // Each device's poll that has not ended yet, by id.
+    let busy: Arc<Vec<AtomicBool>> = Arc::new((0..=settings.devices).map(|_| AtomicBool::new(false)).collect());
+    let mut polls = tokio::task::JoinSet::new();
     let seq = Arc::new(AtomicU64::new(0));
     let last_log = Arc::new(std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)));
     let n = settings.devices as u64;
@@ -69,10 +79,20 @@ pub async fn poll(
                 .mul_f64(((d as u64 - 1) as f64 + 0.5 * unit(mix(round, d as u64, 3))) / n as f64);
             tokio::time::sleep_until(round_start + slot).await;
             crate::metrics::shared().polls_expected.inc();
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
-            let (client, settings, clock, status, deliver, seq, last_log) = (
+            while polls.try_join_next().is_some() {}
+            if busy[d as usize].swap(true, Ordering::AcqRel) {
+                crate::metrics::shared().polls_skipped.inc();
+                let mut last = last_log.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() > Duration::from_secs(5) {
+                    *last = Instant::now();
+                    tracing::warn!(
+                        device = d,
+                        "poll skipped: the device's previous poll is still running (it hangs, or every slot is taken; counted, logged every 5 s)"
+                    );
+                }
+                continue;
+            }
+            let (client, settings, clock, status, deliver, seq, last_log, limit) = (
                 client.clone(),
                 settings.clone(),
                 clock.clone(),
@@ -80,9 +100,14 @@ pub async fn poll(
                 deliver.clone(),
                 seq.clone(),
                 last_log.clone(),
+                limit.clone(),
             );
-            tokio::spawn(async move {
-                let _permit = permit;
+            let done = PollDone(busy.clone(), d as usize);
+            polls.spawn(async move {
+                let _done = done;
+                let Ok(_permit) = limit.acquire_owned().await else {
+                    return;
+                };
                 let url = format!("{}/{d}/", settings.base.trim_end_matches('/'));
                 let mut backoff = Duration::from_millis(50);
                 let metrics = crate::metrics::shared();
@@ -123,8 +148,17 @@ pub async fn poll(
         }
         round += 1;
     }
-    // Let requests in flight finish so nothing polled is lost.
-    let _ = limit.acquire_many(settings.concurrency as u32).await;
+    // Let the polls due finish so nothing polled is lost.
+    while polls.join_next().await.is_some() {}
+}
+
+/// Marks a device's poll ended when its task ends, however it ends.
+struct PollDone(Arc<Vec<AtomicBool>>, usize);
+
+impl Drop for PollDone {
+    fn drop(&mut self) {
+        self.0[self.1].store(false, Ordering::Release);
+    }
 }
 
 /// One request: the body, or the outcome's class (`crate::metrics::POLL_CLASSES`) and why.

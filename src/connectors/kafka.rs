@@ -264,21 +264,28 @@ impl KafkaSecurity {
         }
     }
 
+    /// The settings besides the protocol that are set, by their key in `[kafka.security]`:
+    /// librdkafka's name with `_` for `.`.
+    pub fn given(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("ssl_ca_location", &self.ssl_ca_location),
+            ("ssl_certificate_location", &self.ssl_certificate_location),
+            ("ssl_key_location", &self.ssl_key_location),
+            ("ssl_key_password", &self.ssl_key_password),
+            ("sasl_mechanism", &self.sasl_mechanism),
+            ("sasl_username", &self.sasl_username),
+            ("sasl_password", &self.sasl_password),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(key, value)| (key, value.as_str()))
+    }
+
     /// Sets these settings on a client's configuration.
     fn apply(&self, c: &mut ClientConfig) {
         c.set("security.protocol", self.protocol());
-        for (key, value) in [
-            ("ssl.ca.location", &self.ssl_ca_location),
-            ("ssl.certificate.location", &self.ssl_certificate_location),
-            ("ssl.key.location", &self.ssl_key_location),
-            ("ssl.key.password", &self.ssl_key_password),
-            ("sasl.mechanism", &self.sasl_mechanism),
-            ("sasl.username", &self.sasl_username),
-            ("sasl.password", &self.sasl_password),
-        ] {
-            if !value.is_empty() {
-                c.set(key, value);
-            }
+        for (key, value) in self.given() {
+            c.set(key.replace('_', "."), value);
         }
     }
 }
@@ -300,7 +307,8 @@ impl KafkaSettings {
     }
 }
 
-fn base_config(brokers: &str, security: &KafkaSecurity) -> ClientConfig {
+/// The settings every client here starts from: the brokers and `[kafka.security]`.
+pub fn base_config(brokers: &str, security: &KafkaSecurity) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", "fmsflow")
@@ -401,7 +409,22 @@ fn forward_error(error: KafkaError, reason: &str) {
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(60)))
     {
-        *last = Some((Instant::now(), reason.to_string()));
+        *last = Some((Instant::now(), explained(&error, reason)));
+    }
+}
+
+/// What a broker error says, for a message: librdkafka's reason and, for a refused SASL
+/// login (a wrong user or password, a mechanism the brokers do not take), which settings to
+/// check.
+fn explained(error: &KafkaError, reason: &str) -> String {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+        format!(
+            "{reason}; the brokers refused the SASL authentication: check kafka.security.sasl_username, \
+             kafka.security.sasl_password (FMSFLOW_KAFKA__SECURITY__SASL_PASSWORD) and \
+             kafka.security.sasl_mechanism"
+        )
+    } else {
+        reason.to_string()
     }
 }
 
@@ -1174,6 +1197,17 @@ pub fn changelog_record(device: u32, hour: i64, s: &HourStats, epoch: u64) -> (S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_sasl_login_names_the_settings_to_check() {
+        let reason = "sasl_ssl://127.0.0.1:9392/bootstrap: SASL authentication error: Authentication failed";
+        let e = explained(&KafkaError::Global(RDKafkaErrorCode::Authentication), reason);
+        assert!(e.starts_with(reason), "{e}");
+        assert!(e.contains("kafka.security.sasl_username"), "{e}");
+        let refused = "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed";
+        let e = explained(&KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure), refused);
+        assert_eq!(e, refused);
+    }
 
     #[test]
     fn start_positions_parse() {

@@ -27,6 +27,18 @@ const RPC_TIMEOUT_MS: &str = "10000";
 /// 48 hours: 47,729 rows/s, against 208,411 with 20 ms; docs/BENCHMARKS.md).
 const COMPLETE_RETRY_MS: &str = "10";
 
+/// Makes the JVM that libhdfs starts leave SIGINT, SIGTERM and SIGHUP to fmsflow (`-Xrs` in
+/// `LIBHDFS_OPTS`). Without it the JVM takes them: on a stop it runs its shutdown hooks,
+/// which close every HDFS client while the run is still writing its last epochs, and the
+/// drain fails with `Filesystem closed`. Call before any thread starts (it sets a variable of
+/// the process's environment).
+pub fn jvm_leaves_signals_alone() {
+    let opts = std::env::var("LIBHDFS_OPTS").unwrap_or_default();
+    if !opts.split_whitespace().any(|o| o == "-Xrs") {
+        std::env::set_var("LIBHDFS_OPTS", format!("{opts} -Xrs").trim());
+    }
+}
+
 pub struct HdfsStorage {
     client: Client,
     /// `hdfs://host:port`

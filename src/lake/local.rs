@@ -52,12 +52,21 @@ impl Storage for LocalStorage {
         let n = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
-        f.write_all(bytes).map_err(|e| io("writing", e))?;
-        if self.fsync {
-            f.sync_all().map_err(|e| io("syncing", e))?;
-        }
+        let written = f
+            .write_all(bytes)
+            .map_err(|e| io("writing", e))
+            .and_then(|()| match self.fsync {
+                true => f.sync_all().map_err(|e| io("syncing", e)),
+                false => Ok(()),
+            });
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e))?;
+        // A failed write (a full disk) takes its partial file with it: the retry must not find
+        // the space it needs taken by the attempts before it.
+        let placed = written.and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| io("renaming into place", e)));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         if self.fsync {
             sync_dir(dir).map_err(|e| io("syncing the directory of", e))?;
         }

@@ -31,7 +31,7 @@ pub enum LakeError {
     #[error("lake URL `{url}`: {problem}")]
     Url { url: String, problem: String },
     /// An I/O operation on the storage failed.
-    #[error("{op} `{path}` failed: {source}")]
+    #[error("{op} `{path}` failed: {source}{}", full_hint(.source))]
     Io {
         op: &'static str,
         path: String,
@@ -44,6 +44,16 @@ pub enum LakeError {
         hour: i64,
         message: String,
     },
+}
+
+/// What to do about a full disk (or quota), which the bare OS error does not say.
+fn full_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            " (the lake's disk is full: free space there; the write is retried, and nothing is lost while it waits)"
+        }
+        _ => "",
+    }
 }
 
 impl LakeError {

@@ -63,6 +63,21 @@ pub fn follow_command(raw: &str, partitions: i32, lake: &str) -> Command {
     cmd
 }
 
+/// `fmsflow run --source kafka --from <from> --until end --workers <workers>` into the lake
+/// at a URL (an `s3://` one on the test S3 server), pointed at the test cluster by
+/// [`kafka_env`].
+pub fn replay_command(raw: &str, partitions: i32, from: &str, lake: &str, workers: usize) -> Command {
+    let mut cmd = Command::new(super::bin());
+    kafka_env(&mut cmd, raw, partitions)
+        .args(["run", "--source", "kafka", "--until", "end", "--from", from])
+        .args(["--workers", &workers.to_string(), "--lake", lake]);
+    if lake.starts_with("s3://") {
+        cmd.env("FMSFLOW_LAKE__S3_ENDPOINT", super::s3::endpoint())
+            .env("FMSFLOW_LAKE__S3_PATH_STYLE", "true");
+    }
+    cmd
+}
+
 /// The offsets `group` has committed for each of `topic`'s first `partitions` partitions.
 pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     let c: BaseConsumer = ClientConfig::new()
@@ -88,6 +103,8 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> 
 /// One consumed record.
 #[derive(Debug, Clone)]
 pub struct Rec {
+    pub partition: i32,
+    pub offset: i64,
     pub key: String,
     pub value: Vec<u8>,
     pub headers: BTreeMap<String, String>,
@@ -96,8 +113,13 @@ pub struct Rec {
 
 /// Every record of `topic`, read from the beginning to the end each partition has now.
 pub fn consume_all(topic: &str) -> Vec<Rec> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+    consume_all_with(topic, ClientConfig::new().set("bootstrap.servers", bootstrap()))
+}
+
+/// [`consume_all`] by a consumer of these settings (another listener, TLS or SASL).
+pub fn consume_all_with(topic: &str, config: &ClientConfig) -> Vec<Rec> {
+    let c: BaseConsumer = config
+        .clone()
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -141,6 +163,8 @@ pub fn consume_all(topic: &str) -> Vec<Rec> {
                     })
                     .unwrap_or_default();
                 out.push(Rec {
+                    partition: m.partition(),
+                    offset: m.offset(),
                     key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
@@ -279,7 +303,11 @@ pub fn generated(hours: u32, dirty_rate: &str) -> Vec<(i64, String)> {
 /// Produces records to `topic` as the collector would: key the device id, timestamp the
 /// ingest time.
 pub fn produce(topic: &str, records: &[(i64, String)]) {
-    let p = KafkaProducer::new(&bootstrap()).unwrap();
+    produce_through(&KafkaProducer::new(&bootstrap()).unwrap(), topic, records)
+}
+
+/// [`produce`] through this producer (another listener, TLS or SASL settings).
+pub fn produce_through(p: &KafkaProducer, topic: &str, records: &[(i64, String)]) {
     for (ts, payload) in records {
         // Keyed by device as the collector keys them; a payload too broken to name one
         // goes wherever the producer puts it.

@@ -49,8 +49,12 @@ pub fn open_lake(url: &str) -> std::sync::Arc<dyn fmsflow::lake::Storage> {
 /// hour's tables, hourly counts equal to the readings), and that every file of the tables is
 /// listed by a manifest: nothing is left uncommitted or superseded.
 pub fn assert_committed(url: &str) -> fmsflow::lake::manifest::Verified {
-    let storage = open_lake(url);
-    let v = fmsflow::lake::manifest::verify(storage.as_ref()).unwrap_or_else(|e| panic!("{url}: {e}"));
+    assert_committed_in(open_lake(url).as_ref(), url)
+}
+
+/// [`assert_committed`] of an open lake (`url` names it in messages).
+pub fn assert_committed_in(storage: &dyn fmsflow::lake::Storage, url: &str) -> fmsflow::lake::manifest::Verified {
+    let v = fmsflow::lake::manifest::verify(storage).unwrap_or_else(|e| panic!("{url}: {e}"));
     assert!(
         v.unlisted.is_empty(),
         "{url}: files no manifest lists: {:?}",
