@@ -474,27 +474,17 @@ impl Rng {
     }
 }
 
-/// The crash test of the lake: a run over a fixed input, killed with SIGKILL at 20 random
-/// points and restarted from its checkpoint after each, ends with the lake of a run that was
-/// never killed, row for row. A quarter of the kills come while a life starts or recovers (a
-/// random moment in its first 0.6 s), the rest once its checkpoint has passed a random share
-/// of the input left, plus a random 0-30 ms.
-/// A setting of the fault tests from the environment (`scripts/faults` sets longer ones).
-fn fault_setting(var: &str, default: u32) -> u32 {
-    std::env::var(var).map_or(default, |v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{var}={v:?} is not a whole number"))
-    })
-}
-
-/// The engine SIGKILLed `FMSFLOW_FAULT_KILLS` times (20) at random points of a replay of
-/// `FMSFLOW_FAULT_HOURS` (6) hours of generated records, resumed each time from its
-/// checkpoint; the lake must end as an uninterrupted run's.
+/// The crash test of the lake: a run over a replay of `FMSFLOW_FAULT_HOURS` (6) hours of
+/// generated records, killed with SIGKILL at `FMSFLOW_FAULT_KILLS` (20) random points and
+/// restarted from its checkpoint after each, ends with the lake of a run that was never
+/// killed, row for row. A quarter of the kills come while a life starts or recovers (a random
+/// moment in its first 0.6 s), the rest once its checkpoint has passed a random share of the
+/// input left, plus a random 0-30 ms.
 fn crash_test(name: &str, lake: &str) {
     common::python();
     let raw = unique(name);
     let partitions = 3;
-    let hours = fault_setting("FMSFLOW_FAULT_HOURS", 6);
+    let hours = common::fault_setting("FMSFLOW_FAULT_HOURS", 6);
     let total = produce_generated(&raw, partitions, hours, "0.02").len() as f64;
     let (processes, workers) = (1, 2);
     let run =
@@ -518,7 +508,7 @@ fn crash_test(name: &str, lake: &str) {
             .as_object()
             .map_or(0.0, |m| m.values().filter_map(|v| v.as_f64()).sum())
     };
-    let kills = fault_setting("FMSFLOW_FAULT_KILLS", 20) as usize;
+    let kills = common::fault_setting("FMSFLOW_FAULT_KILLS", 20) as usize;
     let mut rng = Rng::new();
     let mut made = 0;
     for k in 0..kills {
@@ -700,7 +690,7 @@ fn a_topic_just_created_is_opened_and_a_missing_one_named() {
 /// How long the fault tests keep a lake backend away: `FMSFLOW_FAULT_OUTAGE_S`, 60 s by
 /// default (`scripts/faults` runs them with 300 s).
 fn outage() -> Duration {
-    Duration::from_secs(fault_setting("FMSFLOW_FAULT_OUTAGE_S", 60).into())
+    Duration::from_secs(common::fault_setting("FMSFLOW_FAULT_OUTAGE_S", 60).into())
 }
 
 /// A lake's backend taken away in the middle of a run that follows Kafka, and given back.

@@ -299,12 +299,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn the_whole_cluster_down_for_minutes_loses_nothing() {
     let _one = one_at_a_time();
     common::python();
-    let down = Duration::from_secs(
-        std::env::var("FMSFLOW_FAULT_KAFKA_DOWN_S")
-            .ok()
-            .map(|s| s.parse().expect("FMSFLOW_FAULT_KAFKA_DOWN_S: whole seconds"))
-            .unwrap_or(120),
-    );
+    let down = Duration::from_secs(common::fault_setting("FMSFLOW_FAULT_KAFKA_DOWN_S", 120).into());
     let raw = unique("cluster-down");
     let partitions = 4;
     create_topic(&raw, partitions);

@@ -731,6 +731,11 @@ fn same_results_at_1_2_and_4_workers() {
     }
 }
 
+/// The entries of `m` whose key is `kept`.
+fn in_window<K: Ord + Copy, V: Copy>(m: &BTreeMap<K, V>, kept: impl Fn(&K) -> bool) -> BTreeMap<K, V> {
+    m.iter().filter(|(k, _)| kept(k)).map(|(k, v)| (*k, *v)).collect()
+}
+
 /// With `forget_after_ms`, the collections end holding only the hours within the window of
 /// the last watermark, with the same values as without it, and the lake is the same.
 #[test]
@@ -761,22 +766,12 @@ fn forgetting_old_hours_keeps_the_window_and_the_lake() {
             "{context}: the input forgets some hours but not all ({gone} of {})",
             hours.len()
         );
-        let want_hourly: BTreeMap<_, _> = base
-            .hourly
-            .iter()
-            .filter(|(k, _)| kept(k.1))
-            .map(|(k, v)| (*k, *v))
-            .collect();
+        let want_hourly = in_window(&base.hourly, |k| kept(k.1));
         assert!(
             f.hourly == want_hourly,
             "{context}: hourly holds other than the window's keys"
         );
-        let want_quality: BTreeMap<_, _> = base
-            .quality
-            .iter()
-            .filter(|(k, _)| kept(k.1))
-            .map(|(k, v)| (*k, *v))
-            .collect();
+        let want_quality = in_window(&base.quality, |k| kept(k.1));
         assert!(
             f.quality == want_quality,
             "{context}: quality holds other than the window's keys"

@@ -165,6 +165,15 @@ pub fn seed(var: &str) -> u64 {
     seed
 }
 
+/// A setting of the fault tests from the environment, `default` when unset (`scripts/faults`
+/// sets longer ones).
+pub fn fault_setting(var: &str, default: u32) -> u32 {
+    std::env::var(var).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{var}={v:?} is not a whole number"))
+    })
+}
+
 /// `n` ports on 127.0.0.1 that were free a moment ago (bound at once, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let ls: Vec<_> = (0..n)
