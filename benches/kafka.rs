@@ -1,13 +1,13 @@
 //! Kafka → engine ingest, beside Kafka's own consumer on the same topic in the same run.
 //!
 //! Produces generated readings (100 devices, `FMSFLOW_BENCH_HOURS` hours, default 28 =
-//! 1,008,000 records) to a fresh topic of `FMSFLOW_BENCH_PARTITIONS` partitions (default 4),
+//! 1,008,000 records; or the first `FMSFLOW_BENCH_READINGS` of them) to a fresh topic of `FMSFLOW_BENCH_PARTITIONS` partitions (default 4),
 //! then reads the whole topic:
 //! - with `org.apache.kafka.tools.ConsumerPerformance` (Kafka's consumer benchmark);
 //! - with the engine (`--source kafka --until end`): parse, validate, aggregate, at 1 and 2
 //!   workers, and at 2 workers with the Parquet lake as well.
 //!
-//! Needs a running Kafka (`FMSFLOW_KAFKA_BOOTSTRAP`); `scripts/bench-kafka` starts one.
+//! Needs a running Kafka (`FMSFLOW_KAFKA_BOOTSTRAP`); `scripts/bench kafka` (or `live`) starts one.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,10 +19,14 @@ use fmsflow::connectors::kafka::{
     ensure_topics_with, KafkaProducer, KafkaSettings, PartitionReader, SourceSpec, StartAt,
 };
 use fmsflow::engine::{self, EngineSettings, Source};
-use fmsflow::gen::{generate, GenSettings};
+use fmsflow::gen::{generate_at_most, GenSettings};
 use fmsflow::lake::{self, LakeWriter};
 use fmsflow::status::Status;
 use fmsflow_dataflows::dataflow::FlowConfig;
+use serde_json::json;
+
+mod common;
+use common::Results;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,10 +38,16 @@ fn env_num(name: &str, default: u32) -> u32 {
 fn main() {
     fmsflow::no_huge_pages();
     let Ok(brokers) = std::env::var("FMSFLOW_KAFKA_BOOTSTRAP") else {
-        eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench-kafka, which starts Kafka");
+        eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench kafka (or live), which starts Kafka");
         std::process::exit(2);
     };
-    let hours = env_num("FMSFLOW_BENCH_HOURS", 28);
+    let readings = std::env::var("FMSFLOW_BENCH_READINGS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let hours = match readings {
+        Some(n) => n.div_ceil(100 * 360) as u32,
+        None => env_num("FMSFLOW_BENCH_HOURS", 28),
+    };
     let partitions = env_num("FMSFLOW_BENCH_PARTITIONS", 4) as i32;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -45,7 +55,7 @@ fn main() {
         .as_nanos();
     let topic = format!("bench.raw.{nanos}");
 
-    let (records, _) = generate(&GenSettings::clean(100, hours));
+    let (records, _) = generate_at_most(&GenSettings::clean(100, hours), readings.unwrap_or(u64::MAX));
     let n = records.len();
     println!(
         "fmsflow Kafka ingest benchmark: {n} generated readings (100 devices x {hours} h), topic of {partitions} partitions, brokers {brokers}, {} cores",
@@ -83,19 +93,42 @@ fn main() {
         n as f64 / t,
         bytes as f64 / 1e6
     );
+    let mut results = Results::new("kafka");
+    // The topic stays: scripts/bench reads it again with Spark's Kafka source.
+    results.push(
+        json!({"case": "produce", "topic": topic, "partitions": partitions, "records": n,
+        "seconds": t, "msgs_per_s": n as f64 / t}),
+    );
 
     for round in 1..=2 {
         println!("-- round {round}");
-        consumer_performance(&brokers, &topic, n, round);
-        reader_only(&brokers, &topic, n, round);
+        let mut row = |case: &str, workers: usize, t: f64| {
+            results.push(json!({"case": case, "round": round, "workers": workers, "records": n,
+                "seconds": t, "msgs_per_s": n as f64 / t}));
+        };
+        let (t, fetching) = consumer_performance(&brokers, &topic, n, round);
+        row("kafka_consumer_perf", 1, t);
+        row("kafka_consumer_perf_fetching", 1, fetching);
+        row("fmsflow_reader_only", 1, reader_only(&brokers, &topic, n, round));
         for (workers, with_lake) in [(1, false), (2, false), (2, true)] {
-            engine_ingest(&brokers, &topic, n, workers, with_lake, round);
+            let case = if with_lake {
+                "fmsflow_engine_parquet"
+            } else {
+                "fmsflow_engine"
+            };
+            row(
+                case,
+                workers,
+                engine_ingest(&brokers, &topic, n, workers, with_lake, round),
+            );
         }
     }
+    results.finish();
 }
 
-/// Kafka's own consumer benchmark over the whole topic.
-fn consumer_performance(brokers: &str, topic: &str, n: usize, round: u32) {
+/// Kafka's own consumer benchmark over the whole topic: its seconds overall, and fetching
+/// only (without the group join).
+fn consumer_performance(brokers: &str, topic: &str, n: usize, round: u32) -> (f64, f64) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka");
     let out = Command::new("bash")
         .arg(script)
@@ -126,11 +159,13 @@ fn consumer_performance(brokers: &str, topic: &str, n: usize, round: u32) {
         "ConsumerPerformance (Kafka's consumer, 1 thread)    {} msgs  {:>10} msgs/s overall, {:>10} msgs/s fetching (after a {} ms group join)",
         f[4], f[5], f[9], f[6]
     );
+    let secs = |rate: &str| n as f64 / rate.parse::<f64>().expect("a rate from ConsumerPerformance");
+    (secs(f[5]), secs(f[9]))
 }
 
 /// fmsflow's partition reader alone, one thread, every partition, records dropped: the
-/// connector's own ceiling.
-fn reader_only(brokers: &str, topic: &str, n: usize, round: u32) {
+/// connector's own ceiling. Returns its seconds.
+fn reader_only(brokers: &str, topic: &str, n: usize, round: u32) -> f64 {
     let spec = spec(brokers, topic, &format!("bench.reader.{round}.{topic}"));
     let start = Instant::now();
     let mut reader = PartitionReader::open(&spec, 0, 1).unwrap();
@@ -151,6 +186,7 @@ fn reader_only(brokers: &str, topic: &str, n: usize, round: u32) {
         "fmsflow partition reader alone (1 thread)          {n} msgs in {t:>6.2} s  {:>10.0} msgs/s",
         n as f64 / t
     );
+    t
 }
 
 fn spec(brokers: &str, topic: &str, group: &str) -> SourceSpec {
@@ -165,8 +201,8 @@ fn spec(brokers: &str, topic: &str, group: &str) -> SourceSpec {
     }
 }
 
-/// The engine reading the whole topic (`--from earliest --until end`).
-fn engine_ingest(brokers: &str, topic: &str, n: usize, workers: usize, with_lake: bool, round: u32) {
+/// The engine reading the whole topic (`--from earliest --until end`). Returns its seconds.
+fn engine_ingest(brokers: &str, topic: &str, n: usize, workers: usize, with_lake: bool, round: u32) -> f64 {
     let spec = spec(
         brokers,
         topic,
@@ -203,4 +239,5 @@ fn engine_ingest(brokers: &str, topic: &str, n: usize, workers: usize, with_lake
         "{what:<42} workers={workers}  {n} msgs in {t:>6.2} s  {:>10.0} msgs/s",
         n as f64 / t
     );
+    t
 }

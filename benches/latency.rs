@@ -11,7 +11,7 @@
 //! count of at least k. Its latency is that record's timestamp (set when the engine sent
 //! it) minus the reading's produce timestamp. Prints p50, p99 and the maximum.
 //!
-//! Needs a running Kafka (`FMSFLOW_KAFKA_BOOTSTRAP`); `scripts/bench-kafka` starts one.
+//! Needs a running Kafka (`FMSFLOW_KAFKA_BOOTSTRAP`); `scripts/bench kafka` (or `live`) starts one.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -27,6 +27,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde_json::json;
+
+mod common;
+use common::{cdf_points, percentile, Results};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -72,10 +76,6 @@ fn read_all(brokers: &str, topic: &str) -> Vec<(String, i64, Vec<u8>)> {
     out
 }
 
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn main() {
     fmsflow::no_huge_pages();
     tracing_subscriber::fmt()
@@ -83,7 +83,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let Ok(brokers) = std::env::var("FMSFLOW_KAFKA_BOOTSTRAP") else {
-        eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench-kafka, which starts Kafka");
+        eprintln!("FMSFLOW_KAFKA_BOOTSTRAP is not set: run scripts/bench kafka (or live), which starts Kafka");
         std::process::exit(2);
     };
     let rates: Vec<u32> = std::env::var("FMSFLOW_BENCH_RATES")
@@ -106,12 +106,14 @@ fn main() {
     println!(
         "fmsflow live latency benchmark: produce -> aggregate update, {secs} s per rate, engine epoch {epoch_ms} ms, 2 workers, brokers {brokers}"
     );
+    let mut results = Results::new("live");
     for rate in rates {
-        run(&brokers, rate, warmup, secs, epoch_ms);
+        run(&brokers, rate, warmup, secs, epoch_ms, &mut results);
     }
+    results.finish();
 }
 
-fn run(brokers: &str, rate: u32, warmup: u64, secs: u64, epoch_ms: u64) {
+fn run(brokers: &str, rate: u32, warmup: u64, secs: u64, epoch_ms: u64, results: &mut Results) {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -253,14 +255,25 @@ fn run(brokers: &str, rate: u32, warmup: u64, secs: u64, epoch_ms: u64) {
         }
     }
     lat.sort_unstable();
-    println!(
-        "rate {rate:>6} msg/s (achieved {:>8.0}): {} readings measured, latency p50 {} ms, p99 {} ms, max {} ms",
-        total as f64 / produce_secs,
-        lat.len(),
+    let achieved = total as f64 / produce_secs;
+    let (p50, p90, p99, max) = (
         percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
         percentile(&lat, 0.99),
-        lat.last().copied().unwrap_or_default()
+        percentile(&lat, 1.0),
     );
+    println!(
+        "rate {rate:>6} msg/s (achieved {achieved:>8.0}): {} readings measured, latency p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms",
+        lat.len(),
+    );
+    results.push(json!({
+        "rate": rate,
+        "achieved_msgs_per_s": achieved,
+        "measured": lat.len(),
+        "epoch_ms": epoch_ms,
+        "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+        "cdf_ms": cdf_points(&lat),
+    }));
     // FMSFLOW_BENCH_TIMELINE=1: the latencies second by second of produce time, to tell a
     // steady backlog from stalls.
     if show_timeline {

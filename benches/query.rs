@@ -19,6 +19,10 @@ use fmsflow::engine::{self, EngineSettings, Source};
 use fmsflow::gen::{generate, GenSettings};
 use fmsflow::lake;
 use fmsflow::status::Status;
+use serde_json::json;
+
+mod common;
+use common::{percentile, Results};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,11 +31,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// p50, p99 and max of `v` (sorted here), in ms.
-fn summary(v: &mut [Duration]) -> (f64, f64, f64) {
+/// p50, p90, p99 and max of `v` (sorted here), in ms.
+fn summary(v: &mut [Duration]) -> [f64; 4] {
     v.sort();
-    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3;
-    (at(0.5), at(0.99), v.last().map_or(0.0, |d| d.as_secs_f64() * 1e3))
+    [0.5, 0.9, 0.99, 1.0].map(|q| percentile(v, q).as_secs_f64() * 1e3)
 }
 
 fn main() {
@@ -189,14 +192,20 @@ fn main() {
     });
     let (mut lat, ingested, metrics) = results;
     println!("ingest during the measurement: {ingested:.0} msgs/s");
+    let mut results = Results::new("query");
     for (k, v) in kinds.iter().zip(lat.iter_mut()) {
         let n = v.len();
         if n == 0 {
             continue;
         }
-        let (p50, p99, max) = summary(v);
-        println!("{k:<28} {n:>6} queries  p50 {p50:>7.3} ms  p99 {p99:>7.3} ms  max {max:>7.3} ms");
+        let [p50, p90, p99, max] = summary(v);
+        println!("{k:<28} {n:>6} queries  p50 {p50:>7.3} ms  p90 {p90:>7.3} ms  p99 {p99:>7.3} ms  max {max:>7.3} ms");
+        results.push(
+            json!({"kind": k, "queries": n, "ingest_msgs_per_s": ingested, "devices": devices,
+            "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max}),
+        );
     }
+    results.finish();
     // The server's own view of the same queries (from the request arriving to the answer
     // leaving axum), against the client's: the difference is transport and scheduling.
     for endpoint in ["device_latest", "device_hourly"] {

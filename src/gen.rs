@@ -50,14 +50,24 @@ pub type Generated = (Vec<(i64, String)>, BTreeMap<&'static str, u64>);
 
 /// Generates every record.
 pub fn generate(s: &GenSettings) -> Generated {
+    generate_at_most(s, u64::MAX)
+}
+
+/// Generates the first `limit` records (all, if there are fewer): whole rounds of the fleet
+/// from the start, the last round cut short.
+pub fn generate_at_most(s: &GenSettings, limit: u64) -> Generated {
     let mut dirty = BTreeMap::new();
     let ticks = s.hours as u64 * 3600 / s.interval_s.max(1) as u64;
-    let mut out = Vec::with_capacity((ticks * s.devices as u64) as usize);
+    let total = (ticks * s.devices as u64).min(limit);
+    let mut out = Vec::with_capacity(total as usize);
     let mut last_clean: Vec<Option<String>> = vec![None; s.devices as usize + 1];
     let mut late = false;
     for tick in 0..ticks {
         let base = s.start_ms + tick as i64 * s.interval_s as i64 * 1000;
         for d in 1..=s.devices {
+            if out.len() as u64 == total {
+                break;
+            }
             let h = mix(s.seed, d as u64, tick);
             let time = base + (unit(h) * 1000.0) as i64 / 1000 * 1000;
             let mut ingest = time + 50 + (unit(h.rotate_left(17)) * 400.0) as i64;
@@ -84,4 +94,20 @@ pub fn generate(s: &GenSettings) -> Generated {
         out.sort_by_key(|(i, _)| *i);
     }
     (out, dirty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_is_the_start_of_the_whole() {
+        let s = GenSettings::clean(3, 1);
+        let (all, _) = generate(&s);
+        assert_eq!(all.len(), 3 * 360);
+        let (some, _) = generate_at_most(&s, 7);
+        assert_eq!(some, all[..7]);
+        let (more, _) = generate_at_most(&s, 10_000);
+        assert_eq!(more, all);
+    }
 }

@@ -188,6 +188,11 @@ enum Command {
         /// Hours of data.
         #[arg(long, default_value_t = 24)]
         hours: u32,
+        /// Stop after this many readings (the benchmarks' "N readings"): the hours needed
+        /// for them, one reading per device every 10 s, the last 10 s cut short; overrides
+        /// --hours.
+        #[arg(long)]
+        readings: Option<u64>,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -626,6 +631,7 @@ fn real_main() -> anyhow::Result<()> {
         Command::Gen {
             devices,
             hours,
+            readings,
             out,
             seed,
             dirty_rate,
@@ -634,6 +640,13 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let start_ms = fmsflow_dataflows::time::parse_rfc3339(&start)
                 .with_context(|| format!("--start {start:?} is not an RFC 3339 time"))?;
+            anyhow::ensure!(devices > 0, "--devices must be at least 1");
+            // One reading per device every 10 s: 360 per device and hour.
+            let hours = match readings {
+                Some(n) => u32::try_from(n.div_ceil(devices as u64 * 360))
+                    .context("--readings needs more hours than fit in a u32")?,
+                None => hours,
+            };
             let s = gen::GenSettings {
                 devices,
                 hours,
@@ -644,7 +657,7 @@ fn real_main() -> anyhow::Result<()> {
                 late_rate,
                 max_late_ms: 30 * 60 * 1000,
             };
-            let (records, dirty) = gen::generate(&s);
+            let (records, dirty) = gen::generate_at_most(&s, readings.unwrap_or(u64::MAX));
             let f = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
             let mut w = std::io::BufWriter::new(f);
             for (ingest, payload) in &records {
