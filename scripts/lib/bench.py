@@ -24,14 +24,12 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from xml.sax.saxutils import escape
 
@@ -246,7 +244,7 @@ class Spark:
         report.update(process_seconds=secs, peak_rss_mib=peak, rss=samples)
         return report
 
-    def compare(self, lake, spark_out, fleet):
+    def compare(self, lake, spark_out):
         """(equal?, the checker's summary line or its first differences)."""
         r = subprocess.run([self.python, os.path.join(SPARK_DIR, "compare.py"), "--fmsflow-lake", lake,
                             "--spark-out", spark_out, "--fmsflow-bin", BIN],
@@ -301,7 +299,7 @@ def bench_replay(a, spark):
                     sout = os.path.join(work, f"spark-{devices}-{w}")
                     shutil.rmtree(sout, ignore_errors=True)
                     rep = spark.aggregates(f"files:{path}", sout, w, devices, os.path.join(a.out, f"spark-replay-{devices}-{w}.log"))
-                    ok, said = spark.compare(lake, sout, devices)
+                    ok, said = spark.compare(lake, sout)
                     qs = rep["query_seconds"]
                     log(f"Spark    {devices:>7,} devices, {w} core(s),   run {i + 1}: {qs:6.2f} s in the query "
                         f"({rep['process_seconds']:.1f} s with start-up) {a.readings / qs:>10,.0f} msg/s, "
@@ -397,7 +395,7 @@ def bench_kafka(a, kafka, spark):
                 sout = os.path.join(work, f"spark-{cores}")
                 rep = spark.aggregates(f"kafka:{kafka.bootstrap}/{topic}", sout, cores, 100,
                                        os.path.join(a.out, f"spark-kafka-{cores}.log"))
-                ok, said = spark.compare(lake, sout, 100)
+                ok, said = spark.compare(lake, sout)
                 qs = rep["query_seconds"]
                 log(f"Spark from Kafka, {cores} core(s): {qs:.2f} s in the query, {rows[0]['records'] / qs:,.0f} msg/s, "
                     f"peak RSS {rep['peak_rss_mib']:,.0f} MiB; aggregates {'EQUAL' if ok else 'DIFFER'}")
