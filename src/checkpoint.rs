@@ -31,8 +31,13 @@ pub struct Checkpoint {
     pub watermark: i64,
     /// Per partition, the offset after the last record read by then.
     pub read_end: BTreeMap<i32, i64>,
-    /// (hour, worker, parts written by then), for the hours the sealing stage still held.
+    /// (hour, worker, parts written by then), for the hours from `oldest` on.
     pub next_seq: Vec<(i64, usize, u32)>,
+    /// The oldest hour it tracks: the oldest the sealing stage still held, or, when a
+    /// partition's reader lagged behind the others, the oldest that partition could still
+    /// bring readings for. Absent in checkpoints of older versions: then the former.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<i64>,
 }
 
 impl Checkpoint {
@@ -68,10 +73,13 @@ impl Checkpoint {
     }
 
     /// What the dataflow of a restart needs: `epochs` recovery epochs.
-    pub fn recovery(&self, epochs: Epoch) -> Recovery {
+    pub fn recovery(&self, epochs: Epoch, flow: &FlowConfig) -> Recovery {
         Recovery {
             epochs,
             watermark: self.watermark,
+            oldest: self
+                .oldest
+                .unwrap_or_else(|| Recovery::oldest_kept_hour(self.watermark, flow)),
             next_seq: self.next_seq.iter().map(|&(h, w, n)| ((h, w), n)).collect(),
         }
     }
@@ -84,6 +92,9 @@ impl Checkpoint {
 pub enum Report {
     /// Each partition's position after the epoch.
     Positions(Vec<(i32, i64)>),
+    /// Each partition's ingest mark after the epoch: a lower bound of the ingest times its
+    /// records still to come can have (`PartitionReader::ingest_marks`).
+    Ingest(Vec<(i32, i64)>),
     /// Part `seq` of `hour` by `worker`, stored under the keys `files`.
     Part {
         hour: i64,
@@ -101,8 +112,8 @@ pub struct Taken {
     /// Per hour, the files stored in the epochs folded in, in order: what the hour's
     /// manifest adds.
     pub files: BTreeMap<i64, Vec<String>>,
-    /// The oldest hour the sealing stage still holds: older hours change no more (but for
-    /// data later than the retention, which reopens an hour).
+    /// The oldest hour the checkpoint tracks (see [`Checkpoint::oldest`]): older hours
+    /// change no more.
     pub oldest: i64,
     /// The source positions covered (the checkpoint's `read_end`; empty but for Kafka).
     pub read_end: BTreeMap<i32, i64>,
@@ -120,12 +131,18 @@ pub struct Recorder {
 #[derive(Default)]
 struct Reports {
     positions: BTreeMap<Epoch, Vec<(i32, i64)>>,
+    ingest: BTreeMap<Epoch, Vec<(i32, i64)>>,
     watermarks: BTreeMap<Epoch, i64>,
     parts: BTreeMap<Epoch, Vec<PartReport>>,
     // Folded: everything up to the last checkpoint.
     read_end: BTreeMap<i32, i64>,
     watermark: Option<i64>,
     next_seq: BTreeMap<(i64, usize), u32>,
+    /// Each partition's latest ingest mark.
+    marks: BTreeMap<i32, i64>,
+    /// The oldest hour tracked: it never goes back, as `next_seq` has forgotten the hours
+    /// before it.
+    oldest: Option<i64>,
     last: Option<Epoch>,
     max_epoch: Epoch,
 }
@@ -142,6 +159,7 @@ impl Recorder {
             g.read_end = read_end.clone();
             g.watermark = Some(recovery.watermark);
             g.next_seq = recovery.next_seq.clone();
+            g.oldest = Some(recovery.oldest);
         }
         r
     }
@@ -154,6 +172,7 @@ impl Recorder {
     pub fn record(&self, epoch: Epoch, r: &Report) {
         match r {
             Report::Positions(p) => self.positions(epoch, p),
+            Report::Ingest(m) => self.ingest_marks(epoch, m),
             Report::Part {
                 hour,
                 worker,
@@ -168,6 +187,11 @@ impl Recorder {
         let mut g = self.lock();
         g.max_epoch = g.max_epoch.max(epoch);
         g.positions.entry(epoch).or_default().extend_from_slice(positions);
+    }
+
+    /// A reader's ingest marks after `epoch`.
+    fn ingest_marks(&self, epoch: Epoch, marks: &[(i32, i64)]) {
+        self.lock().ingest.entry(epoch).or_default().extend_from_slice(marks);
     }
 
     /// A watermark seen at `epoch`.
@@ -210,6 +234,11 @@ impl Recorder {
         for (_, w) in up_to(&mut g.watermarks, epoch) {
             g.watermark = Some(g.watermark.map_or(w, |v| v.max(w)));
         }
+        // The latest mark of each partition (it can go down: a partition that had caught up
+        // can fall behind again).
+        for (_, marks) in up_to(&mut g.ingest, epoch) {
+            g.marks.extend(marks);
+        }
         let mut files: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         for (_, parts) in up_to(&mut g.parts, epoch) {
             for (h, w, seq, keys) in parts {
@@ -221,8 +250,19 @@ impl Recorder {
         // The end of a run: the last epoch reported.
         let epoch = if epoch == Epoch::MAX { g.max_epoch } else { epoch };
         let watermark = g.watermark.unwrap_or(i64::MIN);
-        // Hours older than the oldest one kept cannot be written again.
-        let oldest = Recovery::oldest_kept_hour(watermark, flow);
+        // Hours older than the oldest one the sealing stage holds can be written again only
+        // when a partition that lags behind the others brings readings for them (its
+        // records' event times are hours behind the watermark, which the others moved on):
+        // they reopen, and their parts must go on from their numbers so far. Hours older
+        // than both cannot be written again.
+        let kept = Recovery::oldest_kept_hour(watermark, flow);
+        let reopenable = g
+            .marks
+            .values()
+            .min()
+            .map_or(kept, |&m| Recovery::oldest_reopenable_hour(m, flow));
+        let oldest = kept.min(reopenable).max(g.oldest.unwrap_or(i64::MIN));
+        g.oldest = Some(oldest);
         g.next_seq.retain(|(h, _), _| *h >= oldest);
         let checkpoint = (!g.read_end.is_empty()).then(|| Checkpoint {
             version: 1,
@@ -233,6 +273,7 @@ impl Recorder {
             watermark,
             read_end: g.read_end.clone(),
             next_seq: g.next_seq.iter().map(|(&(h, w), &n)| (h, w, n)).collect(),
+            oldest: Some(oldest),
         });
         Some(Taken {
             checkpoint,
@@ -300,7 +341,7 @@ mod tests {
         old.part(0, 1, 0, 2, vec![]);
         let ck = old.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         // The restart re-reads from before the checkpoint: its first epochs report less.
-        let r = Recorder::resuming(&ck.read_end, &ck.recovery(3));
+        let r = Recorder::resuming(&ck.read_end, &ck.recovery(3, &flow));
         r.positions(0, &[(0, 40), (1, 30)]);
         r.watermark(0, 1_000);
         let again = r.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
@@ -315,5 +356,48 @@ mod tests {
         let later = r.take(4, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         assert_eq!(later.read_end, [(0, 120), (1, 80)].into_iter().collect());
         assert_eq!(later.next_seq, vec![(0, 1, 1), (1, 0, 3)]);
+    }
+
+    /// A partition whose reader lags hours behind the others (a backlog read at the same
+    /// pace on every partition, one of them twice as dense) brings readings for hours the
+    /// sealing stage has dropped: they reopen, and a restart must know how many parts each
+    /// has, or it would write its next part over the first (the 48-hour crash test of
+    /// `scripts/faults` found that). The checkpoint keeps them as long as the lagging
+    /// partition can reach them.
+    #[test]
+    fn a_lagging_partition_keeps_the_hours_it_can_reopen() {
+        let flow = FlowConfig::default();
+        let h = |hour: i64| hour * 3_600_000;
+        let r = Recorder::default();
+        r.positions(0, &[(0, 1_000), (1, 500)]);
+        // The watermark at 13:10 (from partition 0); partition 1 has reached 04:46.
+        r.watermark(0, h(13) + 600_000);
+        r.ingest_marks(0, &[(0, i64::MAX), (1, h(4) + 46 * 60_000)]);
+        r.part(0, 4, 1, 7, vec![]);
+        r.part(0, 12, 0, 0, vec![]);
+        let c = r.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
+        assert_eq!(
+            Recovery::oldest_kept_hour(c.watermark, &flow),
+            6,
+            "hours 4 and 5 were dropped"
+        );
+        // 04:46 - 6 h - 5 min: partition 1 can still bring readings from 22:41 on.
+        assert_eq!(c.oldest, Some(-2));
+        assert_eq!(c.next_seq, vec![(4, 1, 8), (12, 0, 1)], "hour 4's parts are remembered");
+        assert_eq!(c.recovery(0, &flow).oldest, -2);
+        // Once partition 1 has caught up, the window closes again, and never reopens.
+        r.ingest_marks(1, &[(1, i64::MAX)]);
+        let c = r.take(1, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
+        assert_eq!((c.oldest, c.next_seq.clone()), (Some(6), vec![(12, 0, 1)]));
+        r.ingest_marks(2, &[(1, h(5))]);
+        let c = r.take(2, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
+        assert_eq!(
+            c.oldest,
+            Some(6),
+            "the hours before were forgotten: the oldest never goes back"
+        );
+        // A checkpoint of an older version (without `oldest`) falls back to the watermark.
+        let old = Checkpoint { oldest: None, ..c };
+        assert_eq!(old.recovery(0, &flow).oldest, 6);
     }
 }

@@ -594,15 +594,18 @@ fn read_kafka(
     ck: Option<(&Committer, bool)>,
 ) -> (PartitionReader, Vec<(i32, i64)>) {
     let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
-    // Reports the positions after epoch `e` for the checkpoint (through the dataflow, at
-    // `e`, so the probe passes `e` only once worker 0 has them), moves that input on to
-    // `next` (the epoch the reader goes on with), and keeps the positions to commit.
+    // Reports the positions and ingest marks after epoch `e` for the checkpoint (through
+    // the dataflow, at `e`, so the probe passes `e` only once worker 0 has them), moves that
+    // input on to `next` (the epoch the reader goes on with), and keeps the positions to
+    // commit.
     let mut note = |to_commit: &mut std::collections::VecDeque<(Epoch, Vec<(i32, i64)>)>,
                     e: Epoch,
-                    p: Vec<(i32, i64)>,
+                    reader: &PartitionReader,
                     next: Epoch| {
+        let p = reader.positions();
         if let Some(r) = reports.as_mut() {
             r.send(Report::Positions(p.clone()));
+            r.send(Report::Ingest(reader.ingest_marks()));
             r.advance_to(next);
         }
         to_commit.push_back((e, p));
@@ -639,7 +642,7 @@ fn read_kafka(
         if let Err(e) = reader.read_epoch(*epoch, per_partition, KAFKA_STALL, &mut buf) {
             st.fail(e.to_string());
         }
-        note(&mut to_commit, *epoch, reader.positions(), *epoch + 1);
+        note(&mut to_commit, *epoch, &reader, *epoch + 1);
         ship(worker, input, probe, st, &mut buf, epoch);
         commit_done(&reader, &mut to_commit, false);
     }
@@ -652,7 +655,7 @@ fn read_kafka(
                     false
                 }
             };
-            note(&mut to_commit, *epoch, reader.positions(), *epoch + 1);
+            note(&mut to_commit, *epoch, &reader, *epoch + 1);
             ship(worker, input, probe, st, &mut buf, epoch);
             commit_done(&reader, &mut to_commit, false);
             if !more || st.error().is_some() {
@@ -671,7 +674,7 @@ fn read_kafka(
         while !spec.stop.load(Relaxed) && st.error().is_none() {
             let now = first + (started.elapsed().as_nanos() / period.as_nanos().max(1)) as Epoch;
             if now > *epoch {
-                note(&mut to_commit, *epoch, reader.positions(), now);
+                note(&mut to_commit, *epoch, &reader, now);
                 *epoch = now;
                 input.advance_to(*epoch);
             }
@@ -702,8 +705,8 @@ fn read_kafka(
     }
     // The last positions are committed by the caller once the input has closed and every
     // output is stored: closing the input seals the open hours.
+    note(&mut to_commit, *epoch, &reader, *epoch + 1);
     let end = reader.positions();
-    note(&mut to_commit, *epoch, end.clone(), *epoch + 1);
     (reader, end)
 }
 

@@ -683,7 +683,7 @@ fn plan_resume(
     cluster: Option<&engine::Cluster>,
 ) -> anyhow::Result<(connectors::kafka::ResumePlan, fmsflow_dataflows::dataflow::Recovery)> {
     use fmsflow::checkpoint::Checkpoint;
-    use fmsflow_dataflows::dataflow::{hour_owner, Recovery};
+    use fmsflow_dataflows::dataflow::hour_owner;
     let (process, processes) = cluster.map_or((0, 1), |c| (c.process, c.addresses.len()));
     let workers = cfg.engine.workers;
     let peers = workers * processes;
@@ -714,10 +714,9 @@ fn plan_resume(
         ck.workers,
     );
     let flow = cfg.flow_config();
-    let oldest = Recovery::oldest_kept_hour(ck.watermark, &flow);
-    let mut recovery = ck.recovery(0);
+    let mut recovery = ck.recovery(0, &flow);
     let covered = lake::Covered {
-        oldest,
+        oldest: recovery.oldest,
         sealed: |hour| recovery.sealed(hour, flow.grace_ms),
         next_seq: &recovery.next_seq,
     };
@@ -739,7 +738,7 @@ fn plan_resume(
         Default::default()
     };
     // Each partition is re-read from its first record stamped at or after the re-read time.
-    let from_ms = Recovery::reread_from_ms(ck.watermark, &flow);
+    let from_ms = recovery.reread_from_ms(&flow);
     let probe = connectors::kafka::SourceSpec {
         settings: cfg.kafka.clone(),
         from: connectors::kafka::StartAt::Timestamp(from_ms),

@@ -125,8 +125,8 @@ impl Default for FlowConfig {
 /// Resuming from a checkpoint. At the checkpoint the event-time watermark was `watermark`;
 /// every hour it had sealed has its files, which hold all the records read by then. The
 /// restarted run re-reads, in its epochs `0..epochs`, every record read before the
-/// checkpoint that an hour not yet dropped at the checkpoint can need (from
-/// [`Recovery::reread_from_ms`] on), then goes on with new records.
+/// checkpoint that an hour from `oldest` on can need (from [`Recovery::reread_from_ms`]
+/// on), then goes on with new records.
 ///
 /// During those epochs the sealing stage rebuilds the state of the sealed hours without
 /// writing it again: their readings and rejections are dropped (the files hold them) and
@@ -138,6 +138,10 @@ pub struct Recovery {
     pub epochs: Epoch,
     /// The event-time watermark at the checkpoint (ms).
     pub watermark: i64,
+    /// The oldest hour the checkpoint still tracks: one the sealing stage held, or one a
+    /// partition that lagged behind the others could still bring readings for (which
+    /// reopens it after its state was dropped). Older hours cannot change any more.
+    pub oldest: i64,
     /// The part number at which each (hour, worker) that had written parts by the
     /// checkpoint goes on (its number of parts then). Parts the crashed run wrote after the
     /// checkpoint are numbered from there on; the restart deletes them before it writes (see
@@ -155,14 +159,22 @@ impl Recovery {
             - 1
     }
 
-    /// The ingest time from which records must be re-read after a checkpoint at
-    /// `watermark`: every record counted in an hour `h` the sealing stage still held, and
-    /// every reading such a record can be a duplicate of. A rejection is counted in the hour
-    /// it arrived in; a reading of `h`, or one that a record arriving in `h` duplicates
-    /// (an event time at most `max_age` before `h`), arrived at most `max_future` before its
-    /// event time.
-    pub fn reread_from_ms(watermark: i64, cfg: &FlowConfig) -> i64 {
-        Self::oldest_kept_hour(watermark, cfg)
+    /// The oldest hour a record ingested at `ingest_ms` or later can still bring an
+    /// acceptable reading for (the stale rule takes event times down to `ingest - max_age`),
+    /// with `max_future` to spare for records not quite in ingest order.
+    pub fn oldest_reopenable_hour(ingest_ms: i64, cfg: &FlowConfig) -> i64 {
+        ingest_ms
+            .saturating_sub(cfg.rules.max_age_ms + cfg.rules.max_future_ms)
+            .div_euclid(HOUR_MS)
+    }
+
+    /// The ingest time from which records must be re-read: every record counted in an hour
+    /// from `oldest` on, and every reading such a record can be a duplicate of. A rejection
+    /// is counted in the hour it arrived in; a reading of an hour `h`, or one that a record
+    /// arriving in `h` duplicates (an event time at most `max_age` before `h`), arrived at
+    /// most `max_future` before its event time.
+    pub fn reread_from_ms(&self, cfg: &FlowConfig) -> i64 {
+        self.oldest
             .saturating_mul(HOUR_MS)
             .saturating_sub(cfg.rules.max_age_ms + cfg.rules.max_future_ms)
     }

@@ -894,7 +894,14 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
     };
     // Re-read, per source, from its first record stamped at or after the re-read time (what
     // Kafka's offsets-for-times gives), up to the crash; then everything after it.
-    let from = Recovery::reread_from_ms(watermark, &cfg);
+    // The records here come in time order on every source: no source lags, so the oldest
+    // hour tracked is the oldest one kept.
+    let oldest = Recovery::oldest_kept_hour(watermark, &cfg);
+    let from = Recovery {
+        oldest,
+        ..Recovery::default()
+    }
+    .reread_from_ms(&cfg);
     let mut resumed: Vec<(Epoch, RawRecord)> = Vec::new();
     let mut rereading: BTreeSet<u32> = BTreeSet::new();
     for (e, r) in records {
@@ -914,6 +921,7 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
     let recovery = Recovery {
         epochs: crash + 1,
         watermark,
+        oldest,
         next_seq,
     };
     let rcfg = FlowConfig {
@@ -921,7 +929,6 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
         ..cfg.clone()
     };
     let after = run(&resumed, &rcfg, workers, true);
-    let oldest = Recovery::oldest_kept_hour(watermark, &cfg);
     let sealed = |hour: i64| rcfg.recovery.as_ref().unwrap().sealed(hour, cfg.grace_ms);
     // Following the topic, epochs are cut by the clock, so the restarted run need not cut the
     // new records as the crashed one did: each part written after the checkpoint is also

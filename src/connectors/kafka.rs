@@ -689,6 +689,8 @@ struct Part {
     end: Option<i64>,
     /// Records received but not taken yet (they belong to a later epoch).
     pending: VecDeque<RawRecord>,
+    /// Ingest time (record timestamp) of the last record taken.
+    last_ingest: Option<i64>,
     /// Offset after the last record received.
     received: i64,
     paused: bool,
@@ -699,6 +701,7 @@ impl Part {
     fn take_if(&mut self, below: impl Fn(i64) -> bool) -> Option<RawRecord> {
         let r = self.pending.pop_front_if(|r| below(r.pos.offset as i64))?;
         self.next = r.pos.offset as i64 + 1;
+        self.last_ingest = r.ingest_ms.or(self.last_ingest);
         Some(r)
     }
 
@@ -811,6 +814,7 @@ impl PartitionReader {
                 next: start,
                 end: spec.until_end.then_some(high),
                 pending: VecDeque::new(),
+                last_ingest: None,
                 received: start,
                 paused: false,
             });
@@ -872,6 +876,27 @@ impl PartitionReader {
             )
         };
         (err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+    }
+
+    /// For each partition, a lower bound of the ingest times of its records still to come,
+    /// for the checkpoint's bookkeeping of hours a lagging partition can reopen: `i64::MAX`
+    /// once the reader has taken everything the broker had (what comes later is produced
+    /// later), else the ingest time of the last record taken (a partition's records come
+    /// in about ingest order; the checkpoint allows `max_future` for the rest), or
+    /// `i64::MIN` before its first.
+    pub fn ingest_marks(&self) -> Vec<(i32, i64)> {
+        self.parts
+            .iter()
+            .map(|p| {
+                let caught_up = p.pending.is_empty() && self.cached_end(p.id).is_some_and(|end| p.next >= end);
+                let mark = if caught_up {
+                    i64::MAX
+                } else {
+                    p.last_ingest.unwrap_or(i64::MIN)
+                };
+                (p.id, mark)
+            })
+            .collect()
     }
 
     /// For each partition, the offset after the last record taken.
