@@ -953,10 +953,17 @@ pub struct Deduper {
     devices: crate::dataflow::FastMap<u32, VecDeque<Seen>>,
     retention_ms: i64,
     high_water_ms: i64,
+    /// Per source (a Kafka partition, a replay file): the newest ingest (or event) time seen
+    /// from it, and the last epoch that brought it.
+    sources: crate::dataflow::FastMap<u32, (i64, u64)>,
     /// Event times below this have been forgotten.
     pruned_below_ms: i64,
     next_epoch: u64,
 }
+
+/// A source no epoch has brought for this many epochs is idle: it no longer holds the
+/// forgetting back (an empty partition, a replay file read to its end).
+const IDLE_EPOCHS: u64 = 64;
 
 #[derive(Debug, Clone, Copy)]
 struct Seen {
@@ -968,13 +975,17 @@ struct Seen {
 }
 
 impl Deduper {
-    /// A deduper that forgets an hour once the newest ingest (or event) time seen is more
-    /// than `retention_ms` past the hour's end. Use at least the stale rule's `max_age_ms`.
+    /// A deduper that forgets an hour once every source that is not idle has brought an
+    /// ingest (or event) time more than `retention_ms` past the hour's end. Use at least the
+    /// stale rule's `max_age_ms`. Per source: a backlog is read at the same pace on every
+    /// partition, so a denser one falls hours behind the others, and a duplicate it brings
+    /// of one of its own readings must still be caught however far the others have gone.
     pub fn new(retention_ms: i64) -> Self {
         Deduper {
             devices: Default::default(),
             retention_ms,
             high_water_ms: i64::MIN,
+            sources: Default::default(),
             pruned_below_ms: i64::MIN,
             next_epoch: 0,
         }
@@ -995,7 +1006,10 @@ impl Deduper {
         let base = winners.len();
         let mut doubles = Vec::new();
         for r in readings {
-            self.high_water_ms = self.high_water_ms.max(r.ingest_ms.unwrap_or(r.time_ms));
+            let at = r.ingest_ms.unwrap_or(r.time_ms);
+            self.high_water_ms = self.high_water_ms.max(at);
+            let source = self.sources.entry(r.pos.source).or_insert((at, epoch));
+            *source = (source.0.max(at), epoch);
             let times = self.devices.entry(r.device).or_default();
             let seen = Seen {
                 time_ms: r.time_ms,
@@ -1032,7 +1046,7 @@ impl Deduper {
                 .unwrap_or(d.pos);
             losers.push((d, first));
         }
-        self.prune();
+        self.prune(epoch);
     }
 
     /// One reading as an epoch of its own: `Err` with the accepted reading's position if it
@@ -1047,10 +1061,18 @@ impl Deduper {
     }
 
     /// Forgets readings no acceptable reading can duplicate any more: those of hours that
-    /// ended more than the retention before the newest time seen. Runs only when that
+    /// ended more than the retention before the newest time the slowest source that is not
+    /// idle has brought (the newest time seen, if every source is idle). Runs only when that
     /// boundary crosses into a new hour.
-    fn prune(&mut self) {
-        let Some(limit) = self.high_water_ms.checked_sub(self.retention_ms) else {
+    fn prune(&mut self, epoch: u64) {
+        let slowest = self
+            .sources
+            .values()
+            .filter(|(_, seen)| seen + IDLE_EPOCHS >= epoch)
+            .map(|(at, _)| *at)
+            .min()
+            .unwrap_or(self.high_water_ms);
+        let Some(limit) = slowest.checked_sub(self.retention_ms) else {
             return;
         };
         let below = limit.div_euclid(HOUR_MS) * HOUR_MS;
@@ -1092,6 +1114,33 @@ mod dedup_tests {
         w.sort();
         l.sort();
         (w, l)
+    }
+
+    /// A source that lags hours behind another keeps the memory of its own hours: a
+    /// duplicate it brings late is still caught (a 48-hour crash test doubled a reading
+    /// before). An idle source holds nothing back.
+    #[test]
+    fn a_lagging_source_keeps_its_hours() {
+        let at = |source: u32, device: u32, time_ms: i64, offset: u64| Reading {
+            pos: SourcePos { source, offset },
+            ..r(device, time_ms, offset)
+        };
+        let mut d = Deduper::new(HOUR_MS);
+        // Source 1 delivers device 2 at hour 0 in every epoch; source 0 races 10 hours on.
+        for e in 0..10i64 {
+            run(
+                &mut d,
+                vec![at(0, 1, e * HOUR_MS, e as u64), at(1, 2, e * 1000, 100 + e as u64)],
+            );
+        }
+        // A duplicate of device 2's first reading, from the lagging source: still caught.
+        let (w, l) = run(&mut d, vec![at(1, 2, 0, 200)]);
+        assert_eq!((w, l), (vec![], vec![(200, 100)]));
+        // Source 1 goes quiet: after IDLE_EPOCHS epochs it holds nothing back.
+        for e in 0..=IDLE_EPOCHS as i64 {
+            run(&mut d, vec![at(0, 1, (10 + e) * HOUR_MS, 300 + e as u64)]);
+        }
+        assert!(d.len() < 3, "hours older than the retention are forgotten: {}", d.len());
     }
 
     #[test]
