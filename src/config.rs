@@ -342,6 +342,8 @@ pub struct Lake {
     pub s3_part_size: usize,
     /// S3: tries of one request (throttling, timeouts and 5xx are retried with backoff).
     pub s3_max_attempts: u32,
+    /// S3: the longest one try of a request may take; a try not answered by then is retried.
+    pub s3_timeout: Dur,
 }
 
 impl Lake {
@@ -376,6 +378,7 @@ impl Lake {
                 multipart_threshold: self.s3_multipart_threshold,
                 part_size: self.s3_part_size,
                 max_attempts: self.s3_max_attempts,
+                attempt_timeout: self.s3_timeout.0,
             },
         }
     }
@@ -550,6 +553,9 @@ impl Config {
         }
         if self.lake.s3_max_attempts == 0 {
             return bad("lake.s3_max_attempts", "must be at least 1");
+        }
+        if self.lake.s3_timeout.0.is_zero() {
+            return bad("lake.s3_timeout", "must be longer than 0");
         }
         for (name, [lo, hi]) in self.rules.ranges.named() {
             let max = fmsflow_dataflows::stats::MAX_ABS;
@@ -765,6 +771,7 @@ mod tests {
             ("FMSFLOW_LAKE__S3_SSE", "rot13", "lake.s3_sse"),
             ("FMSFLOW_LAKE__S3_PART_SIZE", "1048576", "lake.s3_part_size"),
             ("FMSFLOW_LAKE__S3_MAX_ATTEMPTS", "0", "lake.s3_max_attempts"),
+            ("FMSFLOW_LAKE__S3_TIMEOUT", "0s", "lake.s3_timeout"),
         ] {
             let e = Config::from_sources(None, &env(&[(k, v)])).unwrap_err().to_string();
             assert!(e.contains(field), "{k}={v}: {e}");

@@ -720,15 +720,8 @@ fn plan_resume(
         sealed: |hour| recovery.sealed(hour, flow.grace_ms),
         next_seq: &recovery.next_seq,
     };
-    // Both steps are idempotent, so retried whole.
-    let deleted = retry.run("deleting the files written after the checkpoint", || {
-        lake::clean_after_checkpoint(
-            storage,
-            &covered,
-            // This process's workers are process * workers .. (process + 1) * workers.
-            |worker, hour| worker.unwrap_or_else(|| hour_owner(hour, peers)) / workers == process,
-        )
-    })?;
+    // Both steps are idempotent, so retried whole. The manifests first: a kill between the
+    // two then leaves manifests that list only covered files, none of which is deleted.
     // The manifests are worker 0's: they list what the checkpoint covers.
     let rebuilt = if process == 0 {
         retry.run("rewriting the manifests", || {
@@ -737,6 +730,14 @@ fn plan_resume(
     } else {
         Default::default()
     };
+    let deleted = retry.run("deleting the files written after the checkpoint", || {
+        lake::clean_after_checkpoint(
+            storage,
+            &covered,
+            // This process's workers are process * workers .. (process + 1) * workers.
+            |worker, hour| worker.unwrap_or_else(|| hour_owner(hour, peers)) / workers == process,
+        )
+    })?;
     // Each partition is re-read from its first record stamped at or after the re-read time.
     let from_ms = recovery.reread_from_ms(&flow);
     let probe = connectors::kafka::SourceSpec {

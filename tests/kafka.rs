@@ -300,18 +300,49 @@ fn start_run(
         .collect()
 }
 
-/// Waits for every process of a run; their standard errors. Fails if one failed.
-fn finish(children: Vec<std::process::Child>, what: &str) -> Vec<String> {
-    children
-        .into_iter()
-        .enumerate()
-        .map(|(i, child)| {
-            let out = child.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(out.status.success(), "{what}, process {i} failed:\n{err}");
-            err
+/// Waits for every process of a run; their standard errors. Fails if one failed, once it
+/// has stopped the others (the rest of a cluster waits for the failed process to connect
+/// until it times out), with the standard error of each.
+fn finish(mut children: Vec<std::process::Child>, what: &str) -> Vec<String> {
+    use std::io::Read;
+    let readers: Vec<_> = children
+        .iter_mut()
+        .map(|c| {
+            let mut pipe = c.stderr.take().expect("stderr is piped");
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            })
         })
-        .collect()
+        .collect();
+    let mut status = vec![None; children.len()];
+    common::wait_for(&format!("{what} to end"), Duration::from_secs(900), || {
+        for (c, s) in children.iter_mut().zip(status.iter_mut()) {
+            if s.is_none() {
+                *s = c.try_wait().unwrap();
+            }
+        }
+        let failed = status.iter().flatten().any(|s| !s.success());
+        if failed {
+            children.iter_mut().for_each(|c| drop(c.kill()));
+        }
+        failed || status.iter().all(Option::is_some)
+    });
+    let errs: Vec<String> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    if status.iter().flatten().any(|s| !s.success()) {
+        let report: Vec<String> = status
+            .iter()
+            .zip(&errs)
+            .enumerate()
+            .map(|(i, (s, err))| match s {
+                Some(s) => format!("process {i} ended ({s}):\n{err}"),
+                None => format!("process {i}, stopped then:\n{err}"),
+            })
+            .collect();
+        panic!("{what} failed:\n{}", report.join("\n"));
+    }
+    errs
 }
 
 /// SIGKILLs every process of a run: whether any had already finished by itself, and the

@@ -179,9 +179,12 @@ impl Recovery {
             .saturating_sub(cfg.rules.max_age_ms + cfg.rules.max_future_ms)
     }
 
-    /// Whether the hour had been sealed at the checkpoint.
+    /// Whether the hour had been sealed at the checkpoint: the watermark had passed it, or
+    /// it had written parts by then (the end of the input seals every hour, the watermark
+    /// notwithstanding; an hour writes parts only once sealed).
     pub fn sealed(&self, hour: i64, grace_ms: i64) -> bool {
         self.watermark >= (hour + 1) * HOUR_MS + grace_ms
+            || self.next_seq.range((hour, 0)..=(hour, usize::MAX)).next().is_some()
     }
 }
 
@@ -1049,5 +1052,24 @@ mod sort_tests {
             expected.iter().for_each(|r| rows.push(r));
             prop_assert_eq!(got, rows);
         }
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    #[test]
+    fn an_hour_with_parts_was_sealed_whatever_the_watermark() {
+        let grace = FlowConfig::default().grace_ms;
+        let r = Recovery {
+            // The last reading at 05:59:50: the watermark never passed hour 5.
+            watermark: 5 * HOUR_MS + 3_590_000,
+            next_seq: BTreeMap::from([((4, 0), 1), ((5, 1), 1)]),
+            ..Recovery::default()
+        };
+        assert!(r.sealed(4, grace), "the watermark passed hour 4");
+        assert!(r.sealed(5, grace), "the end of the input sealed hour 5: it wrote a part");
+        assert!(!r.sealed(6, grace));
     }
 }

@@ -285,12 +285,18 @@ impl Storage for HdfsStorage {
             }
             Ok(())
         })?;
+        let mut swept = 0;
         for path in &abandoned {
-            self.client
-                .remove_file(path)
-                .map_err(|e| io_err("deleting an abandoned temporary file", path, e))?;
+            match self.client.remove_file(path) {
+                Ok(()) => swept += 1,
+                // Another process of the cluster, sweeping too, may have got there first.
+                Err(e) => match self.exists(path) {
+                    Ok(false) => {}
+                    _ => return Err(io_err("deleting an abandoned temporary file", path, e)),
+                },
+            }
         }
-        Ok(abandoned.len())
+        Ok(swept)
     }
 
     fn delete(&self, key: &str) -> Result<(), LakeError> {

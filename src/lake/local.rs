@@ -158,12 +158,18 @@ impl Storage for LocalStorage {
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if temp_file_owner(&name).is_some_and(|(pid, _)| !process_runs(pid)) {
-                    std::fs::remove_file(&path).map_err(|source| LakeError::Io {
-                        op: "deleting an abandoned temporary file",
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                    swept += 1;
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => swept += 1,
+                        // Another process of the cluster, sweeping too, got there first.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => {
+                            return Err(LakeError::Io {
+                                op: "deleting an abandoned temporary file",
+                                path: path.display().to_string(),
+                                source,
+                            })
+                        }
+                    }
                 }
             }
         }

@@ -9,7 +9,8 @@
 //! - Objects larger than the multipart threshold go up in parts (an upload that fails is
 //!   aborted, so no parts are left billed).
 //! - Throttling, timeouts and 5xx answers are retried by the SDK's standard retry strategy,
-//!   with exponential backoff and jitter, up to [`S3Options::max_attempts`] tries.
+//!   with exponential backoff and jitter, up to [`S3Options::max_attempts`] tries. A try
+//!   times out after [`S3Options::attempt_timeout`] (connecting: at most 10 s of it).
 
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_s3::primitives::ByteStream;
@@ -37,6 +38,10 @@ pub struct S3Options {
     pub part_size: usize,
     /// Tries of one request, the first included, before its error is reported.
     pub max_attempts: u32,
+    /// The longest one try of a request may take (connecting, sending, the whole answer):
+    /// a try the server does not finish by then is retried, so a request an unresponsive
+    /// server never answers cannot hang the run.
+    pub attempt_timeout: std::time::Duration,
 }
 
 impl Default for S3Options {
@@ -49,6 +54,7 @@ impl Default for S3Options {
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
             max_attempts: 10,
+            attempt_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -109,7 +115,13 @@ impl S3Storage {
             .build()
             .map_err(|e| bad(format!("starting the S3 client's runtime: {e}")))?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(opts.max_attempts.max(1)));
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(opts.max_attempts.max(1)))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(opts.attempt_timeout.min(std::time::Duration::from_secs(10)))
+                    .operation_attempt_timeout(opts.attempt_timeout)
+                    .build(),
+            );
         if let Some(r) = &opts.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
