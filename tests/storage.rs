@@ -167,6 +167,86 @@ fn s3_refuses_a_missing_bucket_and_wrong_keys_at_open() {
     assert!(!stderr.contains("not-the-secret"), "the secret was printed: {stderr}");
 }
 
+/// A TCP relay on 127.0.0.1 to `target` that, once `stall` is set, passes on only the first
+/// `keep` bytes of each answer it relays from then on and holds back the rest (a connection
+/// that stops delivering in the middle of an answer); its address.
+fn stalling_relay(
+    target: std::net::SocketAddr,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    keep: usize,
+) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(target) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+            });
+            let (mut s_in, mut c_out, stall) = (server, client, stall.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut passed_while_stalled = 0;
+                while let Ok(n) = s_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut n = n;
+                    if stall.load(SeqCst) {
+                        n = n.min(keep.saturating_sub(passed_while_stalled));
+                        passed_while_stalled += n;
+                    }
+                    if c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_s3_read_whose_answer_stalls_is_cut_off_and_tried_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let bucket = common::s3::bucket("stall");
+    let endpoint = common::s3::endpoint();
+    let target = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the test server's endpoint is http://IP:PORT");
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Headers and the start of the body pass; the rest of the megabyte does not.
+    let relay = stalling_relay(target, stall.clone(), 2000);
+    let opts = S3Options {
+        endpoint: Some(format!("http://{relay}")),
+        max_attempts: 2,
+        attempt_timeout: std::time::Duration::from_millis(500),
+        ..common::s3::options()
+    };
+    let s3 = std::sync::Arc::new(S3Storage::open(&bucket, "lake", &opts).unwrap());
+    let object = noise(1 << 20, 7);
+    s3.put_atomic("readings/x.bin", &object).unwrap();
+    stall.store(true, SeqCst);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = s3.clone();
+    std::thread::spawn(move || tx.send(reader.get("readings/x.bin").map(|b| b.map(|b| b.len()))));
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a read whose answer stalled was never given up");
+    let e = got.expect_err("a read whose answer stalled succeeded").to_string();
+    assert!(e.contains("readings/x.bin") && e.contains("did not come whole"), "{e}");
+    // Once the connection delivers again, the same storage reads the object whole.
+    stall.store(false, SeqCst);
+    assert_eq!(s3.get("readings/x.bin").unwrap(), Some(object));
+}
+
 /// Generates 20 devices × 3 hours of readings, replays them into a local directory and into
 /// `url`, and checks that `storage` (the lake at `url`) holds the same files, byte for byte.
 /// Returns the folder holding the input and the local lake (`local/`).

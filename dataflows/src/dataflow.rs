@@ -1069,7 +1069,10 @@ mod recovery_tests {
             ..Recovery::default()
         };
         assert!(r.sealed(4, grace), "the watermark passed hour 4");
-        assert!(r.sealed(5, grace), "the end of the input sealed hour 5: it wrote a part");
+        assert!(
+            r.sealed(5, grace),
+            "the end of the input sealed hour 5: it wrote a part"
+        );
         assert!(!r.sealed(6, grace));
     }
 }

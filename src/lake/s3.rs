@@ -72,6 +72,10 @@ pub struct S3Storage {
     multipart_threshold: usize,
     part_size: usize,
     endpoint: String,
+    /// Tries of a read whose answer's body stops coming, and how long one may take: the
+    /// SDK's own timeout ends with the answer's headers.
+    max_attempts: u32,
+    attempt_timeout: std::time::Duration,
     /// Runs the SDK's futures; callers are plain threads.
     rt: tokio::runtime::Runtime,
 }
@@ -159,6 +163,8 @@ impl S3Storage {
             multipart_threshold: opts.multipart_threshold.max(1),
             part_size: opts.part_size,
             endpoint,
+            max_attempts: opts.max_attempts.max(1),
+            attempt_timeout: opts.attempt_timeout,
             rt,
         };
         storage
@@ -276,16 +282,35 @@ impl Storage for S3Storage {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
         let full = self.key(key);
         let path = || format!("s3://{}/{full}", self.bucket);
-        self.rt.block_on(async {
-            match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
-                Ok(o) => {
-                    let body = o.body.collect().await.map_err(|e| s3_error("reading", path(), e))?;
-                    Ok(Some(body.into_bytes().to_vec()))
+        // The SDK retries a request until its answer's headers; a body that then stops
+        // coming (the connection stalls) is retried here, each read bounded.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let got = self.rt.block_on(async {
+                match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
+                    Ok(o) => match tokio::time::timeout(self.attempt_timeout, o.body.collect()).await {
+                        Ok(Ok(body)) => Ok(Ok(Some(body.into_bytes().to_vec()))),
+                        Ok(Err(e)) => Err(s3_error("reading", path(), e)),
+                        Err(_) => Err(LakeError::Io {
+                            op: "reading",
+                            path: path(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("the object's body did not come whole within {:?}", self.attempt_timeout),
+                            ),
+                        }),
+                    },
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(Ok(None)),
+                    Err(e) => Ok(Err(s3_error("reading", path(), e))),
                 }
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-                Err(e) => Err(s3_error("reading", path(), e)),
+            });
+            match got {
+                Ok(result) => return result,
+                Err(e) if tries >= self.max_attempts => return Err(e),
+                Err(_) => continue,
             }
-        })
+        }
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
