@@ -203,15 +203,25 @@ pub fn run(
                     }
                 });
             }
+            let mut sealed = sealed;
             let reports = recorder.clone().map(|c| {
                 let (handle, positions) = scope.new_input::<Report>();
-                let parts = sealed.clone().map(|s| report_parts(s, c.lake.clone()));
+                // The batches pass through the reporting operator (moved, not cloned: a
+                // second reader of the stream would get a copy of every sealed hour).
+                let parts = sealed.take().map(|s| {
+                    let (parts, batches) = report_parts(s, c.lake.clone());
+                    sealed = Some(batches);
+                    parts
+                });
                 report_to_worker_0(positions, parts, c, index).probe_with(&probe);
                 handle
             });
-            // Without a lake nothing needs sealing: the aggregates are the output.
-            out.hourly.clone().inner.probe_with(&probe);
-            out.quality.clone().inner.probe_with(&probe);
+            if sealed.is_none() {
+                // Without a lake nothing needs sealing: the aggregates are the output. (With
+                // one, the sealed hours depend on them, and the lake's sink is probed.)
+                out.hourly.clone().inner.probe_with(&probe);
+                out.quality.clone().inner.probe_with(&probe);
+            }
             if let (Some(queues), Some(sealed)) = (to_writer.take(), sealed) {
                 // The probe passes an epoch once the writer has stored all of its batches.
                 let st_l = st.clone();
@@ -828,27 +838,43 @@ fn commit_stored(committer: Option<&Committer>, probe: &ProbeHandle<Epoch>, st: 
     }
 }
 
-/// The part each sealed batch becomes, as a report for the checkpoint and the manifests.
+/// The part each sealed batch becomes, as a report for the checkpoint and the manifests;
+/// and the batches themselves, passed on.
 fn report_parts<'scope>(
     sealed: timely::dataflow::Stream<'scope, Epoch, Vec<HourBatch>>,
     lake: Arc<LakeWriter>,
-) -> timely::dataflow::Stream<'scope, Epoch, Vec<Report>> {
+) -> (
+    timely::dataflow::Stream<'scope, Epoch, Vec<Report>>,
+    timely::dataflow::Stream<'scope, Epoch, Vec<HourBatch>>,
+) {
     use timely::dataflow::channels::pact::Pipeline;
-    use timely::dataflow::operators::generic::Operator;
-    sealed.unary(Pipeline, "ReportParts", |_, _| {
-        move |input, output| {
-            input.for_each(|cap, data| {
-                if let Some(c) = cap.retain_least(output.output_index()) {
-                    output.session(&c).give_iterator(data.iter().map(|b| Report::Part {
+    use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+    use timely::dataflow::operators::generic::OutputBuilder;
+    let mut builder = OperatorBuilder::new("ReportParts".to_owned(), sealed.scope());
+    let mut input = builder.new_input(sealed, Pipeline);
+    let (o_rep, s_rep) = builder.new_output::<Vec<Report>>();
+    let (o_pass, s_pass) = builder.new_output::<Vec<HourBatch>>();
+    let (mut o_rep, mut o_pass) = (OutputBuilder::from(o_rep), OutputBuilder::from(o_pass));
+    builder.build(move |_| {
+        move |_frontiers| {
+            let (mut h_rep, mut h_pass) = (o_rep.activate(), o_pass.activate());
+            input.for_each_stamp(|cap, data| {
+                let t = *cap.least().expect("every message has a time");
+                let (c_rep, c_pass) = (cap.delayed(&t, 0), cap.delayed(&t, 1));
+                let (mut rep, mut pass) = (h_rep.session(&c_rep), h_pass.session(&c_pass));
+                for batch in data {
+                    rep.give_iterator(batch.iter().map(|b| Report::Part {
                         hour: b.hour,
                         worker: b.worker,
                         seq: b.seq,
                         files: lake.keys(b),
                     }));
+                    pass.give_container(batch);
                 }
             });
         }
-    })
+    });
+    (s_rep, s_pass)
 }
 
 /// Sends every report to worker 0, which files it with its recorder. The returned stream
@@ -924,7 +950,7 @@ fn attach_kafka_sinks(
             if t < recovery_epochs {
                 return;
             }
-            // count_total retracts the old value of a key and adds the new one: send the new.
+            // The collection retracts the old value of a key and adds the new one: send the new.
             for (((device, hour), stats), at, diff) in batch.iter() {
                 if *diff > 0 {
                     if let Err(e) = k2.hourly(*device, *hour, stats, *at, Some(tally.start(t))) {

@@ -13,7 +13,6 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::difference::Semigroup;
-use differential_dataflow::operators::CountTotal;
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
@@ -63,6 +62,86 @@ impl Hasher for FxHasher {
 }
 /// A `HashMap` with [`FxHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// A hash map whose entries sit in a vector, in the order they were inserted, with only
+/// their indexes in the hash table. With many large entries (100,000 devices' [`HourStats`],
+/// 320 bytes each) the table stays small enough for the caches, new entries are written one
+/// after another instead of at random places of a table of tens of megabytes, and draining
+/// reads them in order: there, memory, not instructions, was the cost of the stages that
+/// keep such maps.
+#[derive(Clone, Debug)]
+pub struct IndexedMap<K, V> {
+    index: FastMap<K, u32>,
+    entries: Vec<(K, V)>,
+}
+
+impl<K, V> Default for IndexedMap<K, V> {
+    fn default() -> Self {
+        IndexedMap {
+            index: FastMap::default(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + std::hash::Hash, V> IndexedMap<K, V> {
+    /// The value of `k`, inserted from `new` if there is none; and whether it was inserted.
+    #[inline]
+    pub fn get_or_insert_with(&mut self, k: K, new: impl FnOnce() -> V) -> (&mut V, bool) {
+        match self.index.entry(k) {
+            std::collections::hash_map::Entry::Occupied(e) => (&mut self.entries[*e.get() as usize].1, false),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let k = e.key().clone();
+                e.insert(self.entries.len() as u32);
+                self.entries.push((k, new()));
+                (&mut self.entries.last_mut().expect("just pushed").1, true)
+            }
+        }
+    }
+
+    /// Sets the value of `k`.
+    #[inline]
+    pub fn insert(&mut self, k: K, v: V) {
+        let mut v = Some(v);
+        let (slot, inserted) = self.get_or_insert_with(k, || v.take().expect("taken once"));
+        if !inserted {
+            *slot = v.take().expect("not taken");
+        }
+    }
+
+    /// The value of `k`.
+    #[inline]
+    pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        let i = *self.index.get(k)? as usize;
+        Some(&mut self.entries[i].1)
+    }
+
+    /// Removes `k` (the last entry takes its place).
+    pub fn remove(&mut self, k: &K) -> Option<V> {
+        let i = self.index.remove(k)? as usize;
+        let (_, v) = self.entries.swap_remove(i);
+        if let Some((moved, _)) = self.entries.get(i) {
+            *self.index.get_mut(moved).expect("every entry is indexed") = i as u32;
+        }
+        Some(v)
+    }
+
+    /// The entries, in insertion order (as long as none was removed).
+    pub fn iter(&self) -> std::slice::Iter<'_, (K, V)> {
+        self.entries.iter()
+    }
+
+    /// Removes every entry, handing them over in insertion order.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, (K, V)> {
+        self.index.clear();
+        self.entries.drain(..)
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
 
 /// Which worker owns an hour's aggregate tables (`hourly`, `quality`) in the lake.
 #[inline]
@@ -250,6 +329,8 @@ impl<'scope> Outputs<'scope> {
 }
 
 type Quality = ((u32, i64, Outcome), Epoch, isize);
+/// Messages' containers waiting for their epoch to complete.
+type ByEpoch<D> = BTreeMap<Epoch, Vec<Vec<D>>>;
 /// A quality count as a record of the `quality` collection.
 type QualityCount = ((u32, i64, Outcome), isize);
 /// An update of the `hourly` collection.
@@ -284,8 +365,16 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
             after,
         );
     }
-    let hourly = hourly_updates.as_collection().count_total();
-    let quality = quality_updates.as_collection().count_total();
+    // A (device, hour)'s aggregate updates all come from the worker that deduplicates it
+    // (`dedup` routes readings by `route_device_hour`; `forget_hours` takes back on the
+    // worker that passed): they are where their totals are kept, with no exchange. Quality
+    // counts of rejections come from every worker, and are routed the same way.
+    let hourly = totals(hourly_updates, Pipeline, "HourlyTotals");
+    let quality = totals(
+        quality_updates,
+        Exchange::new(|u: &Quality| route_device_hour((u.0).0, (u.0).1)),
+        "QualityTotals",
+    );
 
     Outputs {
         readings,
@@ -421,6 +510,119 @@ where
     s_up
 }
 
+/// The collection of each key's accumulated difference, `((key, total), 1)`: what
+/// differential's `count_total` makes of `updates`, for epochs (a total order), without an
+/// arrangement. `pact` must bring all updates of a key to one worker, where its total is
+/// kept in a hash map. Once an epoch is complete at the input, its updates are summed per key
+/// and each key whose sum is not zero changes its total: the old total goes out with −1
+/// (unless zero), the new one with +1 (unless zero, and then the key is forgotten), at that
+/// epoch. These are exactly `count_total`'s output updates: the totals are sums of the same
+/// differences, and `Semigroup::plus_equals` of [`HourStats`] and of counts is associative
+/// and commutative to the bit. Only the order of a message's updates differs, which no
+/// reader depends on. (A key whose total returns to zero is forgotten, so a later update
+/// starts it afresh, as [`forget_hours`] intends; `count_total` did so only once its trace
+/// had compacted the two.)
+///
+/// `count_total` arranged every update: with a fleet much larger than an epoch's readings
+/// (100,000 devices), nearly every reading is one update of its own (320 bytes of
+/// [`HourStats`]), which the arrangement's batcher and spine copied and merged a dozen
+/// times; that was most of the work. Here an update is summed into its total in place.
+fn totals<'scope, K, R, P>(
+    updates: Stream<'scope, Epoch, Vec<(K, Epoch, R)>>,
+    pact: P,
+    name: &str,
+) -> VecCollection<'scope, Epoch, (K, R), isize>
+where
+    K: differential_dataflow::ExchangeData + std::hash::Hash,
+    R: differential_dataflow::ExchangeData + Semigroup,
+    P: timely::dataflow::channels::pact::ParallelizationContract<Epoch, Vec<(K, Epoch, R)>>,
+{
+    let scope = updates.scope();
+    let mut builder = OperatorBuilder::new(name.to_owned(), scope);
+    let mut input = builder.new_input(updates, pact);
+    let (o_out, s_out) = builder.new_output::<Vec<((K, R), Epoch, isize)>>();
+    let mut o_out = OutputBuilder::from(o_out);
+    builder.build(move |caps| {
+        let mut caps: Vec<Capability<Epoch>> = caps;
+        // Each epoch's updates as the containers they came in (an update of a later epoch
+        // than its message's is filed under its own).
+        let mut stash: ByEpoch<(K, Epoch, R)> = BTreeMap::new();
+        let mut totals: IndexedMap<K, R> = IndexedMap::default();
+        // Per epoch: where each key's first update is, and those places in arrival order.
+        let mut first: FastMap<K, (u32, u32)> = FastMap::default();
+        let mut order: Vec<(u32, u32)> = Vec::new();
+        move |frontiers| {
+            input.for_each_stamp(|cap, data| {
+                let t = epoch_of(&cap);
+                for batch in data {
+                    if batch.iter().all(|u| u.1 == t) {
+                        stash.entry(t).or_default().push(std::mem::take(batch));
+                    } else {
+                        for u in batch.drain(..) {
+                            stash.entry(u.1).or_default().push(vec![u]);
+                        }
+                    }
+                }
+            });
+            let frontier = frontiers[0].frontier();
+            let mut out = o_out.activate();
+            while let Some(entry) = stash.first_entry() {
+                let t = *entry.key();
+                if frontier.less_equal(&t) {
+                    break;
+                }
+                let mut batches = entry.remove();
+                // Sum each key's updates of the epoch into its first one.
+                first.clear();
+                order.clear();
+                for b in 0..batches.len() {
+                    for i in 0..batches[b].len() {
+                        match first.entry(batches[b][i].0.clone()) {
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert((b as u32, i as u32));
+                                order.push((b as u32, i as u32));
+                            }
+                            std::collections::hash_map::Entry::Occupied(e) => {
+                                let (fb, fi) = *e.get();
+                                let r = batches[b][i].2.clone();
+                                batches[fb as usize][fi as usize].2.plus_equals(&r);
+                            }
+                        }
+                    }
+                }
+                let cap = caps[0].delayed(&t);
+                let mut session = out.session(&cap);
+                for &(b, i) in order.iter() {
+                    let (k, _, d) = &batches[b as usize][i as usize];
+                    if d.is_zero() {
+                        continue;
+                    }
+                    match totals.get_mut(k) {
+                        Some(total) => {
+                            session.give(((k.clone(), total.clone()), t, -1));
+                            total.plus_equals(d);
+                            if total.is_zero() {
+                                totals.remove(k);
+                            } else {
+                                session.give(((k.clone(), total.clone()), t, 1));
+                            }
+                        }
+                        None => {
+                            totals.insert(k.clone(), d.clone());
+                            session.give(((k.clone(), d.clone()), t, 1));
+                        }
+                    }
+                }
+            }
+            match frontier.iter().min() {
+                Some(f) => caps.iter_mut().for_each(|c| c.downgrade(f)),
+                None => caps.clear(),
+            }
+        }
+    });
+    s_out.as_collection()
+}
+
 /// Per-epoch counts of rejections by (device, hour, rule), pre-aggregated per worker.
 fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -> Stream<'scope, Epoch, Vec<Quality>> {
     use timely::dataflow::operators::generic::Operator;
@@ -521,9 +723,13 @@ fn duplicates<'scope>(
         let mut caps: Vec<Capability<Epoch>> = caps;
         let mut payloads: BTreeMap<Epoch, Vec<Vec<u8>>> = BTreeMap::new();
         let mut pending: BTreeMap<Epoch, Vec<Loser>> = BTreeMap::new();
+        // The slots of the last epoch: the next one is sized for as many at once.
+        let mut last_slots = 0;
         move |frontiers| {
             i_kept.for_each_stamp(|cap, data| {
-                let slots = payloads.entry(epoch_of(&cap)).or_default();
+                let slots = payloads
+                    .entry(epoch_of(&cap))
+                    .or_insert_with(|| Vec::with_capacity(last_slots));
                 for batch in data {
                     for (slot, payload) in batch.drain(..) {
                         let slot = slot as usize;
@@ -557,7 +763,9 @@ fn duplicates<'scope>(
                 }
             }
             // The payloads of finished epochs, freed here on the worker that read them.
-            split_done(&mut payloads, done);
+            for (_, slots) in split_done(&mut payloads, done) {
+                last_slots = slots.len();
+            }
             match frontier.iter().min() {
                 Some(f) => caps.iter_mut().for_each(|c| c.downgrade(f)),
                 None => caps.clear(),
@@ -604,10 +812,9 @@ fn dedup<'scope>(
         // Each epoch's input as the batches it came in (moved, never copied into one vector).
         let mut stash: BTreeMap<Epoch, Vec<Vec<Reading>>> = BTreeMap::new();
         let mut deduper = crate::rules::Deduper::new(retention_ms);
-        let mut winners: Vec<Reading> = Vec::new();
         let mut losers: Vec<(Reading, SourcePos)> = Vec::new();
-        let mut agg: FastMap<DeviceHour, HourStats> = FastMap::default();
-        let mut latest: FastMap<u32, DeviceLatest> = FastMap::default();
+        let mut agg: IndexedMap<DeviceHour, HourStats> = IndexedMap::default();
+        let mut latest: IndexedMap<u32, DeviceLatest> = IndexedMap::default();
         move |frontiers| {
             input.for_each_stamp(|cap, data| {
                 let bucket = stash.entry(epoch_of(&cap)).or_default();
@@ -627,14 +834,16 @@ fn dedup<'scope>(
                 if frontier.less_equal(&t) {
                     break;
                 }
-                let epoch = entry.remove();
-                winners.reserve(epoch.iter().map(Vec::len).sum());
-                deduper.epoch(epoch.into_iter().flatten(), &mut winners, &mut losers);
+                let mut winners = entry.remove();
+                deduper.epoch_in_place(&mut winners, &mut losers);
                 let mut max_time = i64::MIN;
-                for r in winners.iter() {
-                    agg.entry(r.key()).or_default().add(r);
+                for r in winners.iter().flatten() {
+                    let (st, new) = agg.get_or_insert_with(r.key(), || HourStats::of(r));
+                    if !new {
+                        st.add(r);
+                    }
                     max_time = max_time.max(r.time_ms);
-                    let l = latest.entry(r.device).or_insert(DeviceLatest {
+                    let (l, _) = latest.get_or_insert_with(r.device, || DeviceLatest {
                         device: r.device,
                         time_ms: i64::MIN,
                         is_fail: false,
@@ -650,15 +859,19 @@ fn dedup<'scope>(
                 if !losers.is_empty() {
                     h_dup.session(&cap_t(1)).give_iterator(losers.drain(..));
                 }
-                if !winners.is_empty() {
+                if winners.iter().any(|b| !b.is_empty()) {
                     h_wm.session(&cap_t(4)).give(max_time);
                     h_latest
                         .session(&cap_t(5))
                         .give_iterator(latest.drain().map(|(_, l)| l));
-                    // Sent in timely's small containers: `winners` keeps its capacity for
-                    // the next epoch, and no buffer here is large (a fresh multi-megabyte
-                    // buffer per epoch costs more in page faults than the copy).
-                    h_read.session(&cap_t(0)).give_iterator(winners.drain(..));
+                    // Passed on in the containers they came in (timely's small ones): no
+                    // copy, and no large buffer (a fresh multi-megabyte buffer per epoch
+                    // costs more in page faults than a copy).
+                    let c = cap_t(0);
+                    let mut s = h_read.session(&c);
+                    for mut b in winners.into_iter().filter(|b| !b.is_empty()) {
+                        s.give_container(&mut b);
+                    }
                 }
                 if !agg.is_empty() {
                     let c = cap_t(3);
@@ -690,9 +903,10 @@ struct HourState {
     /// Chunks of readings as they completed (usually one epoch's worth each).
     readings: Vec<Vec<Reading>>,
     rejections: Vec<Rejection>,
-    hourly: BTreeMap<u32, HourStats>,
+    /// Each device's current aggregate (ordered by device when taken).
+    hourly: IndexedMap<u32, HourStats>,
     hourly_dirty: bool,
-    quality: BTreeMap<(u32, Outcome), i64>,
+    quality: IndexedMap<(u32, Outcome), i64>,
     quality_dirty: bool,
 }
 
@@ -712,12 +926,8 @@ impl HourState {
             partial: self.partial,
             readings,
             rejections,
-            hourly: self
-                .hourly_dirty
-                .then(|| self.hourly.iter().map(|(d, s)| (*d, *s)).collect()),
-            quality: self
-                .quality_dirty
-                .then(|| self.quality.iter().map(|(k, n)| (*k, *n)).collect()),
+            hourly: self.hourly_dirty.then(|| sorted(&self.hourly)),
+            quality: self.quality_dirty.then(|| sorted(&self.quality)),
         };
         self.seq += 1;
         self.hourly_dirty = false;
@@ -761,8 +971,9 @@ fn seal<'scope>(
         // Updates waiting for their epoch to complete.
         let mut pending_read: BTreeMap<Epoch, Vec<Vec<Reading>>> = BTreeMap::new();
         let mut pending_rej: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
-        let mut pending_hourly: BTreeMap<Epoch, Vec<(DeviceHour, HourStats)>> = BTreeMap::new();
-        let mut pending_quality: BTreeMap<Epoch, Vec<QualityCount>> = BTreeMap::new();
+        // The collections' messages as they came (moved, not copied update by update).
+        let mut pending_hourly: ByEpoch<HourlyUpdate> = BTreeMap::new();
+        let mut pending_quality: ByEpoch<QualityUpdate> = BTreeMap::new();
         let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
         let mut hours: BTreeMap<i64, HourState> = BTreeMap::new();
         // Next batch number of hours whose state was dropped.
@@ -786,25 +997,13 @@ fn seal<'scope>(
                 let v = pending_rej.entry(epoch_of(&cap)).or_default();
                 data.for_each(|b| v.append(b));
             });
-            // Only the new value of each key matters: count_total retracts the old one. A
-            // collection's message holds updates of its capability's epoch and of later
-            // ones: each update is filed under its own epoch, so an hour's tables go out
-            // with the readings of the same epochs (a file sealed at epoch E must not count
-            // a reading of E + 1, which a checkpoint of E does not cover).
-            i_hourly.for_each_stamp(|_, data| {
-                data.for_each(|b| {
-                    for (u, t, _) in b.drain(..).filter(|u| u.2 > 0) {
-                        pending_hourly.entry(t).or_default().push(u);
-                    }
-                })
-            });
-            i_quality.for_each_stamp(|_, data| {
-                data.for_each(|b| {
-                    for (u, t, _) in b.drain(..).filter(|u| u.2 > 0) {
-                        pending_quality.entry(t).or_default().push(u);
-                    }
-                })
-            });
+            // Only the new value of each key matters: the collection retracts the old one
+            // ([`totals`]). A collection's message holds updates of its capability's epoch
+            // and of later ones: each update is filed under its own epoch, so an hour's
+            // tables go out with the readings of the same epochs (a file sealed at epoch E
+            // must not count a reading of E + 1, which a checkpoint of E does not cover).
+            i_hourly.for_each_stamp(|cap, data| file_by_epoch(&mut pending_hourly, epoch_of(&cap), data));
+            i_quality.for_each_stamp(|cap, data| file_by_epoch(&mut pending_quality, epoch_of(&cap), data));
             i_wm.for_each_stamp(|cap, data| {
                 let w = pending_wm.entry(epoch_of(&cap)).or_insert(i64::MIN);
                 data.for_each(|b| *w = b.iter().copied().fold(*w, i64::max));
@@ -844,17 +1043,29 @@ fn seal<'scope>(
                         hours_of.state(&mut hours, &dropped, r.hour()).rejections.push(r);
                     }
                 }
-                for ((device, hour), stats) in pending_hourly.remove(&t).into_iter().flatten() {
-                    let stored = hours_of.stored(t, hour);
-                    let h = hours_of.state(&mut hours, &dropped, hour);
-                    h.hourly.insert(device, stats);
-                    h.hourly_dirty |= !stored;
+                // A message's updates are mostly of one hour: its state is looked up once
+                // per run of updates of the same hour.
+                for batch in pending_hourly.remove(&t).into_iter().flatten() {
+                    for run in batch.chunk_by(|a, b| (a.0).0 .1 == (b.0).0 .1) {
+                        let hour = (run[0].0).0 .1;
+                        let stored = hours_of.stored(t, hour);
+                        let h = hours_of.state(&mut hours, &dropped, hour);
+                        for (((device, _), stats), _, _) in run.iter().filter(|u| u.2 > 0) {
+                            h.hourly.insert(*device, *stats);
+                            h.hourly_dirty |= !stored;
+                        }
+                    }
                 }
-                for ((device, hour, outcome), n) in pending_quality.remove(&t).into_iter().flatten() {
-                    let stored = hours_of.stored(t, hour);
-                    let h = hours_of.state(&mut hours, &dropped, hour);
-                    h.quality.insert((device, outcome), n as i64);
-                    h.quality_dirty |= !stored;
+                for batch in pending_quality.remove(&t).into_iter().flatten() {
+                    for run in batch.chunk_by(|a, b| (a.0).0 .1 == (b.0).0 .1) {
+                        let hour = (run[0].0).0 .1;
+                        let stored = hours_of.stored(t, hour);
+                        let h = hours_of.state(&mut hours, &dropped, hour);
+                        for (((device, _, outcome), n), _, _) in run.iter().filter(|u| u.2 > 0) {
+                            h.quality.insert((*device, *outcome), *n as i64);
+                            h.quality_dirty |= !stored;
+                        }
+                    }
                 }
                 if let Some(w) = pending_wm.remove(&t) {
                     watermark = watermark.max(w);
@@ -887,6 +1098,35 @@ fn seal<'scope>(
         }
     });
     s_sealed
+}
+
+/// Files a collection's messages under the epochs of their new values (the updates with a
+/// positive difference; the others retract old values and are skipped where read). A
+/// message holds updates of its capability's epoch (kept whole, the usual case) and possibly
+/// of later ones (filed one by one under their own).
+fn file_by_epoch<D>(
+    pending: &mut ByEpoch<(D, Epoch, isize)>,
+    t: Epoch,
+    data: std::slice::IterMut<'_, Vec<(D, Epoch, isize)>>,
+) {
+    for batch in data {
+        if batch.iter().all(|u| u.1 == t) {
+            if batch.iter().any(|u| u.2 > 0) {
+                pending.entry(t).or_default().push(std::mem::take(batch));
+            }
+        } else {
+            for u in batch.drain(..).filter(|u| u.2 > 0) {
+                pending.entry(u.1).or_default().push(vec![u]);
+            }
+        }
+    }
+}
+
+/// A map's entries ordered by key.
+fn sorted<K: Ord + Copy + std::hash::Hash, V: Copy>(map: &IndexedMap<K, V>) -> Vec<(K, V)> {
+    let mut keys: Vec<(K, &V)> = map.iter().map(|(k, v)| (*k, v)).collect();
+    keys.sort_unstable_by_key(|(k, _)| *k);
+    keys.into_iter().map(|(k, v)| (k, *v)).collect()
 }
 
 /// Splits readings by hour; a chunk of one hour (the usual case) is passed on as it is.

@@ -970,8 +970,9 @@ struct Seen {
     time_ms: i64,
     epoch: u64,
     pos: SourcePos,
-    /// Index in the epoch's winners, while `epoch` is the current one.
-    slot: u32,
+    /// Where the accepted reading is in the epoch's batches (batch, index), while `epoch` is
+    /// the current one.
+    at: (u32, u32),
 }
 
 impl Deduper {
@@ -1001,44 +1002,73 @@ impl Deduper {
         winners: &mut Vec<Reading>,
         losers: &mut Vec<(Reading, SourcePos)>,
     ) {
+        let mut batch = [readings.into_iter().collect::<Vec<_>>()];
+        self.epoch_in_place(&mut batch, losers);
+        let [batch] = batch;
+        winners.extend(batch);
+    }
+
+    /// [`Deduper::epoch`] over an epoch's readings as the batches they came in, in place:
+    /// the accepted readings stay in `batches` (not in their order: a batch's duplicates are
+    /// swapped out of it), and the others are moved to `losers`. No accepted reading is
+    /// copied.
+    pub fn epoch_in_place(&mut self, batches: &mut [Vec<Reading>], losers: &mut Vec<(Reading, SourcePos)>) {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
-        let base = winners.len();
-        let mut doubles = Vec::new();
-        for r in readings {
-            let at = r.ingest_ms.unwrap_or(r.time_ms);
-            self.high_water_ms = self.high_water_ms.max(at);
-            let source = self.sources.entry(r.pos.source).or_insert((at, epoch));
-            *source = (source.0.max(at), epoch);
-            let times = self.devices.entry(r.device).or_default();
-            let seen = Seen {
-                time_ms: r.time_ms,
-                epoch,
-                pos: r.pos,
-                slot: (winners.len() - base) as u32,
-            };
-            match times.back() {
-                Some(last) if last.time_ms >= r.time_ms => {
-                    match times.binary_search_by_key(&r.time_ms, |s| s.time_ms) {
-                        Ok(i) => {
-                            let s = &mut times[i];
-                            if s.epoch == epoch && r.pos < s.pos {
-                                s.pos = r.pos;
-                                doubles.push(std::mem::replace(&mut winners[base + s.slot as usize], r));
-                            } else {
-                                doubles.push(r);
+        // Where the duplicates are, by batch and index.
+        let mut doubles: Vec<(u32, u32)> = Vec::new();
+        for b in 0..batches.len() {
+            for i in 0..batches[b].len() {
+                let r = &batches[b][i];
+                let (device, time_ms, pos) = (r.device, r.time_ms, r.pos);
+                let at = r.ingest_ms.unwrap_or(time_ms);
+                self.high_water_ms = self.high_water_ms.max(at);
+                let source = self.sources.entry(pos.source).or_insert((at, epoch));
+                *source = (source.0.max(at), epoch);
+                let times = self.devices.entry(device).or_default();
+                let seen = Seen {
+                    time_ms,
+                    epoch,
+                    pos,
+                    at: (b as u32, i as u32),
+                };
+                match times.back() {
+                    Some(last) if last.time_ms >= time_ms => {
+                        match times.binary_search_by_key(&time_ms, |s| s.time_ms) {
+                            Ok(j) => {
+                                let s = &mut times[j];
+                                if s.epoch == epoch && pos < s.pos {
+                                    // This one is accepted in place of the one accepted so far in
+                                    // this epoch: they trade places.
+                                    s.pos = pos;
+                                    let (wb, wi) = (s.at.0 as usize, s.at.1 as usize);
+                                    if wb == b {
+                                        batches[b].swap(wi, i);
+                                    } else {
+                                        let (lo, hi) = batches.split_at_mut(b.max(wb));
+                                        let (x, y) = if wb < b {
+                                            (&mut lo[wb][wi], &mut hi[0][i])
+                                        } else {
+                                            (&mut hi[0][wi], &mut lo[b][i])
+                                        };
+                                        std::mem::swap(x, y);
+                                    }
+                                }
+                                doubles.push((b as u32, i as u32));
+                                continue;
                             }
-                            continue;
+                            Err(j) => times.insert(j, seen),
                         }
-                        Err(i) => times.insert(i, seen),
                     }
+                    _ => times.push_back(seen),
                 }
-                _ => times.push_back(seen),
             }
-            winners.push(r);
         }
-        // Only now is the accepted reading of every (device, time) known.
-        for d in doubles {
+        // Only now is the accepted reading of every (device, time) known. From the last
+        // place back, so that each `swap_remove` brings in a reading already decided on.
+        doubles.sort_unstable_by(|a, b| b.cmp(a));
+        for (b, i) in doubles {
+            let d = batches[b as usize].swap_remove(i as usize);
             let first = self
                 .devices
                 .get(&d.device)
@@ -1165,6 +1195,43 @@ mod dedup_tests {
         assert_eq!(w, vec![2, 8]);
         assert_eq!(l, vec![(0, 1)]);
         assert_eq!(d.len(), 6);
+    }
+
+    proptest::proptest! {
+        /// In place, over an epoch's readings in batches, the rule decides as over the same
+        /// readings in one: the same readings accepted, the same duplicates with the same
+        /// accepted positions, epoch after epoch.
+        #[test]
+        fn in_place_over_batches_decides_as_over_one(
+            epochs in proptest::collection::vec(
+                proptest::collection::vec((1u32..4, 0i64..8, 0u64..40, 0usize..4), 0..30), 1..4),
+        ) {
+            let (mut one, mut split) = (Deduper::new(HOUR_MS), Deduper::new(HOUR_MS));
+            for (e, epoch) in epochs.iter().enumerate() {
+                let readings: Vec<Reading> = epoch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(d, t, o, _))| r(d, t * 1000, o * 1000 + (e * 100 + i) as u64))
+                    .collect();
+                let mut batches = vec![Vec::new(); 4];
+                for (rd, &(_, _, _, b)) in readings.iter().zip(epoch) {
+                    batches[b].push(rd.clone());
+                }
+                let (mut w1, mut l1, mut l2) = (Vec::new(), Vec::new(), Vec::new());
+                one.epoch(readings, &mut w1, &mut l1);
+                split.epoch_in_place(&mut batches, &mut l2);
+                let mut w1: Vec<SourcePos> = w1.iter().map(|r| r.pos).collect();
+                let mut w2: Vec<SourcePos> = batches.iter().flatten().map(|r| r.pos).collect();
+                let mut l1: Vec<(SourcePos, SourcePos)> = l1.iter().map(|(r, f)| (r.pos, *f)).collect();
+                let mut l2: Vec<(SourcePos, SourcePos)> = l2.iter().map(|(r, f)| (r.pos, *f)).collect();
+                w1.sort();
+                w2.sort();
+                l1.sort();
+                l2.sort();
+                proptest::prop_assert_eq!(w1, w2);
+                proptest::prop_assert_eq!(l1, l2);
+            }
+        }
     }
 
     #[test]

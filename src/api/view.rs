@@ -452,7 +452,7 @@ pub fn attach(out: &Outputs<'_>, view: Arc<LiveView>, local: usize) {
         let mut pending: BTreeMap<Epoch, EpochUpdates> = BTreeMap::new();
         move |frontiers| {
             // A collection's message may hold updates of later epochs than its capability:
-            // each is filed under its own. count_total retracts a key's old value (-1) and
+            // each is filed under its own. The collection retracts a key's old value (-1) and
             // adds the new one (+1): the +1 is the value; a lone -1 removes the key.
             i_hourly.for_each_stamp(|_, data| {
                 data.for_each(|b| {
