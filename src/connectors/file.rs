@@ -414,23 +414,31 @@ mod tests {
         // Every split gives every line exactly once, whatever the block and chunk sizes.
         for block in [1, 2, 3, 5, 8, 1 << 20] {
             for peers in 1..=7 {
-                let mut all = Vec::new();
-                for i in 0..peers {
-                    let mut r = FileReader::open(&p, 7, i, peers, block).unwrap();
-                    while !r.done() {
-                        while r.read_in_block(2, &mut all).unwrap() {}
-                        r.next_block().unwrap();
-                    }
-                }
-                let mut got: Vec<_> = all
-                    .iter()
-                    .map(|r| (r.pos.offset, r.ingest_ms, r.payload.clone()))
-                    .collect();
-                got.sort();
+                let got = read_split(&p, 7, peers, block, 2);
                 assert_eq!(got, want, "{peers} workers, block {block}");
-                assert!(all.iter().all(|r| r.pos.source == 7));
             }
         }
+    }
+
+    /// Reads `p` as source `source` split among `peers` workers in blocks of `block` bytes,
+    /// `chunk` records at a time: every record's (offset, ingest time, payload), sorted.
+    /// Checks that every record carries `source`.
+    fn read_split(p: &Path, source: u32, peers: usize, block: u64, chunk: usize) -> Vec<(u64, Option<i64>, Vec<u8>)> {
+        let mut all = Vec::new();
+        for i in 0..peers {
+            let mut r = FileReader::open(p, source, i, peers, block).unwrap();
+            while !r.done() {
+                while r.read_in_block(chunk, &mut all).unwrap() {}
+                r.next_block().unwrap();
+            }
+        }
+        assert!(all.iter().all(|r| r.pos.source == source));
+        let mut got: Vec<_> = all
+            .iter()
+            .map(|r| (r.pos.offset, r.ingest_ms, r.payload.clone()))
+            .collect();
+        got.sort();
+        got
     }
 
     #[test]
@@ -456,19 +464,7 @@ mod tests {
         want.push((text.len() as u64 - 7, Some(99), b"last".to_vec()));
         std::fs::write(&p, &text).unwrap();
         for (peers, block) in [(1, BLOCK), (2, 1 << 20), (3, 12345)] {
-            let mut all = Vec::new();
-            for i in 0..peers {
-                let mut r = FileReader::open(&p, 0, i, peers, block).unwrap();
-                while !r.done() {
-                    while r.read_in_block(3, &mut all).unwrap() {}
-                    r.next_block().unwrap();
-                }
-            }
-            let mut got: Vec<_> = all
-                .iter()
-                .map(|r| (r.pos.offset, r.ingest_ms, r.payload.clone()))
-                .collect();
-            got.sort();
+            let got = read_split(&p, 0, peers, block, 3);
             assert!(got == want, "{peers} workers, block {block}");
         }
     }
