@@ -910,7 +910,30 @@ struct HourState {
     quality_dirty: bool,
 }
 
+/// Readings per chunk an hour's readings are gathered into when they come a few at a time.
+const GATHER_CHUNK: usize = 4096;
+
 impl HourState {
+    /// Keeps a chunk of the hour's readings until the hour is sealed. A chunk that is at least
+    /// half full is kept as it came (a replay's large chunks are never copied); a few readings
+    /// in a larger container (a live epoch's: a timely container keeps its capacity, ~8 KB)
+    /// are moved into the last chunk instead. Kept as they came, those held about 4 KB per
+    /// reading until the hour was sealed.
+    fn keep_readings(&mut self, mut chunk: Vec<Reading>) {
+        if chunk.len() * 2 >= chunk.capacity() {
+            self.readings.push(chunk);
+            return;
+        }
+        match self.readings.last_mut() {
+            Some(last) if last.capacity() - last.len() >= chunk.len() => last.append(&mut chunk),
+            _ => {
+                let mut gathered = Vec::with_capacity(GATHER_CHUNK.max(chunk.len()));
+                gathered.append(&mut chunk);
+                self.readings.push(gathered);
+            }
+        }
+    }
+
     fn dirty(&self) -> bool {
         !self.readings.is_empty() || !self.rejections.is_empty() || self.hourly_dirty || self.quality_dirty
     }
@@ -1035,7 +1058,7 @@ fn seal<'scope>(
             for t in epochs {
                 for (hour, chunk) in pending_read.remove(&t).into_iter().flatten().flat_map(split_by_hour) {
                     if !hours_of.stored(t, hour) {
-                        hours_of.state(&mut hours, &dropped, hour).readings.push(chunk);
+                        hours_of.state(&mut hours, &dropped, hour).keep_readings(chunk);
                     }
                 }
                 for r in pending_rej.remove(&t).into_iter().flatten() {
