@@ -1,0 +1,106 @@
+//! What the duplicate rule's memory costs per reading at real time: a `Deduper` filled with
+//! `rules.max_age` + 1 hour (7 h) of a fleet read every 10 s (10,000 devices: 1,000 msg/s)
+//! from Kafka partitions, one epoch per second, as the live engine fills it. Heap bytes are
+//! counted by the allocator, not read from RSS. Beside it, the size of a reading kept until
+//! its hour is sealed.
+//!
+//! `cargo run --release -p fmsflow-dataflows --example statemem [-- DEVICES INTERVAL_S HOURS PARTITIONS]`
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use fmsflow_dataflows::rules::Deduper;
+use fmsflow_dataflows::time::HOUR_MS;
+use fmsflow_dataflows::{Reading, SourcePos};
+
+/// The system allocator, counting the bytes it has out.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn arg(i: usize, default: u64) -> u64 {
+    std::env::args()
+        .nth(i)
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|_| panic!("argument {i} ({a:?}) is not a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn main() {
+    let devices = arg(1, 10_000) as u32;
+    let interval_s = arg(2, 10) as i64;
+    let hours = arg(3, 7) as i64;
+    let partitions = arg(4, 6) as u32;
+    let t0 = 1_751_846_400_000i64; // 2025-07-07T00:00:00Z
+                                   // Nothing is forgotten while it fills: the window of a steady state.
+    let mut deduper = Deduper::new(hours * HOUR_MS);
+    let mut offsets = vec![0u64; partitions as usize];
+    let (mut losers, mut batch) = (Vec::new(), Vec::new());
+    let before = LIVE.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let mut readings = 0u64;
+    for s in 0..hours * 3600 {
+        batch.clear();
+        for device in (1..=devices).filter(|d| i64::from(*d) % interval_s == s % interval_s) {
+            let time_ms = t0 + s * 1000 + i64::from(device) * 37 % 1000;
+            let source = device % partitions;
+            let offset = &mut offsets[source as usize];
+            *offset += 1;
+            batch.push(Reading {
+                device,
+                time_ms,
+                ingest_ms: Some(time_ms + 200),
+                pos: SourcePos {
+                    source,
+                    offset: *offset,
+                },
+                ..Reading::EMPTY
+            });
+        }
+        readings += batch.len() as u64;
+        let mut batches = [std::mem::take(&mut batch)];
+        deduper.epoch_in_place(&mut batches, &mut losers);
+        assert!(losers.is_empty());
+        let [b] = batches;
+        batch = b;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    batch = Vec::new();
+    drop(batch);
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    assert_eq!(deduper.len() as u64, readings);
+    println!(
+        "{devices} devices every {interval_s} s on {partitions} partitions, {hours} h: {readings} readings remembered"
+    );
+    println!(
+        "duplicate rule's memory: {:.1} MiB, {:.1} bytes per reading; {:.0} ns per reading to fill",
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / readings as f64,
+        secs * 1e9 / readings as f64
+    );
+    println!(
+        "a reading kept until its hour is sealed: {} bytes (one hour of this fleet: {:.1} MiB)",
+        std::mem::size_of::<Reading>(),
+        (std::mem::size_of::<Reading>() as u64 * readings / hours as u64) as f64 / (1 << 20) as f64
+    );
+}
