@@ -61,15 +61,7 @@ impl<V: Copy> Versions<V> {
         }
         match self.0.back_mut() {
             Some(last) if last.0 == t => last.1 = v,
-            _ => {
-                // Most values keep one or two versions (an hour that no longer changes keeps
-                // its last two): room for exactly those, not the four a deque grows to at
-                // once (1.3 KB of `HourStats` per (device, hour), for `api.keep_hours` hours).
-                if self.0.len() == self.0.capacity() && self.0.len() < 4 {
-                    self.0.reserve_exact(1);
-                }
-                self.0.push_back((t, v))
-            }
+            _ => self.0.push_back((t, v)),
         }
     }
 }
@@ -511,7 +503,6 @@ mod tests {
         v.set(2, Some(20), 0);
         v.set(5, Some(50), 0);
         v.set(5, Some(55), 0);
-        assert_eq!(v.0.capacity(), 2, "room for the two versions there are, not four");
         assert_eq!(
             (v.at(2), v.at(3), v.at(5), v.at(6)),
             (None, Some(20), Some(20), Some(55))
