@@ -85,16 +85,7 @@ fn main() {
         status.clone(),
     )
     .expect("API");
-    let settings = EngineSettings {
-        flow: cfg.flow_config(),
-        workers,
-        // Small epochs, as live: the view advances every 50 readings per worker (10 a
-        // second per worker at 10,000 msgs/s).
-        batch: ((rate / workers as f64) / 10.0).max(1.0) as usize,
-        epoch: Duration::from_millis(200),
-        cluster: None,
-        replay_rate: Some(rate / workers as f64),
-    };
+    let settings = EngineSettings::paced(cfg.flow_config(), workers, rate);
     let (st, v) = (status.clone(), view.clone());
     let writer = Arc::new(cfg.lake.writer(storage));
     let engine = std::thread::spawn(move || {

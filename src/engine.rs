@@ -55,6 +55,23 @@ pub struct EngineSettings {
     pub replay_rate: Option<f64>,
 }
 
+impl EngineSettings {
+    /// A replay of files paced at `rate` records per second in all, in epochs of a tenth
+    /// of a second's records per worker: a live run's small epochs, for benchmarks and
+    /// examples that watch the aggregates grow.
+    pub fn paced(flow: FlowConfig, workers: usize, rate: f64) -> EngineSettings {
+        let per_worker = rate / workers as f64;
+        EngineSettings {
+            flow,
+            workers,
+            batch: (per_worker / 10.0).max(1.0) as usize,
+            epoch: Duration::from_millis(200),
+            cluster: None,
+            replay_rate: Some(per_worker),
+        }
+    }
+}
+
 pub use crate::cluster::Cluster;
 
 /// Starts this process's `workers` timely workers running `f`: alone, or connected to the

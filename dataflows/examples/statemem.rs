@@ -5,46 +5,17 @@
 //! its hour is sealed.
 //!
 //! `cargo run --release -p fmsflow-dataflows --example statemem [-- DEVICES INTERVAL_S HOURS PARTITIONS]`
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fmsflow_dataflows::rules::Deduper;
 use fmsflow_dataflows::time::HOUR_MS;
 use fmsflow_dataflows::{Reading, SourcePos};
 
-/// The system allocator, counting the bytes it has out.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "../../examples/common/counting.rs"]
+mod counting;
+use counting::{arg, Counting};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
-
-fn arg(i: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(i)
-        .map(|a| {
-            a.parse()
-                .unwrap_or_else(|_| panic!("argument {i} ({a:?}) is not a number"))
-        })
-        .unwrap_or(default)
-}
 
 fn main() {
     let devices = arg(1, 10_000) as u32;
@@ -56,7 +27,7 @@ fn main() {
     let mut deduper = Deduper::new(hours * HOUR_MS);
     let mut offsets = vec![0u64; partitions as usize];
     let (mut losers, mut batch) = (Vec::new(), Vec::new());
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let started = std::time::Instant::now();
     let mut readings = 0u64;
     for s in 0..hours * 3600 {
@@ -87,7 +58,7 @@ fn main() {
     let secs = started.elapsed().as_secs_f64();
     batch = Vec::new();
     drop(batch);
-    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let bytes = counting::live() - before;
     assert_eq!(deduper.len() as u64, readings);
     println!(
         "{devices} devices every {interval_s} s on {partitions} partitions, {hours} h: {readings} readings remembered"

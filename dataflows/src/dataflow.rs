@@ -352,27 +352,36 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
     let rejections = concat(bad, dups);
     let reject_counts = count_rejections(rejections.clone());
 
-    let mut hourly_updates = hourly_updates;
-    let mut quality_updates = concat(valid_counts, reject_counts);
-    if let Some(after) = cfg.forget_after_ms {
-        // Not before the sealing operator has dropped the hour (see `seal`).
-        let after = after.max(HOUR_MS + cfg.grace_ms + cfg.rules.max_age_ms);
-        hourly_updates = forget_hours(hourly_updates, watermarks.clone(), |k: &DeviceHour| k.1, after);
-        quality_updates = forget_hours(
-            quality_updates,
-            watermarks.clone(),
-            |k: &(u32, i64, Outcome)| k.1,
-            after,
-        );
+    let quality_updates = concat(valid_counts, reject_counts);
+    // Not before the sealing operator has dropped the hour (see `seal`).
+    let after = cfg
+        .forget_after_ms
+        .map(|after| after.max(HOUR_MS + cfg.grace_ms + cfg.rules.max_age_ms));
+    fn forget<'scope, K>(
+        after: Option<i64>,
+        watermarks: &Stream<'scope, Epoch, Vec<i64>>,
+        hour_of: fn(&K) -> i64,
+    ) -> Option<Forget<'scope, K>> {
+        after.map(|after_ms| Forget {
+            watermarks: watermarks.clone(),
+            hour_of,
+            after_ms,
+        })
     }
     // A (device, hour)'s aggregate updates all come from the worker that deduplicates it
-    // (`dedup` routes readings by `route_device_hour`; `forget_hours` takes back on the
-    // worker that passed): they are where their totals are kept, with no exchange. Quality
-    // counts of rejections come from every worker, and are routed the same way.
-    let hourly = totals(hourly_updates, Pipeline, "HourlyTotals");
+    // (`dedup` routes readings by `route_device_hour`): they are where their totals are
+    // kept, with no exchange. Quality counts of rejections come from every worker, and are
+    // routed the same way.
+    let hourly = totals(
+        hourly_updates,
+        Pipeline,
+        forget(after, &watermarks, |k: &DeviceHour| k.1),
+        "HourlyTotals",
+    );
     let quality = totals(
         quality_updates,
         Exchange::new(|u: &Quality| route_device_hour((u.0).0, (u.0).1)),
+        forget(after, &watermarks, |k: &(u32, i64, Outcome)| k.1),
         "QualityTotals",
     );
 
@@ -397,117 +406,15 @@ fn concat<'scope, D: Clone + 'static>(
     a.concat(b)
 }
 
-/// How an update of a collection is taken back: the difference that, added to it, is zero.
-pub trait Retract {
-    /// The retraction of `self`.
-    fn retraction(&self) -> Self;
-}
-
-impl Retract for isize {
-    fn retraction(&self) -> Self {
-        self.wrapping_neg()
-    }
-}
-
-impl Retract for HourStats {
-    fn retraction(&self) -> Self {
-        self.negated()
-    }
-}
-
-/// Passes `updates` through and, once the event-time watermark is more than `after_ms` past
-/// an hour's end, retracts everything this worker passed of that hour's keys, at the epoch
-/// after the one that moved the watermark there: the collection then holds an hour's keys only while the
-/// hour can change or be asked for, and the arrangements behind it, compacted as time
-/// advances, drop them. Each worker takes back exactly what it passed, so a key whose
-/// updates came through several workers (per-worker rejection counts) cancels in total.
-/// Holds what it passed of the hours in the window: bounded, as the collection now is.
-/// Updates for an hour already forgotten (a reopened hour) are passed and forgotten again
-/// at the next epoch: the collection then holds only their own statistics, so this is for
-/// inputs whose readings all carry an ingest time, which can never reopen an hour.
-fn forget_hours<'scope, K, R>(
-    updates: Stream<'scope, Epoch, Vec<(K, Epoch, R)>>,
-    watermarks: Stream<'scope, Epoch, Vec<i64>>,
-    hour_of: fn(&K) -> i64,
-    after_ms: i64,
-) -> Stream<'scope, Epoch, Vec<(K, Epoch, R)>>
-where
-    K: Clone + Eq + std::hash::Hash + 'static,
-    R: Semigroup + Retract + Clone + 'static,
-{
-    let scope = updates.scope();
-    let mut builder = OperatorBuilder::new("ForgetHours".to_owned(), scope);
-    let mut i_up = builder.new_input(updates, Pipeline);
-    let mut i_wm = builder.new_input(watermarks, Pipeline);
-    let (o_up, s_up) = builder.new_output::<Vec<(K, Epoch, R)>>();
-    let mut o_up = OutputBuilder::from(o_up);
-    builder.build(move |caps| {
-        let mut caps: Vec<Capability<Epoch>> = caps;
-        // What was passed, by epoch, until the epoch is complete; then by hour.
-        let mut pending: BTreeMap<Epoch, Vec<(K, R)>> = BTreeMap::new();
-        let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
-        let mut passed: BTreeMap<i64, FastMap<K, R>> = BTreeMap::new();
-        let mut watermark = i64::MIN;
-        move |frontiers| {
-            let mut out = o_up.activate();
-            i_up.for_each_stamp(|cap, data| {
-                for batch in data {
-                    for (k, t, r) in batch.iter() {
-                        pending.entry(*t).or_default().push((k.clone(), r.clone()));
-                    }
-                    out.session(&cap).give_container(batch);
-                }
-            });
-            i_wm.for_each_stamp(|cap, data| {
-                let w = pending_wm.entry(epoch_of(&cap)).or_insert(i64::MIN);
-                data.for_each(|b| *w = b.iter().copied().fold(*w, i64::max));
-            });
-            let done = |t: &Epoch| !frontiers.iter().any(|f| f.frontier().less_equal(t));
-            loop {
-                let next = match (pending.keys().next(), pending_wm.keys().next()) {
-                    (Some(a), Some(b)) => *a.min(b),
-                    (Some(a), None) | (None, Some(a)) => *a,
-                    (None, None) => break,
-                };
-                if !done(&next) {
-                    break;
-                }
-                for (k, r) in pending.remove(&next).into_iter().flatten() {
-                    match passed.entry(hour_of(&k)).or_default().entry(k) {
-                        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().plus_equals(&r),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(r);
-                        }
-                    }
-                }
-                if let Some(w) = pending_wm.remove(&next) {
-                    watermark = watermark.max(w);
-                }
-                // Taken back in the next epoch: the hour's last update, at this one, must
-                // reach the sealing operator, which drops the hour now (at the same point).
-                let limit = watermark.saturating_sub(after_ms);
-                while let Some(e) = passed.first_entry() {
-                    if (*e.key() + 1) * HOUR_MS >= limit {
-                        break;
-                    }
-                    let keys = e.remove();
-                    let at = next + 1;
-                    let cap = caps[0].delayed(&at);
-                    out.session(&cap)
-                        .give_iterator(keys.into_iter().map(|(k, r)| (k, at, r.retraction())));
-                }
-            }
-            let least = frontiers
-                .iter()
-                .filter_map(|f| f.frontier().iter().min().copied())
-                .min();
-            match least {
-                Some(f) => caps.iter_mut().for_each(|c| c.downgrade(&f)),
-                None => caps.clear(),
-            }
-        }
-    });
-    s_up
+/// When a collection forgets an hour: once the event-time watermark is more than
+/// `after_ms` past the hour's end. `hour_of` gives a key's hour.
+pub struct Forget<'scope, K> {
+    /// Each worker's largest accepted event time per epoch, from every worker.
+    pub watermarks: Stream<'scope, Epoch, Vec<i64>>,
+    /// A key's hour.
+    pub hour_of: fn(&K) -> i64,
+    /// How far past an hour's end the watermark must be.
+    pub after_ms: i64,
 }
 
 /// The collection of each key's accumulated difference, `((key, total), 1)`: what
@@ -520,16 +427,27 @@ where
 /// differences, and `Semigroup::plus_equals` of [`HourStats`] and of counts is associative
 /// and commutative to the bit. Only the order of a message's updates differs, which no
 /// reader depends on. (A key whose total returns to zero is forgotten, so a later update
-/// starts it afresh, as [`forget_hours`] intends; `count_total` did so only once its trace
-/// had compacted the two.)
+/// starts it afresh; `count_total` did so only once its trace had compacted the two.)
+///
+/// With `forget`, once an epoch moves the watermark more than `after_ms` past an hour's
+/// end, every total of that hour is taken back (−1) and forgotten, at the next epoch: the
+/// collection then holds an hour's keys only while the hour can change or be asked for,
+/// and this operator's memory is bounded by the hours in that window. (At the next epoch:
+/// the hour's last update, at this one, must reach the sealing operator, which drops the
+/// hour at the same point.) Updates for an hour already forgotten (a reopened hour) start
+/// a total that is forgotten again at the next epoch: the collection then held only their
+/// own statistics, so forgetting is for inputs whose readings all carry an ingest time,
+/// which can never reopen an hour.
 ///
 /// `count_total` arranged every update: with a fleet much larger than an epoch's readings
 /// (100,000 devices), nearly every reading is one update of its own (320 bytes of
 /// [`HourStats`]), which the arrangement's batcher and spine copied and merged a dozen
-/// times; that was most of the work. Here an update is summed into its total in place.
+/// times; that was most of the work. Here an update is summed into its total in place. (A
+/// separate forgetting stage used to keep a second copy of every total.)
 fn totals<'scope, K, R, P>(
     updates: Stream<'scope, Epoch, Vec<(K, Epoch, R)>>,
     pact: P,
+    forget: Option<Forget<'scope, K>>,
     name: &str,
 ) -> VecCollection<'scope, Epoch, (K, R), isize>
 where
@@ -540,6 +458,10 @@ where
     let scope = updates.scope();
     let mut builder = OperatorBuilder::new(name.to_owned(), scope);
     let mut input = builder.new_input(updates, pact);
+    let (mut i_wm, hour_of, after_ms) = match forget {
+        Some(f) => (Some(builder.new_input(f.watermarks, Pipeline)), f.hour_of, f.after_ms),
+        None => (None, (|_: &K| 0) as fn(&K) -> i64, 0),
+    };
     let (o_out, s_out) = builder.new_output::<Vec<((K, R), Epoch, isize)>>();
     let mut o_out = OutputBuilder::from(o_out);
     builder.build(move |caps| {
@@ -551,6 +473,11 @@ where
         // Per epoch: where each key's first update is, and those places in arrival order.
         let mut first: FastMap<K, (u32, u32)> = FastMap::default();
         let mut order: Vec<(u32, u32)> = Vec::new();
+        // Forgetting: each epoch's watermark until the epoch is complete, the watermark so
+        // far, and the keys that got a total, by hour (a key may be listed twice).
+        let mut pending_wm: BTreeMap<Epoch, i64> = BTreeMap::new();
+        let mut watermark = i64::MIN;
+        let mut by_hour: BTreeMap<i64, Vec<K>> = BTreeMap::new();
         move |frontiers| {
             input.for_each_stamp(|cap, data| {
                 let t = epoch_of(&cap);
@@ -564,14 +491,24 @@ where
                     }
                 }
             });
-            let frontier = frontiers[0].frontier();
+            if let Some(i_wm) = i_wm.as_mut() {
+                i_wm.for_each_stamp(|cap, data| {
+                    let w = pending_wm.entry(epoch_of(&cap)).or_insert(i64::MIN);
+                    data.for_each(|b| *w = b.iter().copied().fold(*w, i64::max));
+                });
+            }
+            let frontier = joined_frontier(frontiers);
             let mut out = o_out.activate();
-            while let Some(entry) = stash.first_entry() {
-                let t = *entry.key();
+            loop {
+                let t = match (stash.keys().next(), pending_wm.keys().next()) {
+                    (Some(a), Some(b)) => *a.min(b),
+                    (Some(a), None) | (None, Some(a)) => *a,
+                    (None, None) => break,
+                };
                 if frontier.less_equal(&t) {
                     break;
                 }
-                let mut batches = entry.remove();
+                let mut batches = stash.remove(&t).unwrap_or_default();
                 // Sum each key's updates of the epoch into its first one.
                 first.clear();
                 order.clear();
@@ -610,6 +547,27 @@ where
                         None => {
                             totals.insert(k.clone(), d.clone());
                             session.give(((k.clone(), d.clone()), t, 1));
+                            if i_wm.is_some() {
+                                by_hour.entry(hour_of(k)).or_default().push(k.clone());
+                            }
+                        }
+                    }
+                }
+                drop(session);
+                if let Some(w) = pending_wm.remove(&t) {
+                    watermark = watermark.max(w);
+                }
+                let limit = watermark.saturating_sub(after_ms);
+                while let Some(e) = by_hour.first_entry() {
+                    if (*e.key() + 1) * HOUR_MS >= limit {
+                        break;
+                    }
+                    let at = t + 1;
+                    let cap = caps[0].delayed(&at);
+                    let mut session = out.session(&cap);
+                    for k in e.remove() {
+                        if let Some(total) = totals.remove(&k) {
+                            session.give(((k, total), at, -1));
                         }
                     }
                 }
