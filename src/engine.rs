@@ -262,7 +262,7 @@ pub fn run(
         let committer = recorder.as_deref().filter(|_| index == 0);
 
         let mut epoch: Epoch = 0;
-        let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
+        let mut buf: Vec<RawRecord> = Vec::new();
         let mut final_commit = None;
         if let Some(files) = &files {
             // Epochs cut at fixed places in the files: the same outputs for every layout.
@@ -620,7 +620,9 @@ fn read_kafka(
     epoch: &mut Epoch,
     ck: Option<(&Committer, bool)>,
 ) -> (PartitionReader, Vec<(i32, i64)>) {
-    let mut buf: Vec<RawRecord> = Vec::with_capacity(settings.batch);
+    // Grown as needed: following a topic live, a read brings a few records (`batch` of
+    // them, 50,000 by default, would hold 2.8 MB per worker for nothing).
+    let mut buf: Vec<RawRecord> = Vec::new();
     // Reports the positions and ingest marks after epoch `e` for the checkpoint (through
     // the dataflow, at `e`, so the probe passes `e` only once worker 0 has them), moves that
     // input on to `next` (the epoch the reader goes on with), and keeps the positions to

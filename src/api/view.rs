@@ -76,6 +76,12 @@ impl<V: Copy> Versions<V> {
         if self.newest.0 != t {
             // A first "removed" reads as no version at all.
             if self.newest.1.is_some() || !self.older.is_empty() {
+                // Room for exactly the versions there are, up to four: most values keep
+                // one older version for a few seconds, and a deque's first growth makes
+                // room for four (1.3 KB of `HourStats`).
+                if self.older.len() == self.older.capacity() && self.older.len() < 4 {
+                    self.older.reserve_exact(1);
+                }
                 self.older.push_back(self.newest);
             }
         }
@@ -606,6 +612,11 @@ mod tests {
         assert_eq!((v.at(9), v.at(10), v.last()), (Some(55), None, None));
         // Horizon 7: everything before it folds into the newest version before 7 (epoch 5).
         assert!(v.set(12, Some(1), 7), "older versions are left to fold later");
+        assert_eq!(
+            v.older.capacity(),
+            3,
+            "room for the three versions there were, not four"
+        );
         assert_eq!(v.older.len(), 2);
         assert_eq!((v.at(7), v.at(10), v.at(13)), (Some(55), None, Some(1)));
         // Once the newest is behind the horizon, only it is left, in place.
