@@ -858,8 +858,8 @@ struct HourState {
     sealed: bool,
     seq: u32,
     partial: bool,
-    /// Chunks of readings as they completed (usually one epoch's worth each).
-    readings: Vec<Vec<Reading>>,
+    /// The hour's readings, in chunks of [`KEEP_CHUNK`].
+    readings: Vec<Vec<Kept>>,
     rejections: Vec<Rejection>,
     /// Each device's current aggregate (ordered by device when taken).
     hourly: IndexedMap<u32, HourStats>,
@@ -868,27 +868,94 @@ struct HourState {
     quality_dirty: bool,
 }
 
-/// Readings per chunk an hour's readings are gathered into when they come a few at a time.
-const GATHER_CHUNK: usize = 4096;
+/// Readings per chunk of an hour's kept readings (1.4 MB).
+const KEEP_CHUNK: usize = 16_384;
+
+/// A reading as the sealing stage keeps it until its hour is written: only what the lake's
+/// `readings` table holds, in 88 bytes instead of a [`Reading`]'s 104 (no payload place,
+/// no padding in the source position, the ingest time's presence a flag). The open hour's
+/// readings are the largest thing a live engine holds (an hour and 5 minutes of input: ~3.9
+/// million at 1,000 msg/s) and a replay holds an hour of every device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Kept {
+    time_ms: i64,
+    /// Meaningful when `flags` has [`Kept::INGEST`].
+    ingest_ms: i64,
+    offset: u64,
+    metrics: [f64; 6],
+    device: u32,
+    source: u32,
+    flags: u8,
+}
+
+impl Kept {
+    const FAIL: u8 = 1;
+    const INGEST: u8 = 2;
+    /// A placeholder for the slots of [`sort_readings`] before they are filled.
+    const EMPTY: Kept = Kept {
+        time_ms: 0,
+        ingest_ms: 0,
+        offset: 0,
+        metrics: [0.0; 6],
+        device: 0,
+        source: 0,
+        flags: 0,
+    };
+
+    #[inline]
+    fn of(r: &Reading) -> Kept {
+        Kept {
+            time_ms: r.time_ms,
+            ingest_ms: r.ingest_ms.unwrap_or(0),
+            offset: r.pos.offset,
+            metrics: r.metrics,
+            device: r.device,
+            source: r.pos.source,
+            flags: (r.is_fail as u8 * Kept::FAIL) | (r.ingest_ms.is_some() as u8 * Kept::INGEST),
+        }
+    }
+
+    #[inline]
+    fn pos(&self) -> SourcePos {
+        SourcePos {
+            source: self.source,
+            offset: self.offset,
+        }
+    }
+
+    /// Appends the reading as a row of `cols`.
+    #[inline]
+    fn push_to(&self, cols: &mut ReadingColumns) {
+        cols.device.push(self.device);
+        cols.time_ms.push(self.time_ms);
+        for (col, v) in cols.metrics.iter_mut().zip(self.metrics) {
+            col.push(v);
+        }
+        cols.is_fail.push(self.flags & Kept::FAIL != 0);
+        cols.ingest_ms
+            .push((self.flags & Kept::INGEST != 0).then_some(self.ingest_ms));
+        cols.pos.push(self.pos());
+    }
+}
 
 impl HourState {
-    /// Keeps a chunk of the hour's readings until the hour is sealed. A chunk that is at least
-    /// half full is kept as it came (a replay's large chunks are never copied); a few readings
-    /// in a larger container (a live epoch's: a timely container keeps its capacity, ~8 KB)
-    /// are moved into the last chunk instead. Kept as they came, those held about 4 KB per
-    /// reading until the hour was sealed.
-    fn keep_readings(&mut self, mut chunk: Vec<Reading>) {
-        if chunk.len() * 2 >= chunk.capacity() {
-            self.readings.push(chunk);
-            return;
-        }
-        match self.readings.last_mut() {
-            Some(last) if last.capacity() - last.len() >= chunk.len() => last.append(&mut chunk),
-            _ => {
-                let mut gathered = Vec::with_capacity(GATHER_CHUNK.max(chunk.len()));
-                gathered.append(&mut chunk);
-                self.readings.push(gathered);
-            }
+    /// Keeps the hour's readings until the hour is sealed, as [`Kept`] in chunks of
+    /// [`KEEP_CHUNK`], each filled before the next is made: a few readings at a time (a live
+    /// epoch's) hold no more room than many (kept in the timely containers they came in, a
+    /// live epoch's few readings held about 4 KB each).
+    fn keep_readings(&mut self, chunk: Vec<Reading>) {
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let last = match self.readings.last_mut() {
+                Some(last) if last.len() < last.capacity() => last,
+                _ => {
+                    self.readings.push(Vec::with_capacity(KEEP_CHUNK));
+                    self.readings.last_mut().expect("just pushed")
+                }
+            };
+            let n = (last.capacity() - last.len()).min(rest.len());
+            last.extend(rest[..n].iter().map(Kept::of));
+            rest = &rest[n..];
         }
     }
 
@@ -1131,14 +1198,14 @@ fn split_by_hour(v: Vec<Reading>) -> Vec<(i64, Vec<Reading>)> {
 /// already (late or interleaved readings). Sparse ids fall back to a comparison sort.
 /// (Writing each field straight to its row instead, reading the chunks in order, measured
 /// slower: it needs the columns zeroed first and sorts each run's rows in every column.)
-fn sort_readings(chunks: &[Vec<Reading>]) -> ReadingColumns {
+fn sort_readings(chunks: &[Vec<Kept>]) -> ReadingColumns {
     let n: usize = chunks.iter().map(Vec::len).sum();
     let max_device = chunks.iter().flatten().map(|r| r.device as usize).max().unwrap_or(0);
-    let by_time = |r: &&Reading| (r.time_ms, r.pos);
-    let mut order: Vec<&Reading> = Vec::with_capacity(n);
+    let by_time = |r: &&Kept| (r.time_ms, r.source, r.offset);
+    let mut order: Vec<&Kept> = Vec::with_capacity(n);
     if max_device > 4 * n + 1024 {
         order.extend(chunks.iter().flatten());
-        order.sort_unstable_by_key(|r| (r.device, r.time_ms, r.pos));
+        order.sort_unstable_by_key(|r| (r.device, r.time_ms, r.source, r.offset));
     } else {
         let mut next = vec![0usize; max_device + 2];
         for r in chunks.iter().flatten() {
@@ -1162,12 +1229,12 @@ fn sort_readings(chunks: &[Vec<Reading>]) -> ReadingColumns {
         }
     }
     let mut out = ReadingColumns::with_capacity(n);
-    order.into_iter().for_each(|r| out.push(r));
+    order.into_iter().for_each(|r| r.push_to(&mut out));
     out
 }
 
 /// A placeholder for the slots of [`sort_readings`] before they are filled.
-static NO_READING: Reading = Reading::EMPTY;
+static NO_READING: Kept = Kept::EMPTY;
 
 /// What the sealing stage knows of hours beyond its own state: which ones a resumed run
 /// finds already stored.
@@ -1262,17 +1329,46 @@ mod sort_tests {
             let scale = if sparse { 1_000_000 } else { 1 };
             let chunks: Vec<Vec<Reading>> = chunks
                 .iter()
-                .map(|c| c.iter().map(|&(d, t, o)| Reading::at(d * scale, t, o)).collect())
+                .map(|c| c.iter().map(|&(d, t, o)| Reading {
+                    // Some without an ingest time, some failed: the flags survive.
+                    ingest_ms: (o % 3 != 0).then_some(t + o as i64),
+                    is_fail: o % 5 == 0,
+                    metrics: [o as f64, -1.5, 0.0, t as f64, 1e300, -0.0],
+                    ..Reading::at(d * scale, t, o)
+                }).collect())
                 .collect();
             let mut expected: Vec<Reading> = chunks.iter().flatten().cloned().collect();
             expected.sort_by_key(|r| (r.device, r.time_ms, r.pos));
-            let got = sort_readings(&chunks);
+            let mut state = HourState::default();
+            chunks.iter().for_each(|c| state.keep_readings(c.clone()));
+            prop_assert!(state.readings.iter().rev().skip(1).all(|c| c.len() == KEEP_CHUNK));
+            let got = sort_readings(&state.readings);
             let want = expected.iter().map(|r| (r.device, r.time_ms, r.pos)).collect::<Vec<_>>();
             prop_assert_eq!(got.keys().collect::<Vec<_>>(), want);
             let mut rows = ReadingColumns::default();
             expected.iter().for_each(|r| rows.push(r));
             prop_assert_eq!(got, rows);
         }
+    }
+}
+
+#[cfg(test)]
+mod keep_tests {
+    use super::*;
+
+    #[test]
+    fn kept_readings_fill_whole_chunks_in_88_bytes() {
+        assert_eq!(std::mem::size_of::<Kept>(), 88);
+        let mut state = HourState::default();
+        let readings = |n: usize, from: u64| (0..n as u64).map(|i| Reading::at(1, 0, from + i)).collect::<Vec<_>>();
+        state.keep_readings(readings(KEEP_CHUNK + 10, 0));
+        state.keep_readings(readings(3, KEEP_CHUNK as u64 + 10));
+        state.keep_readings(readings(2, KEEP_CHUNK as u64 + 13));
+        let lens: Vec<usize> = state.readings.iter().map(Vec::len).collect();
+        assert_eq!(lens, [KEEP_CHUNK, 15]);
+        assert!(state.readings.iter().all(|c| c.capacity() == KEEP_CHUNK));
+        let offsets: Vec<u64> = state.readings.iter().flatten().map(|k| k.offset).collect();
+        assert_eq!(offsets, (0..KEEP_CHUNK as u64 + 15).collect::<Vec<_>>());
     }
 }
 
