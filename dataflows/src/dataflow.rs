@@ -915,26 +915,20 @@ impl Kept {
         }
     }
 
-    #[inline]
-    fn pos(&self) -> SourcePos {
-        SourcePos {
-            source: self.source,
-            offset: self.offset,
-        }
-    }
-
     /// Appends the reading as a row of `cols`.
     #[inline]
     fn push_to(&self, cols: &mut ReadingColumns) {
-        cols.device.push(self.device);
-        cols.time_ms.push(self.time_ms);
-        for (col, v) in cols.metrics.iter_mut().zip(self.metrics) {
-            col.push(v);
-        }
-        cols.is_fail.push(self.flags & Kept::FAIL != 0);
-        cols.ingest_ms
-            .push((self.flags & Kept::INGEST != 0).then_some(self.ingest_ms));
-        cols.pos.push(self.pos());
+        cols.push_row(
+            self.device,
+            self.time_ms,
+            self.metrics,
+            self.flags & Kept::FAIL != 0,
+            (self.flags & Kept::INGEST != 0).then_some(self.ingest_ms),
+            SourcePos {
+                source: self.source,
+                offset: self.offset,
+            },
+        );
     }
 }
 

@@ -135,14 +135,28 @@ impl ReadingColumns {
     /// Appends a reading as a row.
     #[inline]
     pub fn push(&mut self, r: &Reading) {
-        self.device.push(r.device);
-        self.time_ms.push(r.time_ms);
-        for (col, v) in self.metrics.iter_mut().zip(r.metrics) {
+        self.push_row(r.device, r.time_ms, r.metrics, r.is_fail, r.ingest_ms, r.pos);
+    }
+
+    /// Appends a row of these fields.
+    #[inline]
+    pub fn push_row(
+        &mut self,
+        device: u32,
+        time_ms: i64,
+        metrics: [f64; 6],
+        is_fail: bool,
+        ingest_ms: Option<i64>,
+        pos: SourcePos,
+    ) {
+        self.device.push(device);
+        self.time_ms.push(time_ms);
+        for (col, v) in self.metrics.iter_mut().zip(metrics) {
             col.push(v);
         }
-        self.is_fail.push(r.is_fail);
-        self.ingest_ms.push(r.ingest_ms);
-        self.pos.push(r.pos);
+        self.is_fail.push(is_fail);
+        self.ingest_ms.push(ingest_ms);
+        self.pos.push(pos);
     }
 
     /// Number of rows.
