@@ -85,6 +85,9 @@ def parse_args(argv):
     p.add_argument("--memory-minutes", type=float, default=10, help="memory: minutes of the live pipeline (default 10)")
     p.add_argument("--memory-devices", type=int, default=10_000, help="memory: simulated devices (default 10,000)")
     p.add_argument("--memory-interval", default="10s", help="memory: poll interval per device (default 10s: 1,000 msg/s)")
+    p.add_argument("--lake-dir", help="where the runs' lakes and Spark's output are written (default: /dev/shm, a tmpfs, "
+                   "when it has 8 GiB free, else target/): on a disk, the fsyncs and inode allocations of a run's "
+                   "~2,000 files vary by seconds from run to run, for both engines")
     p.add_argument("--kafka-port", type=int, default=23092,
                    help="base port of the benchmark's own broker (default 23092, below the ephemeral range)")
     a = p.parse_args(argv)
@@ -96,6 +99,9 @@ def parse_args(argv):
         if a.subs == ["report"]:
             p.error("report needs --out DIR (an earlier run's results)")
         a.out = os.path.join(TARGET, "bench", time.strftime("%Y%m%d-%H%M%S"))
+    if a.lake_dir is None:
+        a.lake_dir = default_lake_dir()
+    os.makedirs(a.lake_dir, exist_ok=True)
     if a.readings < 1 or a.runs < 1 or a.spark_runs < 1:
         p.error("--readings, --runs and --spark-runs must be at least 1")
     return a
@@ -164,7 +170,31 @@ def env_with(**extra):
     return e
 
 
-def machine():
+def default_lake_dir():
+    """/dev/shm when it is a tmpfs with room for the largest run's lake and Spark's output
+    (both engines write there, so neither times the disk), else target/."""
+    shm = "/dev/shm"
+    try:
+        st = os.statvfs(shm)
+        with open("/proc/mounts") as f:
+            tmpfs = any(line.split()[1] == shm and line.split()[2] == "tmpfs" for line in f)
+    except OSError:
+        return TARGET
+    return shm if tmpfs and st.f_bavail * st.f_frsize >= 8 * 2**30 else TARGET
+
+
+def filesystem(path):
+    """The type of the filesystem `path` is on (the longest mount point above it)."""
+    path, best = os.path.realpath(path), ("", "?")
+    with open("/proc/mounts") as f:
+        for line in f:
+            mount, kind = line.split()[1:3]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+                best = (mount, kind)
+    return best[1]
+
+
+def machine(lake_dir):
     def first(cmd):
         try:
             return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
@@ -188,6 +218,8 @@ def machine():
         "java": java[0] if java else "?",
         "commit": first(["git", "-C", ROOT, "log", "-1", "--format=%h %s"]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "lake_dir": lake_dir,
+        "lake_fs": filesystem(lake_dir),
     }
 
 
@@ -272,7 +304,7 @@ def fmsflow_env(devices):
 
 
 def bench_replay(a, spark):
-    rows, work = [], tempfile.mkdtemp(prefix="fmsflow-bench-", dir=TARGET)
+    rows, work = [], tempfile.mkdtemp(prefix="fmsflow-bench-", dir=a.lake_dir)
     try:
         for devices in a.devices:
             path = input_file(devices, a.readings, a.dirty_rate)
@@ -374,11 +406,12 @@ def cargo_bench(name, json_path, **env):
 
 def bench_kafka(a, kafka, spark):
     doc = cargo_bench("kafka", os.path.join(a.out, "kafka-rust.json"),
-                      FMSFLOW_KAFKA_BOOTSTRAP=kafka.bootstrap, FMSFLOW_BENCH_READINGS=a.readings)
+                      FMSFLOW_KAFKA_BOOTSTRAP=kafka.bootstrap, FMSFLOW_BENCH_READINGS=a.readings,
+                      TMPDIR=a.lake_dir)  # the bench's lake: a temporary directory
     rows = doc["rows"]
     topic = rows[0]["topic"]
     if spark is not None:
-        work = tempfile.mkdtemp(prefix="fmsflow-bench-", dir=TARGET)
+        work = tempfile.mkdtemp(prefix="fmsflow-bench-", dir=a.lake_dir)
         try:
             lake = os.path.join(work, "lake")
             secs, peak, _, _ = measured(
@@ -584,7 +617,8 @@ def summary(out, docs):
     m = docs.get("machine") or {}
     parts = [f"# fmsflow benchmarks, {m.get('date', '?')}", "",
              f"Machine: {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, kernel {m.get('kernel')}; "
-             f"{m.get('rustc')}; {m.get('java')}. Commit: {m.get('commit')}.", ""]
+             f"{m.get('rustc')}; {m.get('java')}. Commit: {m.get('commit')}. "
+             f"Lakes and Spark's output in {m.get('lake_dir', '?')} ({m.get('lake_fs', '?')}).", ""]
     verdicts = []
     replay = docs.get("replay")
     if replay:
@@ -643,7 +677,7 @@ def main(argv):
     os.makedirs(a.out, exist_ok=True)
     docs = {}
     if a.subs != ["report"]:
-        docs["machine"] = machine()
+        docs["machine"] = machine(a.lake_dir)
         save(a.out, "machine", docs["machine"])
         needs_spark = not a.no_spark and ({"replay", "kafka"} & set(a.subs))
         spark = Spark() if needs_spark else None
