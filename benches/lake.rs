@@ -30,7 +30,7 @@ fn batches(hours: u32) -> Vec<HourBatch> {
     let mut by_hour: BTreeMap<i64, Vec<Reading>> = BTreeMap::new();
     for (i, (ingest, p)) in recs.into_iter().enumerate() {
         let raw = RawRecord {
-            payload: p.into_bytes(),
+            payload: p.into_bytes().into(),
             ingest_ms: Some(ingest),
             pos: SourcePos {
                 source: 0,

@@ -29,7 +29,7 @@ fn records(hours: u32) -> Vec<RawRecord> {
     recs.into_iter()
         .enumerate()
         .map(|(i, (ingest, p))| RawRecord {
-            payload: p.into_bytes(),
+            payload: p.into_bytes().into(),
             ingest_ms: Some(ingest),
             pos: SourcePos {
                 source: 0,

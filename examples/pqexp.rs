@@ -24,7 +24,7 @@ fn main() {
         .map(|(i, (ing, p))| {
             validate(
                 RawRecord {
-                    payload: p.clone().into_bytes(),
+                    payload: p.clone().into_bytes().into(),
                     ingest_ms: Some(*ing),
                     pos: SourcePos {
                         source: 0,

@@ -1091,7 +1091,7 @@ mod tests {
         let (epochs, readings) = (m.epoch_duration.get_sample_count(), m.latency.get_sample_count());
         let now = 1_800_000_000_000;
         let rec = |ingest_ms: Option<i64>| RawRecord {
-            payload: Vec::new(),
+            payload: Default::default(),
             ingest_ms,
             pos: fmsflow_dataflows::SourcePos { source: 0, offset: 0 },
         };

@@ -158,7 +158,7 @@ mod tests {
 
     fn check(payload: &str, ingest: i64) -> Result<(), Rule> {
         let raw = RawRecord {
-            payload: payload.as_bytes().to_vec(),
+            payload: payload.as_bytes().to_vec().into(),
             ingest_ms: Some(ingest),
             pos: SourcePos::default(),
         };
@@ -185,7 +185,7 @@ mod tests {
                 let (body, ctype, rule) = garbage_payload(42, d, n, t);
                 shapes.insert(ctype);
                 let raw = RawRecord {
-                    payload: body.clone(),
+                    payload: body.clone().into(),
                     ingest_ms: Some(t + 300),
                     pos: SourcePos::default(),
                 };

@@ -63,7 +63,7 @@ fn every_dirty_record_is_caught_by_its_rule() {
                 assert_eq!(status, 200);
                 let offset = out.len() as u64;
                 out.push(RawRecord {
-                    payload: body,
+                    payload: body.into(),
                     ingest_ms: Some(clock.now_ms()),
                     pos: SourcePos { source: 0, offset },
                 });

@@ -23,7 +23,7 @@ fn main() {
                 tick % 97 == 0
             );
             raws.push(RawRecord {
-                payload: payload.into_bytes(),
+                payload: payload.into_bytes().into(),
                 ingest_ms: Some(time + 150),
                 pos: SourcePos {
                     source: 0,

@@ -605,7 +605,7 @@ fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -
 }
 
 /// An accepted reading's payload, kept on the worker that validated it, at its slot.
-type KeptPayload = (u32, Vec<u8>);
+type KeptPayload = (u32, crate::model::Bytes);
 /// A duplicate (routed back to the worker that keeps its payload) and the source position of
 /// the reading accepted in its place.
 type Loser = (Reading, SourcePos);
@@ -679,7 +679,7 @@ fn duplicates<'scope>(
     let mut o_rej = OutputBuilder::from(o_rej);
     builder.build(move |caps| {
         let mut caps: Vec<Capability<Epoch>> = caps;
-        let mut payloads: BTreeMap<Epoch, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut payloads: BTreeMap<Epoch, Vec<crate::model::Bytes>> = BTreeMap::new();
         let mut pending: BTreeMap<Epoch, Vec<Loser>> = BTreeMap::new();
         // The slots of the last epoch: the next one is sized for as many at once.
         let mut last_slots = 0;
@@ -692,7 +692,7 @@ fn duplicates<'scope>(
                     for (slot, payload) in batch.drain(..) {
                         let slot = slot as usize;
                         if slot >= slots.len() {
-                            slots.resize_with(slot + 1, Vec::new);
+                            slots.resize_with(slot + 1, Default::default);
                         }
                         slots[slot] = payload;
                     }
@@ -717,7 +717,7 @@ fn duplicates<'scope>(
                         .and_then(|s| s.get_mut(r.payload_at.slot as usize))
                         .map(std::mem::take)
                         .expect("a duplicate's payload is kept on the worker that read it");
-                    session.give(Rejection::duplicate(&r, payload, first));
+                    session.give(Rejection::duplicate(&r, Vec::from(payload), first));
                 }
             }
             // The payloads of finished epochs, freed here on the worker that read them.

@@ -206,7 +206,7 @@ fn check_outcome(
 ) -> Option<Reading> {
     let text = || String::from_utf8_lossy(payload).into_owned();
     let raw = RawRecord {
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
         ingest_ms,
         pos,
     };

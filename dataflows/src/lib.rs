@@ -16,7 +16,7 @@ pub mod time;
 
 pub use dataflow::{build, route_hour, Epoch, Outputs};
 pub use model::{
-    DeviceHour, DeviceLatest, PayloadAt, QualityKey, RawRecord, Reading, ReadingColumns, SourcePos, METRICS,
+    Bytes, DeviceHour, DeviceLatest, PayloadAt, QualityKey, RawRecord, Reading, ReadingColumns, SourcePos, METRICS,
 };
 pub use rules::{validate, validate_keeping, Deduper, Rejection, Rule, RuleConfig};
 pub use stats::{HourStats, MetricStats};

@@ -1,6 +1,7 @@
 //! The record model: raw bytes as they arrive, the typed reading the rules produce, and the
 //! keys of the aggregate collections.
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The six measured metrics, in the order they are stored in [`Reading::metrics`] and in
@@ -20,8 +21,10 @@ pub struct SourcePos {
 /// One payload exactly as received, with its ingest timestamp.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawRecord {
-    /// The body as received (normally one FMS JSON object).
-    pub payload: Vec<u8>,
+    /// The body as received (normally one FMS JSON object). A view of shared bytes: a file
+    /// replay's payloads are slices of the buffer their lines were read into (no allocation
+    /// or copy per record); other sources give each record its own (`Bytes::from(vec)`).
+    pub payload: Bytes,
     /// When the record entered the pipeline (poll time / Kafka record timestamp), ms since
     /// the epoch. The time rules compare against this, never against the wall clock, so a
     /// replay decides the same. `None` (archived NDJSON without ingest times) disables the

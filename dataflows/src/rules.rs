@@ -8,6 +8,8 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{PayloadAt, RawRecord, Reading, SourcePos, METRICS};
@@ -807,7 +809,7 @@ pub fn validate(raw: RawRecord, cfg: &RuleConfig) -> Result<Reading, Rejection> 
 
 /// [`validate`], handing back an accepted reading's payload beside it, for a later
 /// duplicate's rejection.
-pub fn validate_keeping(raw: RawRecord, cfg: &RuleConfig) -> Result<(Reading, Vec<u8>), Rejection> {
+pub fn validate_keeping(raw: RawRecord, cfg: &RuleConfig) -> Result<(Reading, Bytes), Rejection> {
     match check(&raw, cfg) {
         Ok((device, time_ms, metrics, is_fail)) => Ok((
             Reading {
@@ -824,7 +826,10 @@ pub fn validate_keeping(raw: RawRecord, cfg: &RuleConfig) -> Result<(Reading, Ve
         Err((rule, reason, device, time_ms)) => Err(Rejection {
             rule,
             reason,
-            payload: raw.payload,
+            // Its own bytes (no copy when the payload is its allocation's only view): a
+            // rejection waits for its hour's files, and must not hold the read buffer that
+            // a file replay's payloads are views of.
+            payload: Vec::from(raw.payload),
             device,
             time_ms,
             ingest_ms: raw.ingest_ms,

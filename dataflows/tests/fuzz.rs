@@ -169,7 +169,7 @@ fn templates_are_valid() {
     let ingest = Some(1_751_876_490_000);
     for t in TEMPLATES {
         let raw = RawRecord {
-            payload: t.as_bytes().to_vec(),
+            payload: t.as_bytes().to_vec().into(),
             ingest_ms: ingest,
             pos: SourcePos::default(),
         };

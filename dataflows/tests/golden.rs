@@ -132,7 +132,7 @@ fn check_file(path: &Path) -> Result<usize, Vec<String>> {
             offset: k as u64 + 1,
         };
         let raw = RawRecord {
-            payload: case.payload.clone(),
+            payload: case.payload.clone().into(),
             ingest_ms: case.ingest_ms,
             pos,
         };

@@ -290,7 +290,7 @@ fn build_input(ops: &[Op]) -> Vec<(Epoch, RawRecord)> {
         out.push((
             epoch,
             RawRecord {
-                payload,
+                payload: payload.into(),
                 ingest_ms: ingest,
                 pos,
             },
@@ -798,7 +798,7 @@ fn duplicate_reasons_name_the_accepted_reading() {
         )
     };
     let rec = |source: u32, offset: u64| RawRecord {
-        payload: bytes(source, offset),
+        payload: bytes(source, offset).into(),
         ingest_ms: Some(t0()),
         pos: SourcePos { source, offset },
     };

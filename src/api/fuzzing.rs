@@ -52,7 +52,7 @@ pub fn fuzz_router(devices: u32, token: Option<String>) -> Router {
         .into_iter()
         .enumerate()
         .map(|(i, (ingest, payload))| RawRecord {
-            payload: payload.into_bytes(),
+            payload: payload.into_bytes().into(),
             ingest_ms: Some(ingest),
             pos: SourcePos {
                 source: 0,

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use fmsflow_dataflows::{RawRecord, SourcePos};
+use fmsflow_dataflows::{Bytes, RawRecord, SourcePos};
 
 /// Errors of the file source. Not retryable: the path or the file is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +105,10 @@ pub struct FileReader {
     end: u64,
     /// Block being read.
     current: u64,
-    /// File bytes read ahead: `buf[lo..hi]` are the bytes from offset `at` on.
-    buf: Vec<u8>,
+    /// File bytes read ahead: `buf[lo..hi]` are the bytes from offset `at` on. The records'
+    /// payloads are slices of it (no allocation or copy per record), so a refill reads into
+    /// a new buffer; each lives until the last payload in it is dropped (its epoch is done).
+    buf: Bytes,
     lo: usize,
     hi: usize,
     /// The file has no bytes beyond `buf[..hi]`.
@@ -135,7 +137,7 @@ impl FileReader {
             at: 0,
             end: 0,
             current: index as u64,
-            buf: vec![0; READ_SIZE],
+            buf: Bytes::new(),
             lo: 0,
             hi: 0,
             eof: false,
@@ -151,41 +153,39 @@ impl FileReader {
         }
     }
 
-    /// Moves the unread bytes to the front of the buffer (growing it if they fill it) and
-    /// reads more after them; sets `eof` when the file has no more.
+    /// Reads more into a new buffer, after the unread bytes (moved to its front; it is
+    /// twice their size when they alone fill a read's worth, a very long line); sets `eof`
+    /// when the file has no more.
     fn fill(&mut self) -> Result<(), FileSourceError> {
-        self.buf.copy_within(self.lo..self.hi, 0);
-        self.hi -= self.lo;
-        self.lo = 0;
-        if self.hi == self.buf.len() {
-            self.buf.resize(self.buf.len() * 2, 0);
-        }
-        loop {
-            match self.file.read(&mut self.buf[self.hi..]) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    self.hi += n;
-                    return Ok(());
-                }
+        let unread = self.hi - self.lo;
+        let size = READ_SIZE.max(2 * unread);
+        let mut next = Vec::with_capacity(size);
+        next.extend_from_slice(&self.buf[self.lo..self.hi]);
+        next.resize(size, 0);
+        let n = loop {
+            match self.file.read(&mut next[unread..]) {
+                Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.error(e)),
             }
-        }
+        };
+        next.truncate(unread + n);
+        self.eof = n == 0;
+        self.buf = Bytes::from(next);
+        (self.lo, self.hi) = (0, unread + n);
+        Ok(())
     }
 
-    /// The next line (with its newline, if it has one) from offset `at`, and moves past it;
-    /// `None` at the end of the file.
-    fn next_line(&mut self) -> Result<Option<&[u8]>, FileSourceError> {
+    /// Where in `buf` the next line (with its newline, if it has one) from offset `at` is,
+    /// and moves past it; `None` at the end of the file.
+    fn next_line(&mut self) -> Result<Option<std::ops::Range<usize>>, FileSourceError> {
         let mut searched = 0;
         loop {
             if let Some(p) = find_newline(&self.buf[self.lo + searched..self.hi]) {
                 let (start, stop) = (self.lo, self.lo + searched + p + 1);
                 self.lo = stop;
                 self.at += (stop - start) as u64;
-                return Ok(Some(&self.buf[start..stop]));
+                return Ok(Some(start..stop));
             }
             if self.eof {
                 if self.lo == self.hi {
@@ -194,7 +194,7 @@ impl FileReader {
                 let start = self.lo;
                 self.at += (self.hi - start) as u64;
                 self.lo = self.hi;
-                return Ok(Some(&self.buf[start..self.hi]));
+                return Ok(Some(start..self.hi));
             }
             searched = self.hi - self.lo;
             self.fill()?;
@@ -259,7 +259,7 @@ impl FileReader {
                 self.at = end;
                 return Ok(false);
             };
-            let mut l = line;
+            let mut l = &self.buf[line.clone()];
             while let [rest @ .., b'\n' | b'\r'] = l {
                 l = rest;
             }
@@ -267,8 +267,9 @@ impl FileReader {
                 continue;
             }
             let (ingest_ms, payload) = split_line(l);
+            let from = line.start + (l.len() - payload.len());
             out.push(RawRecord {
-                payload: payload.to_vec(),
+                payload: self.buf.slice(from..line.start + l.len()),
                 ingest_ms,
                 pos: SourcePos { source, offset },
             });
@@ -435,7 +436,7 @@ mod tests {
         assert!(all.iter().all(|r| r.pos.source == source));
         let mut got: Vec<_> = all
             .iter()
-            .map(|r| (r.pos.offset, r.ingest_ms, r.payload.clone()))
+            .map(|r| (r.pos.offset, r.ingest_ms, r.payload.to_vec()))
             .collect();
         got.sort();
         got

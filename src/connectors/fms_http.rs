@@ -123,7 +123,7 @@ pub async fn poll(
                         Ok(body) => {
                             let offset = seq.fetch_add(1, Ordering::Relaxed);
                             let raw = RawRecord {
-                                payload: body,
+                                payload: body.into(),
                                 ingest_ms: Some(clock.now_ms()),
                                 pos: SourcePos { source: 0, offset },
                             };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fmsflow_dataflows::time::{format_rfc3339, parse_rfc3339, HOUR_MS};
-use fmsflow_dataflows::{HourStats, RawRecord, Rejection, SourcePos, METRICS};
+use fmsflow_dataflows::{Bytes, HourStats, RawRecord, Rejection, SourcePos, METRICS};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -723,6 +723,11 @@ const BATCH: usize = 4096;
 struct Batches {
     queue: *mut rdkafka::bindings::rd_kafka_queue_t,
     got: Vec<*mut rdkafka::bindings::rd_kafka_message_t>,
+    /// The batch's records as (partition, offset, payload's place in `bytes`, ingest time),
+    /// and their payloads one after another: the records' payloads are slices of one buffer
+    /// per batch (an allocation per batch, not per record).
+    taken: Vec<(i32, i64, std::ops::Range<usize>, Option<i64>)>,
+    bytes: Vec<u8>,
 }
 
 // SAFETY: a librdkafka queue may be served from any thread; the reader owns this one, and the
@@ -750,6 +755,8 @@ impl Batches {
         let batches = Batches {
             queue: unsafe { rd_kafka_queue_new(rk) },
             got: Vec::with_capacity(BATCH),
+            taken: Vec::with_capacity(BATCH),
+            bytes: Vec::new(),
         };
         for &p in partitions {
             // SAFETY: the topic name is NUL-terminated and outlives the call; the partition's
@@ -799,7 +806,7 @@ fn file(
     parts: &mut [Part],
     partition: i32,
     offset: i64,
-    payload: &[u8],
+    payload: Bytes,
     ingest_ms: Option<i64>,
 ) -> usize {
     let Some(&i) = index.get(&partition) else {
@@ -810,7 +817,7 @@ fn file(
     // Past the end of a replay: not ours to take.
     if part.end.is_none_or(|e| offset < e) {
         part.pending.push_back(RawRecord {
-            payload: payload.to_vec(),
+            payload,
             ingest_ms,
             pos: SourcePos {
                 source: partition as u32,
@@ -1035,7 +1042,7 @@ impl PartitionReader {
                         &mut self.parts,
                         p,
                         o,
-                        m.payload().unwrap_or_default(),
+                        Bytes::copy_from_slice(m.payload().unwrap_or_default()),
                         ingest_ms,
                     );
                 }
@@ -1080,7 +1087,14 @@ impl PartitionReader {
                 (m.err, m.partition, m.offset, payload, ingest_ms)
             };
             if err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                came += file(&self.index, &mut self.parts, partition, offset, payload, ingest_ms);
+                let b = &mut self.batches;
+                b.taken.push((
+                    partition,
+                    offset,
+                    b.bytes.len()..b.bytes.len() + payload.len(),
+                    ingest_ms,
+                ));
+                b.bytes.extend_from_slice(payload);
             } else if failed.is_none() {
                 failed = consumer_error(
                     &self.topic,
@@ -1093,6 +1107,19 @@ impl PartitionReader {
             unsafe { rd_kafka_message_destroy(ptr) };
         }
         self.batches.got.clear();
+        // A fresh buffer for the next batch, of this one's size: the records hold this one.
+        let size = self.batches.bytes.len();
+        let bytes = Bytes::from(std::mem::replace(&mut self.batches.bytes, Vec::with_capacity(size)));
+        for (partition, offset, at, ingest_ms) in self.batches.taken.drain(..) {
+            came += file(
+                &self.index,
+                &mut self.parts,
+                partition,
+                offset,
+                bytes.slice(at),
+                ingest_ms,
+            );
+        }
         match failed {
             Some(e) => Err(e),
             None => Ok(came),
@@ -1415,7 +1442,7 @@ mod tests {
         let mut s = HourStats::default();
         let r = fmsflow_dataflows::validate(
             RawRecord {
-                payload: br#"{"time": "2025-07-07T08:21:29Z", "DeviceId": 17, "sensor1": 85.69, "sensor2": 85.81, "sensor3": 82.15, "motor1": 1245.16, "motor2": 874.81, "motor3": 1119.36, "isFail": true}"#.to_vec(),
+                payload: br#"{"time": "2025-07-07T08:21:29Z", "DeviceId": 17, "sensor1": 85.69, "sensor2": 85.81, "sensor3": 82.15, "motor1": 1245.16, "motor2": 874.81, "motor3": 1119.36, "isFail": true}"#.to_vec().into(),
                 ingest_ms: None,
                 pos: SourcePos::default(),
             },
