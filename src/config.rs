@@ -297,8 +297,8 @@ pub struct Engine {
     pub workers: usize,
     /// Live mode: length of one timely epoch.
     pub epoch: Dur,
-    /// Replay: records per worker per epoch (a file replay's epochs hold twice the fleet
-    /// when that is more, up to four times this).
+    /// Replay: records per worker per epoch (from 10,000 on, a file replay's epochs hold
+    /// twice the fleet when that is more, up to four times this).
     pub batch: usize,
     /// An hour is sealed once the event-time watermark passes its end plus this grace.
     pub grace: Dur,

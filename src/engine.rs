@@ -440,6 +440,9 @@ const AHEAD: u64 = 2;
 /// records held (~10 MB each at the default batch).
 const FILE_AHEAD: usize = 4;
 
+/// The smallest `engine.batch` whose file replay epochs grow with the fleet.
+const FILE_CHUNK_FLOOR: usize = 10_000;
+
 /// A file replay's epochs: chunks of at least `batch` records and of twice the fleet (up to
 /// four times `batch`), in blocks of [`crate::connectors::file::BLOCK`] per `batch` records
 /// (one chunk per block, so the workers take turns through the file). With an epoch of
@@ -447,9 +450,13 @@ const FILE_AHEAD: usize = 4;
 /// epoch, and the aggregates' work is per reading (10 million readings of 100,000 devices
 /// on 2 workers: 15.5 s in chunks of 44,000 records, 11.3 s in chunks of 200,000; a larger
 /// chunk for a small fleet only holds more records: docs/BENCHMARKS.md). Depends only on
-/// the configuration, so every worker and process cuts the files alike.
+/// the configuration, so every worker and process cuts the files alike. A `batch` below
+/// [`FILE_CHUNK_FLOOR`] asks for small epochs (tests of many epochs and commits): kept.
 fn file_chunks(batch: usize, fleet_size: u32) -> (usize, u64) {
     let batch = batch.max(1);
+    if batch < FILE_CHUNK_FLOOR {
+        return (batch, crate::connectors::file::BLOCK);
+    }
     let chunk = (2 * fleet_size as usize).clamp(batch, 4 * batch);
     (chunk, crate::connectors::file::BLOCK * chunk.div_ceil(batch) as u64)
 }
@@ -1101,6 +1108,9 @@ mod tests {
         assert_eq!(file_chunks(50_000, 30_000), (60_000, 2 * block));
         assert_eq!(file_chunks(50_000, 100_000), (200_000, 4 * block));
         assert_eq!(file_chunks(50_000, 10_000_000), (200_000, 4 * block));
+        // Small batches are asked for: kept whatever the fleet.
+        assert_eq!(file_chunks(20, 100), (20, block));
+        assert_eq!(file_chunks(9_999, 100_000), (9_999, block));
         assert_eq!(file_chunks(0, 0), (1, block));
     }
 
