@@ -431,13 +431,12 @@ const PARK: Duration = Duration::from_millis(10);
 /// Replay reads ahead of the dataflow by at most this many epochs.
 const AHEAD: u64 = 2;
 
-/// A file replay has at most this many of a worker's chunks (`engine.batch` records each)
-/// in flight. An hour's files are encoded and stored by the lake writer threads, beside the
+/// A file replay has at most this many of a worker's chunks ([`file_chunks`]) in flight. An hour's files are encoded and stored by the lake writer threads, beside the
 /// workers on the same cores: with two chunks in flight a worker often waited for an epoch's
 /// files, idle, while a writer had the core. Four let the writers lag by two more chunks
 /// (10 million readings of 100 devices on 2 workers, lake in tmpfs, 5 runs each: median
 /// 5.58 s with 2 in flight, 4.48 s with 4; docs/BENCHMARKS.md), for two more chunks of
-/// records held (~10 MB each at the default batch).
+/// records held.
 const FILE_AHEAD: usize = 4;
 
 /// The smallest `engine.batch` whose file replay epochs grow with the fleet.

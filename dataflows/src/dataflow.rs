@@ -21,7 +21,7 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
-use crate::model::{DeviceHour, DeviceLatest, PayloadAt, RawRecord, Reading, ReadingColumns, SourcePos};
+use crate::model::{Bytes, DeviceHour, DeviceLatest, PayloadAt, RawRecord, Reading, ReadingColumns, SourcePos};
 use crate::rules::{validate_keeping, Outcome, Rejection, RuleConfig};
 use crate::stats::HourStats;
 use crate::time::HOUR_MS;
@@ -605,7 +605,7 @@ fn count_rejections<'scope>(rejections: Stream<'scope, Epoch, Vec<Rejection>>) -
 }
 
 /// An accepted reading's payload, kept on the worker that validated it, at its slot.
-type KeptPayload = (u32, crate::model::Bytes);
+type KeptPayload = (u32, Bytes);
 /// A duplicate (routed back to the worker that keeps its payload) and the source position of
 /// the reading accepted in its place.
 type Loser = (Reading, SourcePos);
@@ -679,7 +679,7 @@ fn duplicates<'scope>(
     let mut o_rej = OutputBuilder::from(o_rej);
     builder.build(move |caps| {
         let mut caps: Vec<Capability<Epoch>> = caps;
-        let mut payloads: BTreeMap<Epoch, Vec<crate::model::Bytes>> = BTreeMap::new();
+        let mut payloads: BTreeMap<Epoch, Vec<Bytes>> = BTreeMap::new();
         let mut pending: BTreeMap<Epoch, Vec<Loser>> = BTreeMap::new();
         // The slots of the last epoch: the next one is sized for as many at once.
         let mut last_slots = 0;

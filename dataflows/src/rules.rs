@@ -8,11 +8,9 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use bytes::Bytes;
-
 use serde::{Deserialize, Serialize};
 
-use crate::model::{PayloadAt, RawRecord, Reading, SourcePos, METRICS};
+use crate::model::{Bytes, PayloadAt, RawRecord, Reading, SourcePos, METRICS};
 use crate::time::{hour_of, parse_rfc3339, HOUR_MS};
 
 /// Why a record was rejected. The `name` of each variant is stable.
