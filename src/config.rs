@@ -587,9 +587,11 @@ impl Config {
             rules: self.rule_config(),
             grace_ms: self.engine.grace.ms(),
             recovery: None,
-            // The collections hold what the live view answers for (api.keep_hours). Kafka's
-            // and the poller's records all carry an ingest time; a replay of files turns this off.
-            forget_after_ms: Some(self.api.keep_hours as i64 * fmsflow_dataflows::time::HOUR_MS),
+            // The collections forget an hour as soon as no reading can change it (max_age +
+            // grace + an hour past its end); the live view keeps it packed for api.keep_hours
+            // (src/api/view.rs, `Frozen`). Kafka's and the poller's records all carry an
+            // ingest time; a replay of files turns this off.
+            forget_after_ms: Some(0),
         }
     }
 }

@@ -19,4 +19,4 @@ pub use model::{
     Bytes, DeviceHour, DeviceLatest, PayloadAt, QualityKey, RawRecord, Reading, ReadingColumns, SourcePos, METRICS,
 };
 pub use rules::{validate, validate_keeping, Deduper, Rejection, Rule, RuleConfig};
-pub use stats::{HourStats, MetricStats};
+pub use stats::{HourFigures, HourStats, MetricStats};

@@ -200,6 +200,45 @@ impl HourStats {
     }
 }
 
+impl HourStats {
+    /// What the hour answers: its counts and span, and each metric's min, max, mean and
+    /// stddev (the lake's `hourly` row, the API's and the changelog's).
+    pub fn figures(&self) -> HourFigures {
+        HourFigures {
+            count: self.count,
+            fails: self.fails,
+            first_ms: self.first_ms,
+            last_ms: self.last_ms,
+            metrics: std::array::from_fn(|i| {
+                let m = &self.metrics[i];
+                [m.min_value(), m.max_value(), self.mean(i), self.stddev(i)]
+            }),
+        }
+    }
+}
+
+/// The figures of one (device, hour) as they are read: [`HourStats`] without the exact sums
+/// that only adding more readings needs (224 bytes instead of 320). The live view keeps an
+/// hour's aggregates in this form.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct HourFigures {
+    /// Readings accepted.
+    pub count: u64,
+    /// Readings with `isFail: true`.
+    pub fails: u64,
+    /// Earliest event time, ms since the epoch.
+    pub first_ms: i64,
+    /// Latest event time, ms since the epoch.
+    pub last_ms: i64,
+    /// Per metric in [`crate::METRICS`] order: [`HourFigures::STATS`].
+    pub metrics: [[f64; 4]; 6],
+}
+
+impl HourFigures {
+    /// The names of a metric's four figures, in their order.
+    pub const STATS: [&'static str; 4] = ["min", "max", "mean", "stddev"];
+}
+
 impl Default for HourStats {
     fn default() -> Self {
         HourStats {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use fmsflow_dataflows::rules::Outcome;
 use fmsflow_dataflows::time::{format_rfc3339, HOUR_MS};
-use fmsflow_dataflows::{HourStats, METRICS};
+use fmsflow_dataflows::{HourFigures, METRICS};
 use serde::{Deserialize, Serialize};
 
 use super::view::{Latest, OutcomeCounts};
@@ -75,7 +75,7 @@ pub struct HourRow {
 
 impl HourRow {
     /// The row of `stats`.
-    pub fn new(device: u32, hour: i64, s: &HourStats) -> Self {
+    pub fn new(device: u32, hour: i64, s: &HourFigures) -> Self {
         HourRow {
             device,
             hour: format_rfc3339(hour * HOUR_MS),
@@ -87,13 +87,8 @@ impl HourRow {
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    let row = MetricRow {
-                        min: s.metrics[i].min_value(),
-                        max: s.metrics[i].max_value(),
-                        mean: s.mean(i),
-                        stddev: s.stddev(i),
-                    };
-                    (m.to_string(), row)
+                    let [min, max, mean, stddev] = s.metrics[i];
+                    (m.to_string(), MetricRow { min, max, mean, stddev })
                 })
                 .collect(),
         }
@@ -179,8 +174,6 @@ pub enum SortKey {
     Metric(usize, usize),
 }
 
-const STATS: [&str; 4] = ["min", "max", "mean", "stddev"];
-
 impl SortKey {
     /// `device`, `count`, `fails` or `<metric>_<min|max|mean|stddev>`.
     pub fn parse(s: &str) -> Result<SortKey, String> {
@@ -194,7 +187,7 @@ impl SortKey {
             .and_then(|(m, st)| {
                 Some(SortKey::Metric(
                     METRICS.iter().position(|x| *x == m)?,
-                    STATS.iter().position(|x| *x == st)?,
+                    HourFigures::STATS.iter().position(|x| *x == st)?,
                 ))
             })
             .ok_or_else(|| {
@@ -211,7 +204,7 @@ impl SortKey {
             SortKey::Device => "device".into(),
             SortKey::Count => "count".into(),
             SortKey::Fails => "fails".into(),
-            SortKey::Metric(m, s) => format!("{}_{}", METRICS[m], STATS[s]),
+            SortKey::Metric(m, s) => format!("{}_{}", METRICS[m], HourFigures::STATS[s]),
         }
     }
 
@@ -228,15 +221,12 @@ impl SortKey {
         (v, r.device)
     }
 
-    fn of_stats(self, (d, st): &(u32, HourStats)) -> (f64, u32) {
+    fn of_figures(self, (d, f): &(u32, HourFigures)) -> (f64, u32) {
         let v = match self {
             SortKey::Device => *d as f64,
-            SortKey::Count => st.count as f64,
-            SortKey::Fails => st.fails as f64,
-            SortKey::Metric(m, s) => {
-                let x = &st.metrics[m];
-                [x.min_value(), x.max_value(), st.mean(m), st.stddev(m)][s]
-            }
+            SortKey::Count => f.count as f64,
+            SortKey::Fails => f.fails as f64,
+            SortKey::Metric(m, s) => f.metrics[m][s],
         };
         (v, *d)
     }
@@ -246,9 +236,10 @@ impl SortKey {
         sort_by_key_value(rows, |r| self.of_row(r), descending);
     }
 
-    /// Sorts a view's `(device, stats)` by this key (before they become rows), ties by device.
-    pub fn sort_stats(self, rows: &mut [(u32, HourStats)], descending: bool) {
-        sort_by_key_value(rows, |r| self.of_stats(r), descending);
+    /// Sorts a view's `(device, figures)` by this key (before they become rows), ties by
+    /// device.
+    pub fn sort_figures(self, rows: &mut [(u32, HourFigures)], descending: bool) {
+        sort_by_key_value(rows, |r| self.of_figures(r), descending);
     }
 }
 

@@ -864,7 +864,7 @@ async fn fleet_hourly(
     let (view, as_of) = (api.view.clone(), ctx.as_of);
     let mut rows: Vec<HourRow> = off_thread(move || {
         let mut stats = view.fleet_hour(as_of, hour);
-        sort.sort_stats(&mut stats, descending);
+        sort.sort_figures(&mut stats, descending);
         stats.truncate(limit);
         stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect()
     })

@@ -1368,17 +1368,12 @@ impl KafkaSinks {
 /// `17/2025-07-07T08:00:00Z`) and the aggregate as JSON.
 pub fn changelog_record(device: u32, hour: i64, s: &HourStats, epoch: u64) -> (String, Vec<u8>) {
     let hour_start = format_rfc3339(hour * HOUR_MS);
+    let f = s.figures();
     let mut metrics = serde_json::Map::new();
-    for (i, name) in METRICS.iter().enumerate() {
-        let m = &s.metrics[i];
+    for (name, [min, max, mean, stddev]) in METRICS.iter().zip(f.metrics) {
         metrics.insert(
             name.to_string(),
-            serde_json::json!({
-                "min": m.min_value(),
-                "max": m.max_value(),
-                "mean": s.mean(i),
-                "stddev": s.stddev(i),
-            }),
+            serde_json::json!({ "min": min, "max": max, "mean": mean, "stddev": stddev }),
         );
     }
     let value = serde_json::json!({

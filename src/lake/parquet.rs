@@ -15,7 +15,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use fmsflow_dataflows::rules::Outcome;
 use fmsflow_dataflows::time::HOUR_MS;
-use fmsflow_dataflows::{HourStats, ReadingColumns, Rejection, METRICS};
+use fmsflow_dataflows::{HourFigures, HourStats, ReadingColumns, Rejection, METRICS};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -134,12 +134,8 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
         fails.append_value(s.fails as i64);
         first.append_value(s.first_ms);
         last.append_value(s.last_ms);
-        for i in 0..6 {
-            let m = &s.metrics[i];
-            stats[i * 4].append_value(m.min_value());
-            stats[i * 4 + 1].append_value(m.max_value());
-            stats[i * 4 + 2].append_value(s.mean(i));
-            stats[i * 4 + 3].append_value(s.stddev(i));
+        for (b, v) in stats.iter_mut().zip(s.figures().metrics.as_flattened()) {
+            b.append_value(*v);
         }
     }
     let mut fields = vec![
@@ -151,7 +147,7 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
         Field::new("last_time", ts(), false),
     ];
     for m in METRICS {
-        for s in ["min", "max", "mean", "stddev"] {
+        for s in HourFigures::STATS {
             fields.push(Field::new(format!("{m}_{s}"), DataType::Float64, false));
         }
     }
