@@ -4,7 +4,11 @@
 //! counted by the allocator, not read from RSS. Beside it, the size of a reading kept until
 //! its hour is sealed.
 //!
-//! `cargo run --release -p fmsflow-dataflows --example statemem [-- DEVICES INTERVAL_S HOURS PARTITIONS]`
+//! With JITTER 1, as a collector delivers them: one reading in ten a second late (the
+//! simulator's times are whole seconds), and each second's readings in a random order within
+//! their partition.
+//!
+//! `cargo run --release -p fmsflow-dataflows --example statemem [-- DEVICES INTERVAL_S HOURS PARTITIONS JITTER]`
 
 use fmsflow_dataflows::rules::Deduper;
 use fmsflow_dataflows::time::HOUR_MS;
@@ -22,6 +26,15 @@ fn main() {
     let interval_s = arg(2, 10) as i64;
     let hours = arg(3, 7) as i64;
     let partitions = arg(4, 6) as u32;
+    let jitter = arg(5, 0) != 0;
+    // A fixed xorshift: the same run every time.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
     let t0 = 1_751_846_400_000i64; // 2025-07-07T00:00:00Z
                                    // Nothing is forgotten while it fills: the window of a steady state.
     let mut deduper = Deduper::new(hours * HOUR_MS);
@@ -32,8 +45,17 @@ fn main() {
     let mut readings = 0u64;
     for s in 0..hours * 3600 {
         batch.clear();
-        for device in (1..=devices).filter(|d| i64::from(*d) % interval_s == s % interval_s) {
-            let time_ms = t0 + s * 1000 + i64::from(device) * 37 % 1000;
+        let mut due: Vec<u32> = (1..=devices)
+            .filter(|d| i64::from(*d) % interval_s == s % interval_s)
+            .collect();
+        if jitter {
+            for i in (1..due.len()).rev() {
+                due.swap(i, random() as usize % (i + 1));
+            }
+        }
+        for device in due {
+            let late = if jitter && random() % 10 == 0 { 1000 } else { 0 };
+            let time_ms = t0 + s * 1000 + late + if jitter { 0 } else { i64::from(device) * 37 % 1000 };
             let source = device % partitions;
             let offset = &mut offsets[source as usize];
             *offset += 1;
@@ -61,7 +83,8 @@ fn main() {
     let bytes = counting::live() - before;
     assert_eq!(deduper.len() as u64, readings);
     println!(
-        "{devices} devices every {interval_s} s on {partitions} partitions, {hours} h: {readings} readings remembered"
+        "{devices} devices every {interval_s} s on {partitions} partitions, {hours} h{}: {readings} readings remembered",
+        if jitter { ", with jitter" } else { "" }
     );
     println!(
         "duplicate rule's memory: {:.1} MiB, {:.1} bytes per reading; {:.0} ns per reading to fill",
