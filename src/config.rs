@@ -298,7 +298,7 @@ pub struct Engine {
     /// Live mode: length of one timely epoch.
     pub epoch: Dur,
     /// Replay: records per worker per epoch (from 10,000 on, a file replay's epochs hold
-    /// twice the fleet when that is more, up to four times this).
+    /// four times the fleet when that is more, up to eight times this).
     pub batch: usize,
     /// An hour is sealed once the event-time watermark passes its end plus this grace.
     pub grace: Dur,

@@ -442,13 +442,15 @@ const FILE_AHEAD: usize = 4;
 /// The smallest `engine.batch` whose file replay epochs grow with the fleet.
 const FILE_CHUNK_FLOOR: usize = 10_000;
 
-/// A file replay's epochs: chunks of at least `batch` records and of twice the fleet (up to
-/// four times `batch`), in blocks of [`crate::connectors::file::BLOCK`] per `batch` records
-/// (one chunk per block, so the workers take turns through the file). With an epoch of
-/// fewer records than devices, nearly every reading is a (device, hour) of its own in its
-/// epoch, and the aggregates' work is per reading (10 million readings of 100,000 devices
-/// on 2 workers: 15.5 s in chunks of 44,000 records, 11.3 s in chunks of 200,000; a larger
-/// chunk for a small fleet only holds more records: docs/BENCHMARKS.md). Depends only on
+/// A file replay's epochs: chunks of at least `batch` records and of four times the fleet
+/// (up to eight times `batch`), in blocks of [`crate::connectors::file::BLOCK`] per `batch`
+/// records (one chunk per block, so the workers take turns through the file). The
+/// aggregates' work is per (device, hour) and epoch: with an epoch of fewer records than
+/// devices nearly every reading is a key of its own in its epoch, and with four readings per
+/// device an epoch's updates are a quarter of its readings (10 million readings of 100,000
+/// devices on 2 workers: 15.5 s in chunks of 44,000 records, 11.3 s in chunks of 200,000,
+/// 8.7 s in chunks of 400,000 for the same peak RSS; larger chunks hold more records for
+/// little more, and for a small fleet only hold more records: docs/BENCHMARKS.md). Depends only on
 /// the configuration, so every worker and process cuts the files alike. A `batch` below
 /// [`FILE_CHUNK_FLOOR`] asks for small epochs (tests of many epochs and commits): kept.
 fn file_chunks(batch: usize, fleet_size: u32) -> (usize, u64) {
@@ -456,7 +458,7 @@ fn file_chunks(batch: usize, fleet_size: u32) -> (usize, u64) {
     if batch < FILE_CHUNK_FLOOR {
         return (batch, crate::connectors::file::BLOCK);
     }
-    let chunk = (2 * fleet_size as usize).clamp(batch, 4 * batch);
+    let chunk = (4 * fleet_size as usize).clamp(batch, 8 * batch);
     (chunk, crate::connectors::file::BLOCK * chunk.div_ceil(batch) as u64)
 }
 
@@ -1100,13 +1102,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_epochs_hold_twice_the_fleet_within_one_to_four_batches() {
+    fn file_epochs_hold_four_times_the_fleet_within_one_to_eight_batches() {
         let block = crate::connectors::file::BLOCK;
         assert_eq!(file_chunks(50_000, 100), (50_000, block));
-        assert_eq!(file_chunks(50_000, 25_000), (50_000, block));
-        assert_eq!(file_chunks(50_000, 30_000), (60_000, 2 * block));
-        assert_eq!(file_chunks(50_000, 100_000), (200_000, 4 * block));
-        assert_eq!(file_chunks(50_000, 10_000_000), (200_000, 4 * block));
+        assert_eq!(file_chunks(50_000, 12_500), (50_000, block));
+        assert_eq!(file_chunks(50_000, 15_000), (60_000, 2 * block));
+        assert_eq!(file_chunks(50_000, 100_000), (400_000, 8 * block));
+        assert_eq!(file_chunks(50_000, 10_000_000), (400_000, 8 * block));
         // Small batches are asked for: kept whatever the fleet.
         assert_eq!(file_chunks(20, 100), (20, block));
         assert_eq!(file_chunks(9_999, 100_000), (9_999, block));

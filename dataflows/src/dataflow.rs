@@ -318,8 +318,8 @@ impl<'scope> Outputs<'scope> {
         seal(
             self.readings.clone(),
             self.rejections.clone(),
-            self.hourly.clone().inner,
-            self.quality.clone().inner,
+            additions(self.hourly.clone().inner),
+            additions(self.quality.clone().inner),
             self.watermarks.clone(),
             self.grace_ms,
             self.max_age_ms,
@@ -579,6 +579,29 @@ where
         }
     });
     s_out.as_collection()
+}
+
+/// A collection's additions: its new values, without the retractions of the old ones. The
+/// sealing stage keeps only new values, and they cross an exchange to the hour's owner: a
+/// retraction is as large as a value (336 bytes of `HourStats`), so dropping them where they
+/// are made halves what moves.
+fn additions<'scope, D: Clone + 'static>(
+    updates: Stream<'scope, Epoch, Vec<(D, Epoch, isize)>>,
+) -> Stream<'scope, Epoch, Vec<(D, Epoch, isize)>> {
+    use timely::dataflow::operators::generic::Operator;
+    updates.unary(Pipeline, "Additions", |_, _| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let mut session = output.session(&cap);
+                for batch in data {
+                    batch.retain(|u| u.2 > 0);
+                    if !batch.is_empty() {
+                        session.give_container(batch);
+                    }
+                }
+            });
+        }
+    })
 }
 
 /// Per-epoch counts of rejections by (device, hour, rule), pre-aggregated per worker.
