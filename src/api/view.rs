@@ -183,6 +183,22 @@ impl Frozen {
     }
 }
 
+/// Takes the entries before `end` out of `map`: the hour being frozen and any older one (hours
+/// freeze oldest first, so these are the first of the map). The map is split, not emptied
+/// entry by entry: the write lock is held for the split, not for a removal per key.
+fn take_before<K: Ord, V>(map: &mut BTreeMap<K, V>, end: K) -> BTreeMap<K, V> {
+    let rest = map.split_off(&end);
+    std::mem::replace(map, rest)
+}
+
+/// Hour `h`'s packed values (made if new), noting the hour in `hours`.
+fn packed<'a>(frozen: &'a mut BTreeMap<i64, Frozen>, hours: &mut Vec<i64>, h: i64) -> &'a mut Frozen {
+    if hours.last() != Some(&h) {
+        hours.push(h);
+    }
+    frozen.entry(h).or_default()
+}
+
 /// Sets `key`'s value in a vector sorted by key.
 fn upsert<K: Ord + Copy, V>(sorted: &mut Vec<(K, V)>, key: K, value: V) {
     match sorted.binary_search_by_key(&key, |(k, _)| *k) {
@@ -305,40 +321,41 @@ impl Shard {
     fn freeze(&mut self, horizon: Epoch) {
         while let Some((&hour, _)) = self.forgotten.first_key_value().filter(|(_, t)| **t < horizon) {
             self.forgotten.pop_first();
-            let mut f = self.frozen.remove(&hour).unwrap_or_default();
-            let keys: Vec<(i64, u32)> = self
-                .hourly
-                .range((hour, 0)..=(hour, u32::MAX))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in keys {
-                if let Some(v) = self.hourly.remove(&k).and_then(|v| v.last()) {
-                    upsert(&mut f.hourly, k.1, v);
-                }
+            // This hour, and any older one still in the trees (older than a forgotten hour:
+            // no reading can change it either), each into its own packed hour.
+            let mut hours: Vec<i64> = Vec::new();
+            let frozen = &mut self.frozen;
+            for ((h, d), v) in take_before(&mut self.hourly, (hour + 1, 0)) {
+                v.last()
+                    .into_iter()
+                    .for_each(|v| upsert(&mut packed(frozen, &mut hours, h).hourly, d, v));
             }
-            let range = (hour, 0, Outcome::Valid)..(hour + 1, 0, Outcome::Valid);
-            let keys: Vec<(i64, u32, Outcome)> = self.quality.range(range).map(|(k, _)| *k).collect();
-            for k in keys {
-                if let Some(v) = self.quality.remove(&k).and_then(|v| v.last()) {
-                    upsert(&mut f.quality, (k.1, k.2), v);
-                }
+            for ((h, d, o), v) in take_before(&mut self.quality, (hour + 1, 0, Outcome::Valid)) {
+                v.last()
+                    .into_iter()
+                    .for_each(|v| upsert(&mut packed(frozen, &mut hours, h).quality, (d, o), v));
             }
-            let range = (hour, Outcome::Valid)..(hour + 1, Outcome::Valid);
-            let keys: Vec<(i64, Outcome)> = self.quality_hours.range(range).map(|(k, _)| *k).collect();
-            for k in keys {
-                if let Some(v) = self.quality_hours.remove(&k).and_then(|v| v.last()) {
-                    upsert(&mut f.quality_hours, k.1, v);
-                }
+            for ((h, o), v) in take_before(&mut self.quality_hours, (hour + 1, Outcome::Valid)) {
+                v.last()
+                    .into_iter()
+                    .for_each(|v| upsert(&mut packed(frozen, &mut hours, h).quality_hours, o, v));
             }
-            f.span = f
-                .hourly
-                .iter()
-                .map(|(_, v)| (v.first_ms, v.last_ms))
-                .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
-            f.hourly.shrink_to_fit();
-            f.quality.shrink_to_fit();
-            f.quality_hours.shrink_to_fit();
-            self.frozen.insert(hour, f);
+            hours.sort_unstable();
+            hours.dedup();
+            for f in frozen
+                .iter_mut()
+                .filter(|(h, _)| hours.binary_search(h).is_ok())
+                .map(|(_, f)| f)
+            {
+                f.span = f
+                    .hourly
+                    .iter()
+                    .map(|(_, v)| (v.first_ms, v.last_ms))
+                    .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
+                f.hourly.shrink_to_fit();
+                f.quality.shrink_to_fit();
+                f.quality_hours.shrink_to_fit();
+            }
         }
     }
 
@@ -833,6 +850,9 @@ mod tests {
         epoch(
             1,
             vec![
+                // Hour 4 is never retracted (a replay of files forgets nothing): older than
+                // a forgotten hour, it is packed with it, into its own.
+                ((4, 2), Some(figures(5, 4 * HOUR_MS))),
                 ((5, 1), Some(figures(2, 5 * HOUR_MS))),
                 ((5, 2), Some(figures(3, 5 * HOUR_MS + 9))),
                 ((6, 1), Some(figures(1, 6 * HOUR_MS))),
@@ -855,7 +875,7 @@ mod tests {
             )
         };
         let before = reads(&view);
-        assert_eq!(before.0.len(), 2);
+        assert_eq!((before.0.len(), before.1.len(), before.2.len()), (2, 2, 3));
         // The dataflow forgets hour 5 at epoch 2: a lone retraction of each key.
         epoch(
             2,
@@ -881,7 +901,9 @@ mod tests {
         epoch(3, Vec::new(), Vec::new());
         {
             let s = view.shards[0].read().unwrap();
-            assert_eq!(s.frozen.keys().copied().collect::<Vec<_>>(), vec![5]);
+            assert_eq!(s.frozen.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+            assert_eq!(s.frozen[&4].hourly.len(), 1);
+            assert_eq!(s.frozen[&4].span, Some((4 * HOUR_MS, 4 * HOUR_MS + 1)));
             assert_eq!(s.hourly.len(), 1, "hour 6 is left in the tree");
             assert!(s.quality.keys().all(|k| k.0 == 6) && s.quality_hours.keys().all(|k| k.0 == 6));
             let f = &s.frozen[&5];
