@@ -431,8 +431,9 @@ const PARK: Duration = Duration::from_millis(10);
 /// Replay reads ahead of the dataflow by at most this many epochs.
 const AHEAD: u64 = 2;
 
-/// A file replay has at most this many of a worker's chunks ([`file_chunks`]) in flight. An hour's files are encoded and stored by the lake writer threads, beside the
-/// workers on the same cores: with two chunks in flight a worker often waited for an epoch's
+/// A file replay has at most this many of a worker's chunks ([`file_chunks`]) in flight. An
+/// hour's files are encoded and stored by the lake writer threads, beside the workers on the
+/// same cores: with two chunks in flight a worker often waited for an epoch's
 /// files, idle, while a writer had the core. Four let the writers lag by two more chunks
 /// (10 million readings of 100 devices on 2 workers, lake in tmpfs, 5 runs each: median
 /// 5.58 s with 2 in flight, 4.48 s with 4; docs/BENCHMARKS.md), for two more chunks of
@@ -449,9 +450,9 @@ const FILE_CHUNK_FLOOR: usize = 10_000;
 /// devices nearly every reading is a key of its own in its epoch, and with four readings per
 /// device an epoch's updates are a quarter of its readings (10 million readings of 100,000
 /// devices on 2 workers: 15.5 s in chunks of 44,000 records, 11.3 s in chunks of 200,000,
-/// 8.7 s in chunks of 400,000 for the same peak RSS; larger chunks hold more records for
-/// little more, and for a small fleet only hold more records: docs/BENCHMARKS.md). Depends only on
-/// the configuration, so every worker and process cuts the files alike. A `batch` below
+/// 8.7 s in chunks of 400,000 for the same peak RSS; larger chunks gain little more and hold
+/// more records, and for a small fleet only hold more records: docs/BENCHMARKS.md). Depends
+/// only on the configuration, so every worker and process cuts the files alike. A `batch` below
 /// [`FILE_CHUNK_FLOOR`] asks for small epochs (tests of many epochs and commits): kept.
 fn file_chunks(batch: usize, fleet_size: u32) -> (usize, u64) {
     let batch = batch.max(1);

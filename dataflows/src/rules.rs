@@ -953,9 +953,9 @@ fn check(raw: &RawRecord, cfg: &RuleConfig) -> Checked {
 /// time; a late reading costs a binary search and the decoding of one block.
 ///
 /// What earlier epochs accepted is kept delta-of-delta encoded ([`Times`]): a reading every
-/// 10 s from a Kafka partition costs 2–3 bytes there instead of the 40 of a plain entry. At real time
-/// this memory spans `rules.max_age` + 1 hour of every device's readings (7 hours by default),
-/// most of what an engine process holds.
+/// 10 s from a Kafka partition costs 2–3 bytes there instead of the 40 of a plain entry. At
+/// real time this memory spans `rules.max_age` + 1 hour of every device's readings (7 hours
+/// by default).
 #[derive(Debug)]
 pub struct Deduper {
     devices: crate::dataflow::FastMap<u32, DeviceTimes>,

@@ -198,9 +198,7 @@ impl HourStats {
     pub fn stddev(&self, i: usize) -> f64 {
         self.metrics[i].variance(self.count).sqrt()
     }
-}
 
-impl HourStats {
     /// What the hour answers: its counts and span, and each metric's min, max, mean and
     /// stddev (the lake's `hourly` row, the API's and the changelog's).
     pub fn figures(&self) -> HourFigures {
