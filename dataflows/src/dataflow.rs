@@ -21,6 +21,7 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
+use crate::keep::KeptReadings;
 use crate::model::{Bytes, DeviceHour, DeviceLatest, PayloadAt, RawRecord, Reading, ReadingColumns, SourcePos};
 use crate::rules::{validate_keeping, Outcome, Rejection, RuleConfig};
 use crate::stats::HourStats;
@@ -881,8 +882,7 @@ struct HourState {
     sealed: bool,
     seq: u32,
     partial: bool,
-    /// The hour's readings, in chunks of [`KEEP_CHUNK`].
-    readings: Vec<Vec<Kept>>,
+    readings: KeptReadings,
     rejections: Vec<Rejection>,
     /// Each device's current aggregate (ordered by device when taken).
     hourly: IndexedMap<u32, HourStats>,
@@ -891,97 +891,13 @@ struct HourState {
     quality_dirty: bool,
 }
 
-/// Readings per chunk of an hour's kept readings (1.4 MB).
-const KEEP_CHUNK: usize = 16_384;
-
-/// A reading as the sealing stage keeps it until its hour is written: only what the lake's
-/// `readings` table holds, in 88 bytes instead of a [`Reading`]'s 104 (no payload place,
-/// no padding in the source position, the ingest time's presence a flag). The open hour's
-/// readings are the largest thing a live engine holds (an hour and 5 minutes of input: ~3.9
-/// million at 1,000 msg/s) and a replay holds an hour of every device.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Kept {
-    time_ms: i64,
-    /// Meaningful when `flags` has [`Kept::INGEST`].
-    ingest_ms: i64,
-    offset: u64,
-    metrics: [f64; 6],
-    device: u32,
-    source: u32,
-    flags: u8,
-}
-
-impl Kept {
-    const FAIL: u8 = 1;
-    const INGEST: u8 = 2;
-    /// A placeholder for the slots of [`sort_readings`] before they are filled.
-    const EMPTY: Kept = Kept {
-        time_ms: 0,
-        ingest_ms: 0,
-        offset: 0,
-        metrics: [0.0; 6],
-        device: 0,
-        source: 0,
-        flags: 0,
-    };
-
-    #[inline]
-    fn of(r: &Reading) -> Kept {
-        Kept {
-            time_ms: r.time_ms,
-            ingest_ms: r.ingest_ms.unwrap_or(0),
-            offset: r.pos.offset,
-            metrics: r.metrics,
-            device: r.device,
-            source: r.pos.source,
-            flags: (r.is_fail as u8 * Kept::FAIL) | (r.ingest_ms.is_some() as u8 * Kept::INGEST),
-        }
-    }
-
-    /// Appends the reading as a row of `cols`.
-    #[inline]
-    fn push_to(&self, cols: &mut ReadingColumns) {
-        cols.push_row(
-            self.device,
-            self.time_ms,
-            self.metrics,
-            self.flags & Kept::FAIL != 0,
-            (self.flags & Kept::INGEST != 0).then_some(self.ingest_ms),
-            SourcePos {
-                source: self.source,
-                offset: self.offset,
-            },
-        );
-    }
-}
-
 impl HourState {
-    /// Keeps the hour's readings until the hour is sealed, as [`Kept`] in chunks of
-    /// [`KEEP_CHUNK`], each filled before the next is made: a few readings at a time (a live
-    /// epoch's) hold no more room than many (kept in the timely containers they came in, a
-    /// live epoch's few readings held about 4 KB each).
-    fn keep_readings(&mut self, chunk: Vec<Reading>) {
-        let mut rest = &chunk[..];
-        while !rest.is_empty() {
-            let last = match self.readings.last_mut() {
-                Some(last) if last.len() < last.capacity() => last,
-                _ => {
-                    self.readings.push(Vec::with_capacity(KEEP_CHUNK));
-                    self.readings.last_mut().expect("just pushed")
-                }
-            };
-            let n = (last.capacity() - last.len()).min(rest.len());
-            last.extend(rest[..n].iter().map(Kept::of));
-            rest = &rest[n..];
-        }
-    }
-
     fn dirty(&self) -> bool {
         !self.readings.is_empty() || !self.rejections.is_empty() || self.hourly_dirty || self.quality_dirty
     }
 
     fn take_batch(&mut self, hour: i64, worker: usize) -> HourBatch {
-        let readings = sort_readings(&std::mem::take(&mut self.readings));
+        let readings = self.readings.take();
         let mut rejections = std::mem::take(&mut self.rejections);
         rejections.sort_by_key(|r| (r.device, r.rule, r.pos));
         let batch = HourBatch {
@@ -1100,7 +1016,7 @@ fn seal<'scope>(
             for t in epochs {
                 for (hour, chunk) in pending_read.remove(&t).into_iter().flatten().flat_map(split_by_hour) {
                     if !hours_of.stored(t, hour) {
-                        hours_of.state(&mut hours, &dropped, hour).keep_readings(chunk);
+                        hours_of.state(&mut hours, &dropped, hour).readings.keep(&chunk);
                     }
                 }
                 for r in pending_rej.remove(&t).into_iter().flatten() {
@@ -1209,50 +1125,6 @@ fn split_by_hour(v: Vec<Reading>) -> Vec<(i64, Vec<Reading>)> {
     }
 }
 
-/// Joins chunks into columns ordered by device, time, source position, moving no reading.
-/// Device ids are a small dense range (1..=fleet size), so readings are bucketed by device
-/// as references (a counting sort), and a device's run is sorted only if it is not in order
-/// already (late or interleaved readings). Sparse ids fall back to a comparison sort.
-/// (Writing each field straight to its row instead, reading the chunks in order, measured
-/// slower: it needs the columns zeroed first and sorts each run's rows in every column.)
-fn sort_readings(chunks: &[Vec<Kept>]) -> ReadingColumns {
-    let n: usize = chunks.iter().map(Vec::len).sum();
-    let max_device = chunks.iter().flatten().map(|r| r.device as usize).max().unwrap_or(0);
-    let by_time = |r: &&Kept| (r.time_ms, r.source, r.offset);
-    let mut order: Vec<&Kept> = Vec::with_capacity(n);
-    if max_device > 4 * n + 1024 {
-        order.extend(chunks.iter().flatten());
-        order.sort_unstable_by_key(|r| (r.device, r.time_ms, r.source, r.offset));
-    } else {
-        let mut next = vec![0usize; max_device + 2];
-        for r in chunks.iter().flatten() {
-            next[r.device as usize + 1] += 1;
-        }
-        for d in 1..next.len() {
-            next[d] += next[d - 1];
-        }
-        let bounds = next.clone();
-        order.resize(n, &NO_READING);
-        for r in chunks.iter().flatten() {
-            let slot = &mut next[r.device as usize];
-            order[*slot] = r;
-            *slot += 1;
-        }
-        for w in bounds.windows(2) {
-            let run = &mut order[w[0]..w[1]];
-            if !run.is_sorted_by_key(by_time) {
-                run.sort_unstable_by_key(by_time);
-            }
-        }
-    }
-    let mut out = ReadingColumns::with_capacity(n);
-    order.into_iter().for_each(|r| r.push_to(&mut out));
-    out
-}
-
-/// A placeholder for the slots of [`sort_readings`] before they are filled.
-static NO_READING: Kept = Kept::EMPTY;
-
 /// What the sealing stage knows of hours beyond its own state: which ones a resumed run
 /// finds already stored.
 struct Hours {
@@ -1327,66 +1199,6 @@ pub fn split_done<V>(map: &mut BTreeMap<Epoch, V>, done: impl Fn(&Epoch) -> bool
         out.push(e.remove_entry());
     }
     out
-}
-
-#[cfg(test)]
-mod sort_tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Both the bucketed path (dense ids) and the fallback (sparse ids) order by device,
-        /// time, source position, keeping every reading.
-        #[test]
-        fn sorts_by_device_time_position(
-            chunks in proptest::collection::vec(
-                proptest::collection::vec((1u32..6, 0i64..50, 0u64..1000), 0..40), 0..5),
-            sparse in any::<bool>(),
-        ) {
-            let scale = if sparse { 1_000_000 } else { 1 };
-            let chunks: Vec<Vec<Reading>> = chunks
-                .iter()
-                .map(|c| c.iter().map(|&(d, t, o)| Reading {
-                    // Some without an ingest time, some failed: the flags survive.
-                    ingest_ms: (o % 3 != 0).then_some(t + o as i64),
-                    is_fail: o % 5 == 0,
-                    metrics: [o as f64, -1.5, 0.0, t as f64, 1e300, -0.0],
-                    ..Reading::at(d * scale, t, o)
-                }).collect())
-                .collect();
-            let mut expected: Vec<Reading> = chunks.iter().flatten().cloned().collect();
-            expected.sort_by_key(|r| (r.device, r.time_ms, r.pos));
-            let mut state = HourState::default();
-            chunks.iter().for_each(|c| state.keep_readings(c.clone()));
-            prop_assert!(state.readings.iter().rev().skip(1).all(|c| c.len() == KEEP_CHUNK));
-            let got = sort_readings(&state.readings);
-            let want = expected.iter().map(|r| (r.device, r.time_ms, r.pos)).collect::<Vec<_>>();
-            prop_assert_eq!(got.keys().collect::<Vec<_>>(), want);
-            let mut rows = ReadingColumns::default();
-            expected.iter().for_each(|r| rows.push(r));
-            prop_assert_eq!(got, rows);
-        }
-    }
-}
-
-#[cfg(test)]
-mod keep_tests {
-    use super::*;
-
-    #[test]
-    fn kept_readings_fill_whole_chunks_in_88_bytes() {
-        assert_eq!(std::mem::size_of::<Kept>(), 88);
-        let mut state = HourState::default();
-        let readings = |n: usize, from: u64| (0..n as u64).map(|i| Reading::at(1, 0, from + i)).collect::<Vec<_>>();
-        state.keep_readings(readings(KEEP_CHUNK + 10, 0));
-        state.keep_readings(readings(3, KEEP_CHUNK as u64 + 10));
-        state.keep_readings(readings(2, KEEP_CHUNK as u64 + 13));
-        let lens: Vec<usize> = state.readings.iter().map(Vec::len).collect();
-        assert_eq!(lens, [KEEP_CHUNK, 15]);
-        assert!(state.readings.iter().all(|c| c.capacity() == KEEP_CHUNK));
-        let offsets: Vec<u64> = state.readings.iter().flatten().map(|k| k.offset).collect();
-        assert_eq!(offsets, (0..KEEP_CHUNK as u64 + 15).collect::<Vec<_>>());
-    }
 }
 
 #[cfg(test)]

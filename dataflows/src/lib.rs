@@ -8,11 +8,14 @@
 pub mod dataflow;
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod keep;
 pub mod model;
 pub mod oracle;
 pub mod rules;
 pub mod stats;
 pub mod time;
+mod varint;
 
 pub use dataflow::{build, route_hour, Epoch, Outputs};
 pub use model::{

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Bytes, PayloadAt, RawRecord, Reading, SourcePos, METRICS};
 use crate::time::{hour_of, parse_rfc3339, HOUR_MS};
+use crate::varint::{get_varint, put_varint, unzigzag, zigzag};
 
 /// Why a record was rejected. The `name` of each variant is stable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -1033,36 +1034,6 @@ struct Block {
 
 /// Time differences at or above this start a new block (they would not fit the tag).
 const MAX_STEP_MS: i64 = 1 << 62;
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(z: u64) -> i64 {
-    (z >> 1) as i64 ^ -((z & 1) as i64)
-}
-
-fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
-    let mut v = 0u64;
-    let mut shift = 0;
-    loop {
-        let b = bytes[*at];
-        *at += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return v;
-        }
-        shift += 7;
-    }
-}
 
 impl Block {
     /// A block of one entry.
