@@ -59,7 +59,7 @@ fn batches(hours: u32) -> Vec<HourBatch> {
                 seq: 0,
                 worker: 0,
                 partial: false,
-                readings,
+                readings: readings.into(),
                 rejections: Vec::new(),
                 hourly: Some(hourly.into_iter().collect()),
                 quality: Some(quality),
@@ -100,7 +100,7 @@ fn main() {
     let start = Instant::now();
     let mut bytes = 0u64;
     for b in template.iter().cloned() {
-        bytes += fmsflow::lake::parquet::readings(b.readings, b.hour, 16_384)
+        bytes += fmsflow::lake::parquet::readings([b.readings.into_columns()], b.hour, 16_384)
             .expect("encoding")
             .len() as u64;
         bytes += fmsflow::lake::parquet::hourly(b.hourly.as_deref().unwrap_or_default(), b.hour, 16_384)

@@ -20,10 +20,7 @@ use fmsflow::status::Status;
 
 #[path = "common/counting.rs"]
 mod counting;
-use counting::{arg, Counting};
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+use counting::arg;
 
 /// Least-squares slope of `y` over `x`.
 fn slope(points: &[(f64, f64)]) -> f64 {

@@ -21,8 +21,8 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
-use crate::keep::KeptReadings;
-use crate::model::{Bytes, DeviceHour, DeviceLatest, PayloadAt, RawRecord, Reading, ReadingColumns, SourcePos};
+use crate::keep::{HourReadings, KeptReadings};
+use crate::model::{Bytes, DeviceHour, DeviceLatest, PayloadAt, RawRecord, Reading, SourcePos};
 use crate::rules::{validate_keeping, Outcome, Rejection, RuleConfig};
 use crate::stats::HourStats;
 use crate::time::HOUR_MS;
@@ -282,7 +282,7 @@ pub struct HourBatch {
     pub partial: bool,
     /// Readings accepted at this worker since its previous batch of this hour, ordered by
     /// device, time, source position.
-    pub readings: ReadingColumns,
+    pub readings: HourReadings,
     /// Rejections made at this worker and counted in this hour since its previous batch,
     /// ordered by device, rule.
     pub rejections: Vec<Rejection>,

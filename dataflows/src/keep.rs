@@ -154,18 +154,170 @@ impl KeptReadings {
         chunks + self.packed.iter().map(|p| p.bytes.capacity()).sum::<usize>()
     }
 
-    /// Takes every reading held, as columns ordered by device, time, source position.
-    pub fn take(&mut self) -> ReadingColumns {
+    /// Takes every reading held, ordered by device, time, source position: as columns when
+    /// nothing was packed, else as the sorted runs, merged as they are read out.
+    pub fn take(&mut self) -> HourReadings {
         let chunks = std::mem::take(&mut self.chunks);
         if self.packed.is_empty() {
-            return sort_readings(&chunks);
+            return sort_readings(&chunks).into();
         }
         let mut runs: Vec<Run> = std::mem::take(&mut self.packed).into_iter().map(Run::Packed).collect();
         for mut chunk in chunks {
             chunk.sort_unstable_by_key(Kept::key);
             runs.push(Run::Plain(chunk));
         }
-        merge(runs)
+        HourReadings {
+            columns: ReadingColumns::default(),
+            runs,
+        }
+    }
+}
+
+/// An hour's readings at one worker as the sealing stage hands them to the lake, ordered by
+/// device, time, source position: as columns, or (a live hour, packed while it was open) as
+/// sorted runs merged as they are read out, so that the hour is never unpacked whole.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HourReadings {
+    columns: ReadingColumns,
+    runs: Vec<Run>,
+}
+
+impl From<ReadingColumns> for HourReadings {
+    fn from(columns: ReadingColumns) -> Self {
+        HourReadings {
+            columns,
+            runs: Vec::new(),
+        }
+    }
+}
+
+impl HourReadings {
+    /// Readings held.
+    pub fn len(&self) -> usize {
+        self.columns.len() + self.runs.iter().map(Run::len).sum::<usize>()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every reading.
+    pub fn clear(&mut self) {
+        *self = HourReadings::default();
+    }
+
+    /// The readings in order as columns of at most `rows` rows each (columns held whole
+    /// come out whole); a packed run's bytes are freed as soon as it is read.
+    pub fn chunks(self, rows: usize) -> Chunks {
+        let mut cursors: Vec<Cursor> = self
+            .runs
+            .into_iter()
+            .map(|r| match r {
+                Run::Packed(p) => Cursor::Packed(p.unpack()),
+                Run::Plain(v) => Cursor::Plain(v.into_iter()),
+            })
+            .collect();
+        let mut heads = vec![Kept::EMPTY; cursors.len()];
+        let mut heap = BinaryHeap::with_capacity(cursors.len());
+        for (i, c) in cursors.iter_mut().enumerate() {
+            if let Some(r) = c.next() {
+                heads[i] = r;
+                heap.push(Reverse((r.key(), i)));
+            }
+        }
+        Chunks {
+            columns: Some(self.columns).filter(|c| !c.is_empty()),
+            cursors,
+            heads,
+            heap,
+            rows: rows.max(1),
+        }
+    }
+
+    /// Every reading as one set of columns.
+    pub fn into_columns(self) -> ReadingColumns {
+        let mut all = ReadingColumns::default();
+        for c in self.chunks(usize::MAX) {
+            if all.is_empty() {
+                all = c;
+            } else {
+                all.append(c);
+            }
+        }
+        all
+    }
+
+    /// The readings' (device, time, source position), in order.
+    pub fn keys(&self) -> std::vec::IntoIter<(u32, i64, SourcePos)> {
+        self.clone().into_columns().keys().collect::<Vec<_>>().into_iter()
+    }
+
+    /// The devices with readings, in order.
+    pub fn devices(&self) -> Vec<u32> {
+        let mut devices: Vec<u32> = self.columns.device.clone();
+        for r in &self.runs {
+            match r {
+                Run::Packed(p) => devices.extend(p.clone().unpack().map(|k| k.device)),
+                Run::Plain(v) => devices.extend(v.iter().map(|k| k.device)),
+            }
+        }
+        devices.sort_unstable();
+        devices.dedup();
+        devices
+    }
+}
+
+/// The columns of [`HourReadings::chunks`].
+pub struct Chunks {
+    columns: Option<ReadingColumns>,
+    cursors: Vec<Cursor>,
+    /// Each cursor's next reading, in the heap by key while there is one.
+    heads: Vec<Kept>,
+    heap: BinaryHeap<Reverse<(Key, usize)>>,
+    rows: usize,
+}
+
+impl Iterator for Chunks {
+    type Item = ReadingColumns;
+
+    fn next(&mut self) -> Option<ReadingColumns> {
+        if let Some(c) = self.columns.take() {
+            return Some(c);
+        }
+        if self.heap.is_empty() {
+            return None;
+        }
+        let mut out = ReadingColumns::with_capacity(self.rows.min(self.heap.len() * KEEP_CHUNK));
+        while out.len() < self.rows {
+            let Some(Reverse((_, i))) = self.heap.pop() else { break };
+            self.heads[i].push_to(&mut out);
+            match self.cursors[i].next() {
+                Some(r) => {
+                    self.heads[i] = r;
+                    self.heap.push(Reverse((r.key(), i)));
+                }
+                // Read: its bytes go now, not with the last run.
+                None => self.cursors[i] = Cursor::Plain(Vec::new().into_iter()),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Where a run is read from.
+enum Cursor {
+    Packed(Unpack),
+    Plain(std::vec::IntoIter<Kept>),
+}
+
+impl Cursor {
+    #[inline]
+    fn next(&mut self) -> Option<Kept> {
+        match self {
+            Cursor::Packed(u) => u.next(),
+            Cursor::Plain(v) => v.next(),
+        }
     }
 }
 
@@ -188,6 +340,7 @@ const POW10: [f64; MAX_SCALE as usize + 1] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1
 /// step from the device's previous row at the same scale), or its 8 bytes where no scale up
 /// to [`MAX_SCALE`] gives it back exactly. Readings parsed from JSON numbers with two
 /// decimals take ~22 bytes instead of 88.
+#[derive(Clone, Debug, PartialEq)]
 struct Packed {
     bytes: Vec<u8>,
     rows: usize,
@@ -259,11 +412,11 @@ impl Packed {
     }
 
     /// The rows back, in order.
-    fn unpack(&self) -> Unpack<'_> {
+    fn unpack(self) -> Unpack {
         Unpack {
+            left: self.rows,
             packed: self,
             at: 0,
-            left: self.rows,
             prev: Kept::EMPTY,
             prev_scale: RAW,
             prev_m: [0; 6],
@@ -272,8 +425,8 @@ impl Packed {
 }
 
 /// Reads a [`Packed`] chunk's rows in order.
-struct Unpack<'a> {
-    packed: &'a Packed,
+struct Unpack {
+    packed: Packed,
     at: usize,
     left: usize,
     prev: Kept,
@@ -281,7 +434,7 @@ struct Unpack<'a> {
     prev_m: [i64; 6],
 }
 
-impl Iterator for Unpack<'_> {
+impl Iterator for Unpack {
     type Item = Kept;
 
     fn next(&mut self) -> Option<Kept> {
@@ -338,44 +491,19 @@ impl Iterator for Unpack<'_> {
 }
 
 /// A sorted run of an hour's readings.
+#[derive(Clone, Debug, PartialEq)]
 enum Run {
     Packed(Packed),
     Plain(Vec<Kept>),
 }
 
-/// Merges sorted runs into columns.
-fn merge(runs: Vec<Run>) -> ReadingColumns {
-    let n = runs
-        .iter()
-        .map(|r| match r {
+impl Run {
+    fn len(&self) -> usize {
+        match self {
             Run::Packed(p) => p.rows,
             Run::Plain(v) => v.len(),
-        })
-        .sum();
-    let mut iters: Vec<Box<dyn Iterator<Item = Kept> + '_>> = runs
-        .iter()
-        .map(|r| match r {
-            Run::Packed(p) => Box::new(p.unpack()) as Box<dyn Iterator<Item = Kept>>,
-            Run::Plain(v) => Box::new(v.iter().copied()),
-        })
-        .collect();
-    let mut heads: Vec<Kept> = vec![Kept::EMPTY; iters.len()];
-    let mut heap = BinaryHeap::with_capacity(iters.len());
-    for (i, it) in iters.iter_mut().enumerate() {
-        if let Some(r) = it.next() {
-            heads[i] = r;
-            heap.push(Reverse((r.key(), i)));
         }
     }
-    let mut out = ReadingColumns::with_capacity(n);
-    while let Some(Reverse((_, i))) = heap.pop() {
-        heads[i].push_to(&mut out);
-        if let Some(r) = iters[i].next() {
-            heads[i] = r;
-            heap.push(Reverse((r.key(), i)));
-        }
-    }
-    out
 }
 
 /// Joins chunks into columns ordered by device, time, source position, moving no reading.
@@ -576,10 +704,22 @@ mod tests {
         let packed_rows: usize = kept.packed.iter().map(|p| p.rows).sum();
         let per_row = held as f64 / packed_rows as f64;
         assert!(per_row < 30.0, "{per_row:.1} bytes per packed reading");
-        assert_eq!(kept.take(), expected(&all));
+        let hour = kept.take();
         assert!(kept.is_empty());
+        let want = expected(&all);
+        assert_eq!(hour.len(), want.len());
+        let devices: std::collections::BTreeSet<u32> = want.device.iter().copied().collect();
+        assert_eq!(hour.devices(), devices.into_iter().collect::<Vec<_>>());
+        assert_eq!(hour.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+        // Read out in pieces, the same rows in the same order.
+        let pieces: Vec<ReadingColumns> = hour.clone().chunks(50_000).collect();
+        assert!(pieces.iter().all(|p| p.len() <= 50_000) && pieces.len() == want.len().div_ceil(50_000));
+        let mut joined = ReadingColumns::default();
+        pieces.into_iter().for_each(|p| joined.append(p));
+        assert_eq!(joined, want);
+        assert_eq!(hour.into_columns(), want);
         // Held again after the take: the state starts over.
         kept.keep(&seconds[0]);
-        assert_eq!(kept.take(), expected(&seconds[0]));
+        assert_eq!(kept.take().into_columns(), expected(&seconds[0]));
     }
 }

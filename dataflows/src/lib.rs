@@ -18,6 +18,7 @@ pub mod time;
 mod varint;
 
 pub use dataflow::{build, route_hour, Epoch, Outputs};
+pub use keep::HourReadings;
 pub use model::{
     Bytes, DeviceHour, DeviceLatest, PayloadAt, QualityKey, RawRecord, Reading, ReadingColumns, SourcePos, METRICS,
 };

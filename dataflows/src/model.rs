@@ -177,6 +177,18 @@ impl ReadingColumns {
         *self = ReadingColumns::default();
     }
 
+    /// Appends `other`'s rows after these.
+    pub fn append(&mut self, mut other: ReadingColumns) {
+        self.device.append(&mut other.device);
+        self.time_ms.append(&mut other.time_ms);
+        for (m, o) in self.metrics.iter_mut().zip(other.metrics.iter_mut()) {
+            m.append(o);
+        }
+        self.is_fail.append(&mut other.is_fail);
+        self.ingest_ms.append(&mut other.ingest_ms);
+        self.pos.append(&mut other.pos);
+    }
+
     /// Each row's (device, event time, source position), in row order.
     pub fn keys(&self) -> impl Iterator<Item = (u32, i64, SourcePos)> + '_ {
         (0..self.len()).map(|i| (self.device[i], self.time_ms[i], self.pos[i]))

@@ -1003,6 +1003,41 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
     Ok(())
 }
 
+/// A live hour large enough that every worker packs its readings while the hour is open
+/// (more than four chunks of 16,384 at each of two workers): the fleet of five reporting every
+/// 20 ms for 13 minutes in epochs of 1,000 records, a record in seven arriving 2 s late, from
+/// three partitions, metrics with three decimals and some without a decimal scale.
+#[test]
+fn a_packed_live_hour_seals_as_the_oracle_says() {
+    let hour0 = t0() + 3_600_000;
+    let mut records = Vec::new();
+    for i in 0..200_000u64 {
+        let device = (i % 5) as i64 + 1;
+        let late = if i % 7 == 3 { 2_000 } else { 0 };
+        let time = hour0 + (i / 5) as i64 * 20 - late;
+        let v = |k: u64| ((i * 2_654_435_761 + k * 40_503) % 60_000) as u16;
+        let mut f = fields(time, device, &[v(1), v(2), v(3), v(4), v(5), v(6)], i % 11 == 0);
+        if i % 13 == 0 {
+            // No decimal scale gives these back: kept as their 8 bytes.
+            f[3].1 = "0.30000000000000004".into();
+        }
+        records.push((
+            i / 1_000,
+            RawRecord {
+                payload: json(&f, ",").into(),
+                ingest_ms: Some(hour0 + (i / 5) as i64 * 20 + 150),
+                pos: SourcePos {
+                    source: (i % 3) as u32,
+                    offset: i,
+                },
+            },
+        ));
+    }
+    for workers in [1, 2] {
+        check_run(&records, workers, true).unwrap();
+    }
+}
+
 /// Kafka records always carry a timestamp: the generated input without archived records.
 fn stamped(records: Vec<(Epoch, RawRecord)>) -> Vec<(Epoch, RawRecord)> {
     records.into_iter().filter(|(_, r)| r.ingest_ms.is_some()).collect()

@@ -1,11 +1,15 @@
-//! For the memory examples (`examples/hourmem.rs`, `dataflows/examples/statemem.rs`): the
-//! system allocator, counting the bytes it has out, and their numeric arguments.
+//! For the memory examples (`examples/hourmem.rs`, `examples/hourseal.rs`,
+//! `dataflows/examples/statemem.rs`): the system allocator, counting the bytes it has out,
+//! their numeric arguments, and a live fleet's readings.
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The system allocator, counting the bytes it has out in [`live`]. An example makes it the
-/// global allocator.
+/// The system allocator, counting the bytes it has out in [`live`]: the global allocator of
+/// every example that includes this module.
 pub struct Counting;
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
@@ -55,4 +59,23 @@ pub fn arg(i: usize, default: u64) -> u64 {
                 .unwrap_or_else(|_| panic!("argument {i} ({a:?}) is not a number"))
         })
         .unwrap_or(default)
+}
+
+/// A reading of `device` at `time_ms` as a live engine gets it: from partition device mod
+/// the partitions (`offsets.len()`), at that partition's next offset, ingested 200 ms later.
+#[allow(dead_code)] // hourmem generates its input as files
+pub fn fleet_reading(device: u32, time_ms: i64, offsets: &mut [u64]) -> fmsflow_dataflows::Reading {
+    let source = device % offsets.len() as u32;
+    let offset = &mut offsets[source as usize];
+    *offset += 1;
+    fmsflow_dataflows::Reading {
+        device,
+        time_ms,
+        ingest_ms: Some(time_ms + 200),
+        pos: fmsflow_dataflows::SourcePos {
+            source,
+            offset: *offset,
+        },
+        ..fmsflow_dataflows::Reading::EMPTY
+    }
 }

@@ -347,9 +347,9 @@ impl LakeWriter {
         let part = Self::part_name(b);
         let mut keys = Vec::new();
         if self.device_partitions {
-            // Readings are ordered by device: one file per run of a device.
-            let runs = b.readings.device.chunk_by(|a, b| a == b);
-            keys.extend(runs.map(|run| Self::key("readings", b.hour, Some(run[0]), &part)));
+            // One file per device with readings.
+            let devices = b.readings.devices().into_iter();
+            keys.extend(devices.map(|d| Self::key("readings", b.hour, Some(d), &part)));
         } else if !b.readings.is_empty() {
             keys.push(Self::key("readings", b.hour, None, &part));
         }
@@ -384,14 +384,14 @@ impl LakeWriter {
         if !b.readings.is_empty() {
             let readings = std::mem::take(&mut b.readings);
             if self.device_partitions {
-                for (device, rows) in readings.split_by_device() {
+                for (device, rows) in readings.into_columns().split_by_device() {
                     let n = rows.len();
-                    let bytes = parquet::readings(rows, b.hour, rg)?;
+                    let bytes = parquet::readings([rows], b.hour, rg)?;
                     put(Self::key("readings", b.hour, Some(device), &part), bytes, n)?;
                 }
             } else {
                 let rows = readings.len();
-                let bytes = parquet::readings(readings, b.hour, rg)?;
+                let bytes = parquet::readings(readings.chunks(READ_OUT_ROWS), b.hour, rg)?;
                 put(Self::key("readings", b.hour, None, &part), bytes, rows)?;
             }
         }
@@ -468,6 +468,10 @@ pub fn host_name() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
+
+/// Rows of an hour's readings read out (merged, for a live hour) and encoded at a time: the
+/// columns of the whole hour are never made at once (a live hour at 1,000 msg/s: 320 MiB).
+const READ_OUT_ROWS: usize = 65_536;
 
 /// The tables with one part per batch and worker, and the tables with one file per hour.
 pub const APPENDED_TABLES: [&str; 2] = ["readings", "rejects"];

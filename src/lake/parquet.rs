@@ -39,13 +39,25 @@ fn encode(
     row_group_rows: usize,
     no_statistics: &[&str],
 ) -> Result<Vec<u8>, LakeError> {
+    encode_batches(table, hour, fields, [columns], row_group_rows, no_statistics)
+}
+
+/// Encodes a file from its rows' columns given a batch at a time: each batch goes into the
+/// writer (its row groups encoded as they fill) before the next is made.
+fn encode_batches(
+    table: &'static str,
+    hour: i64,
+    fields: Vec<Field>,
+    batches: impl IntoIterator<Item = Vec<ArrayRef>>,
+    row_group_rows: usize,
+    no_statistics: &[&str],
+) -> Result<Vec<u8>, LakeError> {
     let err = |e: &dyn std::fmt::Display| LakeError::Encode {
         table,
         hour,
         message: e.to_string(),
     };
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
     let mut props = WriterProperties::builder();
     // Integers and times are sorted or nearly so within a file (device, then time; offsets
     // rise with time): their deltas pack into a few bits, and Snappy has less left to do.
@@ -68,15 +80,28 @@ fn encode(
         .set_max_row_group_row_count(Some(row_group_rows))
         .set_created_by("fmsflow".to_string())
         .build();
-    let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
-    let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props)).map_err(|e| err(&e))?;
-    w.write(&batch).map_err(|e| err(&e))?;
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props)).map_err(|e| err(&e))?;
+    for columns in batches {
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
+        if w.inner().capacity() == 0 {
+            // About what the first batch encodes to (a whole file's rows, mostly); the
+            // buffer doubles after that.
+            w.inner_mut().reserve(batch.get_array_memory_size() / 2);
+        }
+        w.write(&batch).map_err(|e| err(&e))?;
+    }
     w.close().map_err(|e| err(&e))?;
     Ok(buf)
 }
 
-/// `readings/`: one row per accepted reading.
-pub fn readings(rows: ReadingColumns, hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+/// `readings/`: one row per accepted reading, from the rows' columns given in pieces (each
+/// encoded before the next is made).
+pub fn readings(
+    rows: impl IntoIterator<Item = ReadingColumns>,
+    hour: i64,
+    row_group_rows: usize,
+) -> Result<Vec<u8>, LakeError> {
     let mut fields = vec![
         Field::new("device", DataType::Int32, false),
         Field::new("time", ts(), false),
@@ -91,30 +116,34 @@ pub fn readings(rows: ReadingColumns, hour: i64, row_group_rows: usize) -> Resul
     // The rows come as columns, taken over by the arrays where the types agree (times,
     // metrics; the device ids converted in place), with no null bitmap where there are no
     // nulls.
-    let ReadingColumns {
-        device,
-        time_ms,
-        metrics,
-        is_fail,
-        ingest_ms,
-        pos,
-    } = rows;
-    let device: Vec<i32> = device.into_iter().map(|d| d as i32).collect();
-    let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(Int32Array::from(device)),
-        Arc::new(TimestampMillisecondArray::from(time_ms).with_timezone("UTC")),
-    ];
-    cols.extend(metrics.map(|m| Arc::new(Float64Array::from(m)) as ArrayRef));
-    cols.extend([
-        Arc::new(BooleanArray::from(is_fail)) as ArrayRef,
-        Arc::new(TimestampMillisecondArray::from(ingest_ms).with_timezone("UTC")),
-        Arc::new(Int32Array::from_iter_values(pos.iter().map(|p| p.source as i32))),
-        Arc::new(Int64Array::from_iter_values(pos.iter().map(|p| p.offset as i64))),
-    ]);
+    let arrays = |rows: ReadingColumns| {
+        let ReadingColumns {
+            device,
+            time_ms,
+            metrics,
+            is_fail,
+            ingest_ms,
+            pos,
+        } = rows;
+        let device: Vec<i32> = device.into_iter().map(|d| d as i32).collect();
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(Int32Array::from(device)),
+            Arc::new(TimestampMillisecondArray::from(time_ms).with_timezone("UTC")),
+        ];
+        cols.extend(metrics.map(|m| Arc::new(Float64Array::from(m)) as ArrayRef));
+        cols.extend([
+            Arc::new(BooleanArray::from(is_fail)) as ArrayRef,
+            Arc::new(TimestampMillisecondArray::from(ingest_ms).with_timezone("UTC")),
+            Arc::new(Int32Array::from_iter_values(pos.iter().map(|p| p.source as i32))),
+            Arc::new(Int64Array::from_iter_values(pos.iter().map(|p| p.offset as i64))),
+        ]);
+        cols
+    };
     // A row group spans many devices and a whole hour, so the min and max of a metric there
     // cover nearly its whole range and prune nothing; computing them cost 15-20 % of the
     // encoding (docs/BENCHMARKS.md).
-    encode("readings", hour, fields, cols, row_group_rows, &METRICS)
+    let batches = rows.into_iter().filter(|r| !r.is_empty()).map(arrays);
+    encode_batches("readings", hour, fields, batches, row_group_rows, &METRICS)
 }
 
 /// `hourly/`: one row per device with readings in the hour.
@@ -325,6 +354,44 @@ mod tests {
     use fmsflow_dataflows::{Reading, Rule, SourcePos};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+    /// Rows given in pieces (as a live hour is read out) make the same file as given whole:
+    /// the same row groups, the same rows; empty pieces add nothing.
+    #[test]
+    fn readings_in_pieces_are_the_file_of_the_whole() {
+        let rows = |range: std::ops::Range<u32>| {
+            let mut cols = ReadingColumns::default();
+            for i in range {
+                cols.push(&Reading {
+                    device: 1 + i / 10,
+                    time_ms: 1000 * i64::from(i % 10),
+                    metrics: [f64::from(i) / 100.0; 6],
+                    is_fail: i % 3 == 0,
+                    ingest_ms: (i % 4 != 0).then_some(5),
+                    pos: SourcePos {
+                        source: i % 2,
+                        offset: u64::from(i),
+                    },
+                    payload_at: Default::default(),
+                });
+            }
+            cols
+        };
+        let whole = readings([rows(0..25)], 0, 4).unwrap();
+        let pieces = readings([rows(0..7), rows(7..7), rows(7..20), rows(20..25)], 0, 4).unwrap();
+        let read = |bytes: Vec<u8>| {
+            let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+            let groups: Vec<i64> = b.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+            let batches: Vec<RecordBatch> = b.build().unwrap().map(Result::unwrap).collect();
+            (
+                groups,
+                arrow_select::concat::concat_batches(&batches[0].schema(), &batches).unwrap(),
+            )
+        };
+        let (groups, all) = read(whole);
+        assert_eq!(groups, [4, 4, 4, 4, 4, 4, 1]);
+        assert_eq!(read(pieces), (groups, all));
+    }
+
     #[test]
     fn readings_have_statistics_for_keys_not_for_metrics() {
         let mut cols = ReadingColumns::default();
@@ -340,7 +407,7 @@ mod tests {
             };
             cols.push(&r);
         }
-        let bytes = readings(cols, 0, 16).unwrap();
+        let bytes = readings([cols], 0, 16).unwrap();
         let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
         let rg = b.metadata().row_group(0);
         for c in rg.columns() {
