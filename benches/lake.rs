@@ -100,7 +100,8 @@ fn main() {
     let start = Instant::now();
     let mut bytes = 0u64;
     for b in template.iter().cloned() {
-        bytes += fmsflow::lake::parquet::readings([b.readings.into_columns()], b.hour, 16_384)
+        let rows = b.readings.len();
+        bytes += fmsflow::lake::parquet::readings([b.readings.into_columns()], rows, b.hour, 16_384)
             .expect("encoding")
             .len() as u64;
         bytes += fmsflow::lake::parquet::hourly(b.hourly.as_deref().unwrap_or_default(), b.hour, 16_384)

@@ -56,9 +56,9 @@ fn hour(devices: u32, interval_s: i64, pack: bool) {
     let started = std::time::Instant::now();
     let hour = kept.take();
     let file = if pack {
-        parquet::readings(hour.chunks(65_536), 0, 16_384)
+        parquet::readings(hour.chunks(65_536), n, 0, 16_384)
     } else {
-        parquet::readings([hour.into_columns()], 0, 16_384)
+        parquet::readings([hour.into_columns()], n, 0, 16_384)
     }
     .expect("encoding");
     let secs = started.elapsed().as_secs_f64();

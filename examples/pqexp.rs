@@ -45,7 +45,9 @@ fn main() {
     let copies: Vec<_> = (0..n).map(|_| cols.clone()).collect();
     let t = std::time::Instant::now();
     for c in copies {
-        size = fmsflow::lake::parquet::readings([c], hour, 16384).unwrap().len();
+        size = fmsflow::lake::parquet::readings([c], rows.len(), hour, 16384)
+            .unwrap()
+            .len();
     }
     let el = t.elapsed().as_secs_f64() / n as f64;
     println!(

@@ -386,12 +386,12 @@ impl LakeWriter {
             if self.device_partitions {
                 for (device, rows) in readings.into_columns().split_by_device() {
                     let n = rows.len();
-                    let bytes = parquet::readings([rows], b.hour, rg)?;
+                    let bytes = parquet::readings([rows], n, b.hour, rg)?;
                     put(Self::key("readings", b.hour, Some(device), &part), bytes, n)?;
                 }
             } else {
                 let rows = readings.len();
-                let bytes = parquet::readings(readings.chunks(READ_OUT_ROWS), b.hour, rg)?;
+                let bytes = parquet::readings(readings.chunks(READ_OUT_ROWS), rows, b.hour, rg)?;
                 put(Self::key("readings", b.hour, None, &part), bytes, rows)?;
             }
         }
