@@ -592,6 +592,9 @@ impl Config {
             // (src/api/view.rs, `Frozen`). Kafka's and the poller's records all carry an
             // ingest time; a replay of files turns this off.
             forget_after_ms: Some(0),
+            // A live hour's readings are the engine's largest item; a replay of files turns
+            // this off (it holds an hour only while reading it, and is measured by speed).
+            pack_open_hours: true,
         }
     }
 }

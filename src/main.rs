@@ -875,6 +875,7 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
         // time later: its aggregates must still be there. A replay of files is bounded, and
         // so is what it keeps.
         flow.forget_after_ms = None;
+        flow.pack_open_hours = false;
         (engine::Source::Files(files), None)
     } else {
         anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");

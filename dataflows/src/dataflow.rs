@@ -182,6 +182,11 @@ pub struct FlowConfig {
     /// whose tables would then hold only its own statistics). `None` keeps every hour, as a
     /// bounded replay of files does.
     pub forget_after_ms: Option<i64>,
+    /// The sealing stage packs an open hour's readings once it holds four chunks of them at
+    /// a worker (~24 instead of 88 bytes a reading, ~180 ns each to pack): a live engine's
+    /// largest item. A replay of files, whose hours are held only while it reads them as
+    /// fast as it can, keeps them unpacked.
+    pub pack_open_hours: bool,
 }
 
 impl FlowConfig {
@@ -198,6 +203,7 @@ impl Default for FlowConfig {
             grace_ms: 5 * 60 * 1000,
             recovery: None,
             forget_after_ms: None,
+            pack_open_hours: false,
         }
     }
 }
@@ -310,6 +316,7 @@ pub struct Outputs<'scope> {
     grace_ms: i64,
     max_age_ms: i64,
     recovery: Option<Recovery>,
+    pack_open_hours: bool,
 }
 
 impl<'scope> Outputs<'scope> {
@@ -325,6 +332,7 @@ impl<'scope> Outputs<'scope> {
             self.grace_ms,
             self.max_age_ms,
             self.recovery.clone(),
+            self.pack_open_hours,
         )
     }
 }
@@ -396,6 +404,7 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
         grace_ms: cfg.grace_ms,
         max_age_ms: cfg.rules.max_age_ms,
         recovery: cfg.recovery.clone(),
+        pack_open_hours: cfg.pack_open_hours,
     }
 }
 
@@ -936,6 +945,7 @@ fn seal<'scope>(
     grace_ms: i64,
     max_age_ms: i64,
     recovery: Option<Recovery>,
+    pack: bool,
 ) -> Stream<'scope, Epoch, Vec<HourBatch>> {
     let scope = readings.scope();
     let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
@@ -966,6 +976,7 @@ fn seal<'scope>(
             grace_ms,
             max_age_ms,
             worker,
+            pack,
         };
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
@@ -1132,6 +1143,8 @@ struct Hours {
     grace_ms: i64,
     max_age_ms: i64,
     worker: usize,
+    /// Whether open hours' readings are packed ([`FlowConfig::pack_open_hours`]).
+    pack: bool,
 }
 
 impl Hours {
@@ -1151,9 +1164,8 @@ impl Hours {
         dropped: &BTreeMap<i64, u32>,
         hour: i64,
     ) -> &'a mut HourState {
-        hours
-            .entry(hour)
-            .or_insert_with(|| match (dropped.get(&hour), &self.recovery) {
+        hours.entry(hour).or_insert_with(|| {
+            let mut state = match (dropped.get(&hour), &self.recovery) {
                 (Some(&seq), _) => HourState {
                     seq,
                     partial: true,
@@ -1166,7 +1178,12 @@ impl Hours {
                     ..HourState::default()
                 },
                 (None, _) => HourState::default(),
-            })
+            };
+            if !self.pack {
+                state.readings.never_pack();
+            }
+            state
+        })
     }
 }
 

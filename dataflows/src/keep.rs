@@ -95,12 +95,13 @@ pub struct KeptReadings {
     pub(crate) chunks: Vec<Vec<Kept>>,
     /// Full chunks packed, each a sorted run.
     packed: Vec<Packed>,
-    /// Packing is off (for measurements).
+    /// Packing is off ([`crate::dataflow::FlowConfig::pack_open_hours`], measurements).
     unpacked: bool,
 }
 
 impl KeptReadings {
-    /// Keeps every chunk unpacked, however many (the comparison of `statemem`).
+    /// Keeps every chunk unpacked, however many (a replay of files; the comparison of
+    /// `examples/hourseal.rs`).
     pub fn never_pack(&mut self) {
         self.unpacked = true;
     }

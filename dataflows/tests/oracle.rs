@@ -40,6 +40,8 @@ fn flow_config() -> FlowConfig {
         grace_ms: 5 * MINUTE,
         recovery: None,
         forget_after_ms: None,
+        // As a live engine: hours of more than four chunks at a worker are packed.
+        pack_open_hours: true,
     }
 }
 
