@@ -1,9 +1,10 @@
 //! How the sealing stage holds an hour's readings until the hour is written: as [`Kept`]
-//! rows in chunks of [`KEEP_CHUNK`], and, once an hour has [`PACK_AFTER`] chunks at a worker
-//! (a live hour: a replay's hours are written long before), each full chunk sorted and
-//! packed into about a quarter of the bytes ([`Packed`]). When the hour is
-//! written the chunks come out as columns ordered by device, time, source position: a
-//! counting sort when nothing was packed, a merge of the sorted runs otherwise.
+//! rows in chunks of [`KEEP_CHUNK`], and in a live engine
+//! ([`crate::dataflow::FlowConfig::pack_open_hours`]), once an hour has [`PACK_AFTER`]
+//! chunks at a worker, each full chunk sorted and packed into about a quarter of the bytes
+//! ([`Packed`]). When the hour is written its readings come out ordered by device, time,
+//! source position ([`HourReadings`]): as columns made by a counting sort when nothing was
+//! packed, else merged from the sorted runs a piece at a time as the lake encodes them.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -15,8 +16,7 @@ use crate::varint::{get_varint, put_varint, unzigzag, zigzag};
 pub const KEEP_CHUNK: usize = 16_384;
 
 /// Whole chunks an hour holds unpacked at a worker before its full chunks are packed:
-/// 65,536 readings (5.8 MB), an hour of a replay of ~200,000 devices or 2 minutes of 1,000
-/// msg/s on two workers.
+/// 65,536 readings (5.8 MB), 2 minutes of 1,000 msg/s on two workers.
 pub const PACK_AFTER: usize = 4;
 
 /// A reading as the sealing stage keeps it until its hour is written: only what the lake's
