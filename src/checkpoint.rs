@@ -95,11 +95,13 @@ pub enum Report {
     /// Each partition's ingest mark after the epoch: a lower bound of the ingest times its
     /// records still to come can have (`PartitionReader::ingest_marks`).
     Ingest(Vec<(i32, i64)>),
-    /// Part `seq` of `hour` by `worker`, stored under the keys `files`.
+    /// Part `seq` of `hour` by `worker`, stored under the keys `files`; `open` when written
+    /// before the hour was sealed ([`fmsflow_dataflows::dataflow::BatchKind::Open`]).
     Part {
         hour: i64,
         worker: usize,
         seq: u32,
+        open: bool,
         files: Vec<String>,
     },
 }
@@ -119,8 +121,8 @@ pub struct Taken {
     pub read_end: BTreeMap<i32, i64>,
 }
 
-/// (hour, worker, seq, files) of a [`Report::Part`].
-type PartReport = (i64, usize, u32, Vec<String>);
+/// (hour, worker, seq, open, files) of a [`Report::Part`].
+type PartReport = (i64, usize, u32, bool, Vec<String>);
 
 /// What the workers report, by epoch, until a checkpoint folds it in.
 #[derive(Default)]
@@ -138,6 +140,9 @@ struct Reports {
     read_end: BTreeMap<i32, i64>,
     watermark: Option<i64>,
     next_seq: BTreeMap<(i64, usize), u32>,
+    /// The files of open hours' parts, stored but left out of the manifests and of
+    /// `next_seq` until their hour is sealed: a restart deletes them and builds the hour again.
+    open_files: BTreeMap<i64, Vec<String>>,
     /// Each partition's latest ingest mark.
     marks: BTreeMap<i32, i64>,
     /// The oldest hour tracked: it never goes back, as `next_seq` has forgotten the hours
@@ -177,8 +182,9 @@ impl Recorder {
                 hour,
                 worker,
                 seq,
+                open,
                 files,
-            } => self.part(epoch, *hour, *worker, *seq, files.clone()),
+            } => self.part(epoch, (*hour, *worker, *seq, *open, files.clone())),
         }
     }
 
@@ -202,12 +208,8 @@ impl Recorder {
     }
 
     /// A part handed to a lake writer at `epoch`.
-    fn part(&self, epoch: Epoch, hour: i64, worker: usize, seq: u32, files: Vec<String>) {
-        self.lock()
-            .parts
-            .entry(epoch)
-            .or_default()
-            .push((hour, worker, seq, files));
+    fn part(&self, epoch: Epoch, part: PartReport) {
+        self.lock().parts.entry(epoch).or_default().push(part);
     }
 
     /// Folds in every report of epochs up to `epoch` (whose outputs must be stored), or
@@ -241,11 +243,22 @@ impl Recorder {
         }
         let mut files: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         for (_, parts) in up_to(&mut g.parts, epoch) {
-            for (h, w, seq, keys) in parts {
-                let n = g.next_seq.entry((h, w)).or_default();
-                *n = (*n).max(seq + 1);
-                files.entry(h).or_default().extend(keys);
+            for (h, w, seq, open, keys) in parts {
+                if open {
+                    g.open_files.entry(h).or_default().extend(keys);
+                } else {
+                    let n = g.next_seq.entry((h, w)).or_default();
+                    *n = (*n).max(seq + 1);
+                    files.entry(h).or_default().extend(keys);
+                }
             }
+        }
+        // A sealed hour's manifest lists the parts it wrote while open (all of them older
+        // than the seal, which every worker makes at the same epoch).
+        let sealed: Vec<i64> = files.keys().copied().filter(|h| g.open_files.contains_key(h)).collect();
+        for h in sealed {
+            let open = g.open_files.remove(&h).unwrap_or_default();
+            files.entry(h).or_default().extend(open);
         }
         // The end of a run: the last epoch reported.
         let epoch = if epoch == Epoch::MAX { g.max_epoch } else { epoch };
@@ -305,9 +318,9 @@ mod tests {
         r.positions(2, &[(0, 30)]);
         r.watermark(0, 1_000);
         r.watermark(2, 9_000);
-        r.part(1, 0, 1, 0, vec!["a".into()]);
-        r.part(1, 0, 0, 0, vec!["b".into(), "c".into()]);
-        r.part(3, 0, 1, 1, vec!["d".into()]);
+        r.part(1, (0, 1, 0, false, vec!["a".into()]));
+        r.part(1, (0, 0, 0, false, vec!["b".into(), "c".into()]));
+        r.part(3, (0, 1, 1, false, vec!["d".into()]));
         let t = r.take(1, "t", 2, 1, &flow).unwrap();
         assert_eq!(
             t.files,
@@ -337,8 +350,8 @@ mod tests {
         let old = Recorder::default();
         old.positions(0, &[(0, 100), (1, 80)]);
         old.watermark(0, 7_200_000);
-        old.part(0, 0, 1, 0, vec![]);
-        old.part(0, 1, 0, 2, vec![]);
+        old.part(0, (0, 1, 0, false, vec![]));
+        old.part(0, (1, 0, 2, false, vec![]));
         let ck = old.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         // The restart re-reads from before the checkpoint: its first epochs report less.
         let r = Recorder::resuming(&ck.read_end, &ck.recovery(3, &flow));
@@ -352,10 +365,53 @@ mod tests {
         );
         // New parts and positions past the checkpoint are added to it.
         r.positions(4, &[(0, 120)]);
-        r.part(4, 1, 0, 2, vec![]);
+        r.part(4, (1, 0, 2, false, vec![]));
         let later = r.take(4, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         assert_eq!(later.read_end, [(0, 120), (1, 80)].into_iter().collect());
         assert_eq!(later.next_seq, vec![(0, 1, 1), (1, 0, 3)]);
+    }
+
+    /// An open hour's parts are stored but neither listed nor counted in `next_seq` until its
+    /// seal: a restart from a checkpoint before the seal deletes them and builds the hour again
+    /// (`Recovery::sealed` is false for it). The seal's take lists them with the seal's files.
+    #[test]
+    fn open_parts_are_listed_with_their_hours_seal() {
+        let flow = FlowConfig::default();
+        let r = Recorder::default();
+        r.positions(0, &[(0, 10)]);
+        r.part(0, (5, 0, 0, true, vec!["readings/5/part-00000-w000".into()]));
+        r.part(1, (5, 1, 0, true, vec!["readings/5/part-00000-w001".into()]));
+        r.part(1, (5, 0, 1, true, vec!["readings/5/part-00001-w000".into()]));
+        r.part(1, (4, 0, 0, false, vec!["readings/4/part-00000-w000".into()]));
+        let t = r.take(1, "t", 2, 1, &flow).unwrap();
+        assert_eq!(t.files.keys().collect::<Vec<_>>(), [&4], "hour 5 is open: no manifest");
+        let c = t.checkpoint.unwrap();
+        assert_eq!(c.next_seq, vec![(4, 0, 1)]);
+        assert!(
+            !c.recovery(0, &flow).sealed(5, flow.grace_ms),
+            "a restart builds hour 5 again"
+        );
+        // The seal, at every worker in the same epoch (worker 1 in the same take as its last
+        // open part).
+        r.part(2, (5, 1, 1, true, vec!["readings/5/part-00001-w001".into()]));
+        r.part(3, (5, 0, 2, false, vec!["hourly/5/part-00002-w000".into()]));
+        r.part(3, (5, 1, 2, false, vec![]));
+        let t = r.take(3, "t", 2, 1, &flow).unwrap();
+        let mut listed = t.files[&5].clone();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                "hourly/5/part-00002-w000",
+                "readings/5/part-00000-w000",
+                "readings/5/part-00000-w001",
+                "readings/5/part-00001-w000",
+                "readings/5/part-00001-w001"
+            ]
+        );
+        let c = t.checkpoint.unwrap();
+        assert_eq!(c.next_seq, vec![(4, 0, 1), (5, 0, 3), (5, 1, 3)]);
+        assert!(c.recovery(0, &flow).sealed(5, flow.grace_ms));
     }
 
     /// A partition whose reader lags hours behind the others (a backlog read at the same
@@ -373,8 +429,8 @@ mod tests {
         // The watermark at 13:10 (from partition 0); partition 1 has reached 04:46.
         r.watermark(0, h(13) + 600_000);
         r.ingest_marks(0, &[(0, i64::MAX), (1, h(4) + 46 * 60_000)]);
-        r.part(0, 4, 1, 7, vec![]);
-        r.part(0, 12, 0, 0, vec![]);
+        r.part(0, (4, 1, 7, false, vec![]));
+        r.part(0, (12, 0, 0, false, vec![]));
         let c = r.take(0, "t", 2, 1, &flow).unwrap().checkpoint.unwrap();
         assert_eq!(
             Recovery::oldest_kept_hour(c.watermark, &flow),

@@ -322,6 +322,10 @@ pub struct Lake {
     /// `readings/` gets a `device=D` level under each hour: one file per device and part.
     /// Readers of one device open only its files, at the cost of many small files.
     pub device_partitions: bool,
+    /// The most readings an engine worker holds of an hour not yet sealed: once it holds
+    /// this many, it writes them as the hour's next `readings` part and goes on (0: holds the
+    /// whole hour until its seal). Ignored with `device_partitions`.
+    pub max_open_rows: usize,
     /// How long a version of an hour's `hourly` or `quality` file that a newer one replaced
     /// stays, for readers of the manifest that listed it (0: deleted at once).
     pub keep_replaced: Dur,
@@ -595,6 +599,9 @@ impl Config {
             // A live hour's readings are the engine's largest item; a replay of files turns
             // this off (it holds an hour only while reading it, and is measured by speed).
             pack_open_hours: true,
+            // Device partitions would make each open part one small file per device.
+            max_open_rows: (self.lake.max_open_rows > 0 && !self.lake.device_partitions)
+                .then_some(self.lake.max_open_rows),
         }
     }
 }

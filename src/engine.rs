@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fmsflow_dataflows::dataflow::{Epoch, FlowConfig, HourBatch};
+use fmsflow_dataflows::dataflow::{BatchKind, Epoch, FlowConfig, HourBatch};
 use fmsflow_dataflows::{build, HourStats, RawRecord, Rejection};
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
@@ -923,6 +923,7 @@ fn report_parts<'scope>(
                         hour: b.hour,
                         worker: b.worker,
                         seq: b.seq,
+                        open: b.kind == BatchKind::Open,
                         files: lake.keys(b),
                     }));
                     pass.give_container(batch);
@@ -1078,13 +1079,14 @@ fn write_one(lake: &LakeWriter, st: &Status, mut b: HourBatch, ticket: Ticket) {
     }
     match lake.write(&mut b) {
         Ok(w) => {
-            if b.hourly.is_some() || b.quality.is_some() {
-                let counter = if b.seq == 0 {
-                    &st.hours_sealed
-                } else {
-                    &st.late_rewrites
-                };
-                counter.fetch_add(1, Relaxed);
+            match b.kind {
+                BatchKind::Seal if b.hourly.is_some() || b.quality.is_some() => {
+                    st.hours_sealed.fetch_add(1, Relaxed);
+                }
+                BatchKind::Late if b.hourly.is_some() || b.quality.is_some() => {
+                    st.late_rewrites.fetch_add(1, Relaxed);
+                }
+                _ => {}
             }
             st.files_written.fetch_add(w.files, Relaxed);
             st.rows_written.fetch_add(w.rows, Relaxed);

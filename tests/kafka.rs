@@ -267,7 +267,8 @@ fn a_cluster_that_loses_one_process_stops_and_resumes_from_its_checkpoint() {
 
 /// Starts `fmsflow run --source kafka --until end` of `raw` into `lake` as `processes`
 /// processes of `workers` workers (a cluster on fresh loopback ports when there are several),
-/// its outputs named after `outputs`.
+/// its outputs named after `outputs`, with the settings `env` on top.
+#[allow(clippy::too_many_arguments)]
 fn start_run(
     raw: &str,
     partitions: i32,
@@ -276,6 +277,7 @@ fn start_run(
     outputs: &str,
     processes: usize,
     workers: usize,
+    env: &[(&str, &str)],
 ) -> Vec<std::process::Child> {
     let listeners: Vec<std::net::TcpListener> = (0..processes)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
@@ -289,6 +291,7 @@ fn start_run(
                 cmd.args(["--cluster", &addresses.join(","), "--process", &i.to_string()]);
             }
             cmd.env("FMSFLOW_ENGINE__BATCH", "400")
+                .envs(env.iter().copied())
                 .env("FMSFLOW_KAFKA__REJECTS_TOPIC", format!("{raw}.{outputs}.rejects"))
                 .env("FMSFLOW_KAFKA__HOURLY_TOPIC", format!("{raw}.{outputs}.hourly"))
                 .env("FMSFLOW_KAFKA__GROUP", format!("{raw}.{outputs}"))
@@ -413,8 +416,9 @@ fn killed_run_resumes_after(name: &str, processes: usize, workers: usize, lost: 
     // The lakes, by URL: the checks below read them through the storage trait, so they hold
     // for any backend.
     let lake_url = |lake: &str| format!("file://{}", dir.path().join(lake).display());
-    let run =
-        |lake: &str, from: &str, outputs: &str| start_run(&raw, partitions, lake, from, outputs, processes, workers);
+    let run = |lake: &str, from: &str, outputs: &str| {
+        start_run(&raw, partitions, lake, from, outputs, processes, workers, &[])
+    };
 
     let whole = lake_url("whole");
     finish(run(&whole, "earliest", "whole"), "the uninterrupted run");
@@ -508,7 +512,8 @@ impl Rng {
 /// The crash test of the lake: a run over a replay of `FMSFLOW_FAULT_HOURS` (6) hours of
 /// generated records, killed with SIGKILL at `FMSFLOW_FAULT_KILLS` (20) random points and
 /// restarted from its checkpoint after each, ends with the lake of a run that was never
-/// killed, row for row. A quarter of the kills come while a life starts or recovers (a random
+/// killed, row for row. The killed lives write open hours in parts (`lake.max_open_rows`),
+/// the uninterrupted run whole. A quarter of the kills come while a life starts or recovers (a random
 /// moment in its first 0.6 s), the rest once its checkpoint has passed a random share of the
 /// input left, plus a random 0-30 ms.
 fn crash_test(name: &str, lake: &str) {
@@ -518,11 +523,27 @@ fn crash_test(name: &str, lake: &str) {
     let hours = common::fault_setting("FMSFLOW_FAULT_HOURS", 6);
     let total = produce_generated(&raw, partitions, hours, "0.02").len() as f64;
     let (processes, workers) = (1, 2);
-    let run =
-        |lake: &str, from: &str, outputs: &str| start_run(&raw, partitions, lake, from, outputs, processes, workers);
+    let run = |lake: &str, from: &str, outputs: &str| {
+        start_run(&raw, partitions, lake, from, outputs, processes, workers, &[])
+    };
     let dir = tempfile::tempdir().unwrap();
     let whole = format!("file://{}", dir.path().join("whole").display());
     finish(run(&whole, "earliest", "whole"), "the uninterrupted run");
+    // The lives under test hold at most 500 readings of an open hour at a worker (about 3,600
+    // per worker and hour here): each hour is written in open parts before its seal, which a
+    // kill before the seal leaves without a manifest for the next life to delete and redo.
+    let run = |lake: &str, from: &str, outputs: &str| {
+        start_run(
+            &raw,
+            partitions,
+            lake,
+            from,
+            outputs,
+            processes,
+            workers,
+            &[("FMSFLOW_LAKE__MAX_OPEN_ROWS", "500")],
+        )
+    };
 
     let storage = common::open_lake(lake);
     let key = fmsflow::checkpoint::KEY;

@@ -98,8 +98,10 @@ fn replay_lands_every_row_once_at_any_worker_count() {
 
     let mut lakes = Vec::new();
     // Several writer threads per worker: an hour's late rewrites must still land in order.
-    for (workers, writers) in [("1", "1"), ("3", "1"), ("2", "3")] {
-        let lake = dir.path().join(format!("lake-{workers}-{writers}"));
+    // The last run writes each hour's readings in open parts of 700 rows before its seal
+    // (5,400 a worker holds of an hour otherwise).
+    for (workers, writers, open) in [("1", "1", "0"), ("3", "1", "0"), ("2", "3", "0"), ("2", "2", "700")] {
+        let lake = dir.path().join(format!("lake-{workers}-{writers}-{open}"));
         let out = Command::new(common::bin())
             .args(["run", "--source"])
             .arg(format!("file:{}", input.display()))
@@ -109,6 +111,7 @@ fn replay_lands_every_row_once_at_any_worker_count() {
             .env("FMSFLOW_FLEET__DEVICES", "30")
             .env("FMSFLOW_ENGINE__BATCH", "1000")
             .env("FMSFLOW_LAKE__WRITERS", writers)
+            .env("FMSFLOW_LAKE__MAX_OPEN_ROWS", open)
             .output()
             .unwrap();
         assert!(
@@ -129,10 +132,22 @@ fn replay_lands_every_row_once_at_any_worker_count() {
         let hourly = hourly_counts(&lake);
         assert_eq!(hourly.values().sum::<i64>() as usize, rows.len());
         assert_eq!(hourly.len(), 30 * 5, "one hourly row per device and hour");
+        // Every file committed: the open parts are listed once their hour is sealed.
+        common::assert_committed(&format!("file://{}", lake.display()));
+        let parts = std::fs::read_dir(lake.join("readings/dt=2025-07-07/hour=02"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet"))
+            .count();
+        let at_least = if open == "0" { 1 } else { 2 * 6 };
+        assert!(
+            parts >= at_least,
+            "hour 02 has {parts} readings parts, expected {at_least}+"
+        );
         lakes.push((rows, rej, hourly));
     }
     assert!(lakes[0] == lakes[1], "the lake does not depend on the worker count");
     assert!(lakes[0] == lakes[2], "the lake does not depend on the writer threads");
+    assert!(lakes[0] == lakes[3], "the lake does not depend on open parts");
 }
 
 #[test]

@@ -187,6 +187,12 @@ pub struct FlowConfig {
     /// largest item. A replay of files, whose hours are held only while it reads them as
     /// fast as it can, keeps them unpacked.
     pub pack_open_hours: bool,
+    /// The most readings a worker holds of an hour that is not sealed yet: once it holds
+    /// this many, the sealing stage writes them as a part of the hour ([`BatchKind::Open`])
+    /// and goes on holding the next ones. An hour of a large fleet then costs its worker this
+    /// many readings of memory, not the whole hour. `None` holds every hour whole until its
+    /// seal (one part per worker and hour).
+    pub max_open_rows: Option<usize>,
 }
 
 impl FlowConfig {
@@ -204,6 +210,7 @@ impl Default for FlowConfig {
             recovery: None,
             forget_after_ms: None,
             pack_open_hours: false,
+            max_open_rows: None,
         }
     }
 }
@@ -228,8 +235,8 @@ pub struct Recovery {
     /// partition that lagged behind the others could still bring readings for (which
     /// reopens it after its state was dropped). Older hours cannot change any more.
     pub oldest: i64,
-    /// The part number at which each (hour, worker) that had written parts by the
-    /// checkpoint goes on (its number of parts then). Parts the crashed run wrote after the
+    /// The part number at which each (hour, worker) of a sealed hour goes on (its number of
+    /// parts at the checkpoint, those written while the hour was open included). Parts the crashed run wrote after the
     /// checkpoint are numbered from there on; the restart deletes them before it writes (see
     /// docs/RECOVERY.md).
     pub next_seq: BTreeMap<(i64, usize), u32>,
@@ -267,20 +274,42 @@ impl Recovery {
 
     /// Whether the hour had been sealed at the checkpoint: the watermark had passed it, or
     /// it had written parts by then (the end of the input seals every hour, the watermark
-    /// notwithstanding; an hour writes parts only once sealed).
+    /// notwithstanding). `next_seq` counts only the parts of sealed hours: an open hour's
+    /// parts ([`BatchKind::Open`]) are not in it, and the restart deletes them and builds
+    /// the hour again from the records it re-reads.
     pub fn sealed(&self, hour: i64, grace_ms: i64) -> bool {
         self.watermark >= (hour + 1) * HOUR_MS + grace_ms
             || self.next_seq.range((hour, 0)..=(hour, usize::MAX)).next().is_some()
     }
 }
 
-/// Everything one hour's files need when it is sealed, or when late data changes it.
+/// What a batch is in its hour's life at a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchKind {
+    /// Written before the hour is sealed, once the worker held
+    /// [`FlowConfig::max_open_rows`] of its readings: those readings and nothing else. The
+    /// hour's rejections and tables come with its seal, and its manifest lists the part
+    /// from then on.
+    Open,
+    /// The batch that seals the hour: the watermark passed its end plus the grace, or the
+    /// input ended.
+    Seal,
+    /// A change after the seal (late data), or of an hour reopened after its state was
+    /// dropped, or of an hour a resumed run found sealed at its checkpoint.
+    Late,
+}
+
+/// Everything one hour's files need when it is sealed, or when late data changes it, or a
+/// part of its readings while it is open.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HourBatch {
     /// Hour index since the epoch.
     pub hour: i64,
-    /// 0 for the batch that seals the hour, then 1, 2, … for each later change.
+    /// The worker's batches of the hour are numbered 0, 1, 2, …: its open parts, then the
+    /// seal, then each later change.
     pub seq: u32,
+    /// Open part, seal or later change.
+    pub kind: BatchKind,
     /// The worker that wrote the batch: appended tables get one part per worker.
     pub worker: usize,
     /// The hour was reopened after its state was dropped (data later than the retention):
@@ -317,6 +346,7 @@ pub struct Outputs<'scope> {
     max_age_ms: i64,
     recovery: Option<Recovery>,
     pack_open_hours: bool,
+    max_open_rows: Option<usize>,
 }
 
 impl<'scope> Outputs<'scope> {
@@ -329,10 +359,14 @@ impl<'scope> Outputs<'scope> {
             additions(self.hourly.clone().inner),
             additions(self.quality.clone().inner),
             self.watermarks.clone(),
-            self.grace_ms,
-            self.max_age_ms,
-            self.recovery.clone(),
-            self.pack_open_hours,
+            Hours {
+                recovery: self.recovery.clone(),
+                grace_ms: self.grace_ms,
+                max_age_ms: self.max_age_ms,
+                worker: 0,
+                pack: self.pack_open_hours,
+                max_open_rows: self.max_open_rows.unwrap_or(usize::MAX).max(1),
+            },
         )
     }
 }
@@ -405,6 +439,7 @@ pub fn build<'scope>(raw: Stream<'scope, Epoch, Vec<RawRecord>>, cfg: &FlowConfi
         max_age_ms: cfg.rules.max_age_ms,
         recovery: cfg.recovery.clone(),
         pack_open_hours: cfg.pack_open_hours,
+        max_open_rows: cfg.max_open_rows,
     }
 }
 
@@ -905,13 +940,23 @@ impl HourState {
         !self.readings.is_empty() || !self.rejections.is_empty() || self.hourly_dirty || self.quality_dirty
     }
 
+    /// The batch that seals the hour or changes it after: what it holds since the last batch.
     fn take_batch(&mut self, hour: i64, worker: usize) -> HourBatch {
+        // An hour reopened after its state was dropped, or found sealed by a resumed run,
+        // was sealed before.
+        let kind = if self.sealed || self.partial {
+            BatchKind::Late
+        } else {
+            BatchKind::Seal
+        };
+        self.sealed = true;
         let readings = self.readings.take();
         let mut rejections = std::mem::take(&mut self.rejections);
         rejections.sort_by_key(|r| (r.device, r.rule, r.pos));
         let batch = HourBatch {
             hour,
             seq: self.seq,
+            kind,
             worker,
             partial: self.partial,
             readings,
@@ -924,13 +969,31 @@ impl HourState {
         self.quality_dirty = false;
         batch
     }
+
+    /// A part of the readings of the open hour: all held so far.
+    fn take_open(&mut self, hour: i64, worker: usize) -> HourBatch {
+        let batch = HourBatch {
+            hour,
+            seq: self.seq,
+            kind: BatchKind::Open,
+            worker,
+            partial: false,
+            readings: self.readings.take(),
+            rejections: Vec::new(),
+            hourly: None,
+            quality: None,
+        };
+        self.seq += 1;
+        batch
+    }
 }
 
 /// Gathers each hour's readings and rejections where they were made, and its aggregates and
 /// quality counts at the hour's owner, and emits [`HourBatch`]es when the event-time
 /// watermark (the largest accepted event time so far, over all workers, so every worker
 /// decides alike) passes the hour's end plus `grace_ms`, and again whenever late data changes
-/// a sealed hour. When the input ends every hour is emitted. An hour's state is dropped once
+/// a sealed hour. Before then, a worker that holds `max_open_rows` readings of the open hour
+/// emits them as an open part. When the input ends every hour is emitted. An hour's state is dropped once
 /// no reading within `max_age_ms` of its ingest time can reach it; if one still does (only
 /// records without an ingest time can), the hour is reopened as a partial batch. With a
 /// [`Recovery`], its first epochs rebuild the hours sealed before the checkpoint without
@@ -942,10 +1005,7 @@ fn seal<'scope>(
     hourly: Stream<'scope, Epoch, Vec<HourlyUpdate>>,
     quality: Stream<'scope, Epoch, Vec<QualityUpdate>>,
     watermarks: Stream<'scope, Epoch, Vec<i64>>,
-    grace_ms: i64,
-    max_age_ms: i64,
-    recovery: Option<Recovery>,
-    pack: bool,
+    hours_of: Hours,
 ) -> Stream<'scope, Epoch, Vec<HourBatch>> {
     let scope = readings.scope();
     let mut builder = OperatorBuilder::new("Seal".to_owned(), scope);
@@ -971,13 +1031,8 @@ fn seal<'scope>(
         let mut dropped: BTreeMap<i64, u32> = BTreeMap::new();
         let worker = scope.index();
         let mut watermark = i64::MIN;
-        let hours_of = Hours {
-            recovery,
-            grace_ms,
-            max_age_ms,
-            worker,
-            pack,
-        };
+        let hours_of = Hours { worker, ..hours_of };
+        let (grace_ms, max_age_ms) = (hours_of.grace_ms, hours_of.max_age_ms);
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
                 pending_read
@@ -1070,8 +1125,9 @@ fn seal<'scope>(
                 for (hour, state) in hours.iter_mut() {
                     let sealable = all || watermark >= (hour + 1) * HOUR_MS + grace_ms;
                     if sealable && (!state.sealed || state.dirty()) {
-                        state.sealed = true;
                         session.give(state.take_batch(*hour, worker));
+                    } else if !sealable && !state.sealed && state.readings.len() >= hours_of.max_open_rows {
+                        session.give(state.take_open(*hour, worker));
                     }
                 }
                 // Hours no acceptable late reading can reach any more.
@@ -1145,6 +1201,9 @@ struct Hours {
     worker: usize,
     /// Whether open hours' readings are packed ([`FlowConfig::pack_open_hours`]).
     pack: bool,
+    /// An open hour's readings go out as a part once a worker holds this many
+    /// ([`FlowConfig::max_open_rows`]; `usize::MAX` for never).
+    max_open_rows: usize,
 }
 
 impl Hours {

@@ -97,6 +97,8 @@ pub struct KeptReadings {
     packed: Vec<Packed>,
     /// Packing is off ([`crate::dataflow::FlowConfig::pack_open_hours`], measurements).
     unpacked: bool,
+    /// Readings held.
+    len: usize,
 }
 
 impl KeptReadings {
@@ -108,6 +110,7 @@ impl KeptReadings {
 
     /// Keeps a batch of readings.
     pub fn keep(&mut self, batch: &[Reading]) {
+        self.len += batch.len();
         let mut rest = batch;
         while !rest.is_empty() {
             let last = match self.chunks.last_mut() {
@@ -142,7 +145,12 @@ impl KeptReadings {
 
     /// Whether no reading is held.
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty() && self.packed.is_empty()
+        self.len == 0
+    }
+
+    /// The number of readings held.
+    pub fn len(&self) -> usize {
+        self.len
     }
 
     /// Heap bytes held (the chunks' capacity and the packed bytes).
@@ -158,6 +166,7 @@ impl KeptReadings {
     /// Takes every reading held, ordered by device, time, source position: as columns when
     /// nothing was packed, else as the sorted runs, merged as they are read out.
     pub fn take(&mut self) -> HourReadings {
+        self.len = 0;
         let chunks = std::mem::take(&mut self.chunks);
         if self.packed.is_empty() {
             return sort_readings(&chunks).into();

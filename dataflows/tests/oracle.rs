@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use fmsflow_dataflows::dataflow::{build, Epoch, FlowConfig, HourBatch, Recovery};
+use fmsflow_dataflows::dataflow::{build, BatchKind, Epoch, FlowConfig, HourBatch, Recovery};
 use fmsflow_dataflows::oracle::{expected, Expected};
 use fmsflow_dataflows::rules::{validate, Outcome, RuleConfig};
 use fmsflow_dataflows::time::{format_rfc3339, hour_of, parse_rfc3339, HOUR_MS as HOUR};
@@ -42,6 +42,15 @@ fn flow_config() -> FlowConfig {
         forget_after_ms: None,
         // As a live engine: hours of more than four chunks at a worker are packed.
         pack_open_hours: true,
+        max_open_rows: None,
+    }
+}
+
+/// [`flow_config`], writing an open hour's readings as a part once a worker holds `rows`.
+fn with_open_parts(rows: Option<usize>) -> FlowConfig {
+    FlowConfig {
+        max_open_rows: rows,
+        ..flow_config()
     }
 }
 
@@ -494,17 +503,55 @@ fn check_collections(fin: &Final, exp: &Expected) -> Result<(), String> {
     Ok(())
 }
 
-fn check_sealed(fin: &Final, exp: &Expected, winners: &BTreeMap<(u32, i64), SourcePos>) -> Result<(), String> {
-    // Per hour and worker: batches numbered 0, 1, 2, … and no hour sealed twice as new.
+fn check_sealed(
+    fin: &Final,
+    exp: &Expected,
+    winners: &BTreeMap<(u32, i64), SourcePos>,
+    max_open_rows: Option<usize>,
+) -> Result<(), String> {
+    // Per hour and worker: batches numbered 0, 1, 2, …: the open parts, then one seal, then
+    // later changes.
     let mut by_hour: BTreeMap<i64, Vec<&HourBatch>> = BTreeMap::new();
-    let mut by_worker: BTreeMap<(i64, usize), Vec<u32>> = BTreeMap::new();
+    let mut by_worker: BTreeMap<(i64, usize), Vec<&HourBatch>> = BTreeMap::new();
     for b in &fin.batches {
         by_hour.entry(b.hour).or_default().push(b);
-        by_worker.entry((b.hour, b.worker)).or_default().push(b.seq);
+        by_worker.entry((b.hour, b.worker)).or_default().push(b);
     }
-    for ((hour, worker), seqs) in &by_worker {
-        if *seqs != (0..seqs.len() as u32).collect::<Vec<_>>() {
+    for ((hour, worker), batches) in &by_worker {
+        let seqs: Vec<u32> = batches.iter().map(|b| b.seq).collect();
+        if seqs != (0..seqs.len() as u32).collect::<Vec<_>>() {
             return Err(format!("hour {hour}, worker {worker}: batch sequence numbers {seqs:?}"));
+        }
+        let kinds: Vec<BatchKind> = batches.iter().map(|b| b.kind).collect();
+        let opens = kinds.iter().take_while(|k| **k == BatchKind::Open).count();
+        let rest = &kinds[opens..];
+        let reopened = batches.first().is_some_and(|b| b.partial);
+        let well_ordered = match rest.split_first() {
+            Some((first, later)) => {
+                (*first == BatchKind::Seal || reopened && opens == 0) && later.iter().all(|k| *k == BatchKind::Late)
+            }
+            None => false,
+        };
+        if !well_ordered {
+            return Err(format!(
+                "hour {hour}, worker {worker}: batches {kinds:?}: open parts, then a seal, then changes"
+            ));
+        }
+        for b in &batches[..opens] {
+            let Some(rows) = max_open_rows else {
+                return Err(format!(
+                    "hour {hour}, worker {worker}: an open part without max_open_rows"
+                ));
+            };
+            if b.readings.len() < rows || !b.rejections.is_empty() || b.hourly.is_some() || b.quality.is_some() {
+                return Err(format!(
+                    "hour {hour}, worker {worker}: open part {} holds {} readings (at least {rows}), {} rejections, tables {}",
+                    b.seq,
+                    b.readings.len(),
+                    b.rejections.len(),
+                    b.hourly.is_some() || b.quality.is_some()
+                ));
+            }
         }
     }
 
@@ -616,23 +663,32 @@ fn check_sealed(fin: &Final, exp: &Expected, winners: &BTreeMap<(u32, i64), Sour
     Ok(())
 }
 
-fn check_run(records: &[(Epoch, RawRecord)], workers: usize, lockstep: bool) -> Result<(), String> {
-    let cfg = flow_config();
+fn check_run(
+    records: &[(Epoch, RawRecord)],
+    workers: usize,
+    lockstep: bool,
+    open: Option<usize>,
+) -> Result<(), String> {
+    let cfg = with_open_parts(open);
     let fin = run(records, &cfg, workers, lockstep);
     let exp = expected(records, &cfg.rules);
-    let context = |e: String| format!("{workers} worker(s), lockstep {lockstep}: {e}");
+    let context = |e: String| format!("{workers} worker(s), lockstep {lockstep}, max_open_rows {open:?}: {e}");
     check_collections(&fin, &exp).map_err(context)?;
-    check_sealed(&fin, &exp, &winners(records, &cfg.rules)).map_err(context)
+    check_sealed(&fin, &exp, &winners(records, &cfg.rules), open).map_err(context)
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn dataflow_matches_oracle(ops in proptest::collection::vec(op(), 0..200), lockstep in any::<bool>()) {
+    fn dataflow_matches_oracle(
+        ops in proptest::collection::vec(op(), 0..200),
+        lockstep in any::<bool>(),
+        open in proptest::option::of(1usize..40),
+    ) {
         let records = build_input(&ops);
         for workers in [1, 2, 4] {
-            if let Err(e) = check_run(&records, workers, lockstep) {
+            if let Err(e) = check_run(&records, workers, lockstep, open) {
                 return Err(TestCaseError::fail(e));
             }
         }
@@ -714,7 +770,7 @@ fn same_results_at_1_2_and_4_workers() {
     for lockstep in [true, false] {
         let base = run(&records, &cfg, 1, lockstep);
         check_collections(&base, &exp).unwrap();
-        check_sealed(&base, &exp, &winners(&records, &cfg.rules)).unwrap();
+        check_sealed(&base, &exp, &winners(&records, &cfg.rules), None).unwrap();
         for workers in [2, 4] {
             let other = run(&records, &cfg, workers, lockstep);
             let context = format!("{workers} workers, lockstep {lockstep}");
@@ -728,6 +784,26 @@ fn same_results_at_1_2_and_4_workers() {
                 // depends on how far each worker got, so only the merged content is fixed.
                 // Readings and rejections are split by worker, so only their union is.)
                 assert!(tables(&other) == tables(&base), "{context}: table versions differ");
+            }
+        }
+    }
+}
+
+/// Open parts change where an hour's readings are written, not what the lake holds: the same
+/// readings and rejections, and (epoch by epoch) the same table versions in the same order.
+#[test]
+fn open_parts_make_the_same_lake() {
+    let records = fixed_input(1500);
+    for (workers, lockstep) in [(1, true), (2, true), (2, false), (4, true)] {
+        let whole = run(&records, &flow_config(), workers, lockstep);
+        for rows in [1, 3] {
+            let context = format!("{workers} worker(s), lockstep {lockstep}, max_open_rows {rows}");
+            let parts = run(&records, &with_open_parts(Some(rows)), workers, lockstep);
+            let opens = parts.batches.iter().filter(|b| b.kind == BatchKind::Open).count();
+            assert!(opens > 10, "{context}: only {opens} open parts");
+            assert!(merged(&parts) == merged(&whole), "{context}: the lake differs");
+            if lockstep {
+                assert!(tables(&parts) == tables(&whole), "{context}: table versions differ");
             }
         }
     }
@@ -878,8 +954,14 @@ fn lake_files<'a>(batches: impl IntoIterator<Item = &'a HourBatch>) -> BTreeMap<
 /// The clean-up, for every hour from the oldest one kept at the checkpoint: an hour not
 /// sealed at the checkpoint loses all its files; a sealed one loses the parts numbered from
 /// `next_seq` on, and keeps its tables as last written.
-fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, beyond: u64) -> Result<(), String> {
-    let cfg = flow_config();
+fn check_resume(
+    records: &[(Epoch, RawRecord)],
+    crash: Epoch,
+    workers: usize,
+    beyond: u64,
+    open: Option<usize>,
+) -> Result<(), String> {
+    let cfg = with_open_parts(open);
     // A crash at the last epoch comes after closing the input sealed every hour: the
     // checkpoint counts an hour with parts as sealed whatever the watermark.
     if records.last().is_none_or(|(last, _)| crash > *last) {
@@ -916,8 +998,13 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
             resumed.push((*e, r.clone()));
         }
     }
+    // As the recorder counts them: open parts only once their hour is sealed.
     let mut next_seq: BTreeMap<(i64, usize), u32> = BTreeMap::new();
-    for (_, b) in full.sealed_at.iter().filter(|(t, _)| *t <= crash) {
+    for (_, b) in full
+        .sealed_at
+        .iter()
+        .filter(|(t, b)| *t <= crash && b.kind != BatchKind::Open)
+    {
         let n = next_seq.entry((b.hour, b.worker)).or_default();
         *n = (*n).max(b.seq + 1);
     }
@@ -996,7 +1083,7 @@ fn check_resume(records: &[(Epoch, RawRecord)], crash: Epoch, workers: usize, be
             continue;
         };
         return Err(format!(
-            "crash after epoch {crash} (watermark {}, re-read from {}), {workers} worker(s): hour {hour} ({}) differs in {what}",
+            "crash after epoch {crash} (watermark {}, re-read from {}), {workers} worker(s), max_open_rows {open:?}: hour {hour} ({}) differs in {what}",
             format_rfc3339(watermark),
             format_rfc3339(from),
             format_rfc3339(hour * 3_600_000),
@@ -1036,7 +1123,10 @@ fn a_packed_live_hour_seals_as_the_oracle_says() {
         ));
     }
     for workers in [1, 2] {
-        check_run(&records, workers, true).unwrap();
+        // Whole, and as open parts of 50,000 taken from packed readings.
+        for open in [None, Some(50_000)] {
+            check_run(&records, workers, true, open).unwrap();
+        }
     }
 }
 
@@ -1053,7 +1143,9 @@ fn a_resumed_run_completes_the_lake_exactly() {
     for crash in [last / 4, last / 2, last * 3 / 4, last] {
         for workers in [1, 2] {
             for beyond in [0, 1, 3] {
-                check_resume(&records, crash, workers, beyond).unwrap();
+                for open in [None, Some(7)] {
+                    check_resume(&records, crash, workers, beyond, open).unwrap();
+                }
             }
         }
     }
@@ -1067,11 +1159,12 @@ proptest! {
         ops in proptest::collection::vec(op(), 0..200),
         at in 0u32..=100,
         beyond in 0u64..4,
+        open in proptest::option::of(1usize..40),
     ) {
         let records = stamped(build_input(&ops));
         let last = records.last().map(|(e, _)| *e).unwrap_or(0);
         let crash = last * at as u64 / 100;
-        if let Err(e) = check_resume(&records, crash, 2, beyond) {
+        if let Err(e) = check_resume(&records, crash, 2, beyond, open) {
             return Err(TestCaseError::fail(e));
         }
     }

@@ -586,6 +586,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fmsflow_dataflows::dataflow::BatchKind;
 
     /// A directory whose first `fail` writes fail as an unreachable server's would.
     struct Flaky {
@@ -631,6 +632,7 @@ mod tests {
         let mut batch = HourBatch {
             hour: 481_000,
             seq: 0,
+            kind: BatchKind::Seal,
             worker: 0,
             partial: false,
             readings: Default::default(),
