@@ -2,11 +2,11 @@
 //! 10 s (10,000 devices: 1,000 msg/s, the simulator's two-decimal values), a second's
 //! readings at a time, kept by one sealing stage (a two-worker engine holds half at each)
 //! and then written as the lake's `readings` file. Heap bytes are counted by the allocator:
-//! the most the hour holds, and the peak (while it is written: merged and encoded 65,536 rows
-//! at a time, the file's bytes growing beside them). Three ways: written as open parts
-//! whenever `OPEN_ROWS` readings are held (`lake.max_open_rows`, 524,288 by default), the
-//! rest at the seal; packed and written whole at the seal; unpacked and written from whole
-//! columns, as before packing.
+//! the most the hour holds, and the peak (while it is written: merged and encoded
+//! `lake::READ_OUT_ROWS` rows at a time, the file's bytes growing beside them). Three ways:
+//! written as open parts whenever `OPEN_ROWS` readings are held (`lake.max_open_rows`,
+//! 524,288 by default), the rest at the seal; packed and written whole at the seal; unpacked
+//! and written from whole columns, as before packing.
 //!
 //! `cargo run --release --example hourseal [-- DEVICES INTERVAL_S OPEN_ROWS]`
 
@@ -46,7 +46,7 @@ fn write(kept: &mut KeptReadings, how: Keep) -> usize {
     let file = if how == Keep::Unpacked {
         parquet::readings([readings.into_columns()], rows, 0, 16_384)
     } else {
-        parquet::readings(readings.chunks(65_536), rows, 0, 16_384)
+        parquet::readings(readings.chunks(fmsflow::lake::READ_OUT_ROWS), rows, 0, 16_384)
     };
     file.expect("encoding").len()
 }

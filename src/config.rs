@@ -677,7 +677,10 @@ mod tests {
     fn open_parts_follow_the_lake_settings() {
         let flow = |pairs: &[(&str, &str)]| Config::from_sources(None, &env(pairs)).unwrap().flow_config();
         assert_eq!(flow(&[]).max_open_rows, Some(524_288));
-        assert_eq!(flow(&[("FMSFLOW_LAKE__MAX_OPEN_ROWS", "1000")]).max_open_rows, Some(1000));
+        assert_eq!(
+            flow(&[("FMSFLOW_LAKE__MAX_OPEN_ROWS", "1000")]).max_open_rows,
+            Some(1000)
+        );
         assert_eq!(flow(&[("FMSFLOW_LAKE__MAX_OPEN_ROWS", "0")]).max_open_rows, None);
         assert_eq!(flow(&[("FMSFLOW_LAKE__DEVICE_PARTITIONS", "true")]).max_open_rows, None);
     }

@@ -471,7 +471,9 @@ pub fn host_name() -> String {
 
 /// Rows of an hour's readings read out (merged, for a live hour) and encoded at a time: the
 /// columns of the whole hour are never made at once (a live hour at 1,000 msg/s: 320 MiB).
-const READ_OUT_ROWS: usize = 65_536;
+/// A row group's worth by default: a piece's columns and arrays (~180 bytes a row) are
+/// beside the part's packed readings and its file while it is written.
+pub const READ_OUT_ROWS: usize = 16_384;
 
 /// The tables with one part per batch and worker, and the tables with one file per hour.
 pub const APPENDED_TABLES: [&str; 2] = ["readings", "rejects"];
