@@ -44,7 +44,8 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         cfg.engine.workers,
         storage.describe()
     );
-    let writer = Arc::new(cfg.lake.writer(storage));
+    // Live: one readings file at a time (`LakeWriter::one_readings_file_at_a_time`).
+    let writer = Arc::new(cfg.lake.writer(storage).one_readings_file_at_a_time(true));
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 

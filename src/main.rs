@@ -880,7 +880,10 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("--source {source:?}: expected file:<path-or-glob> or kafka");
     };
-    let writer = Arc::new(cfg.lake.writer(storage));
+    // Following a topic, the workers' parts come in the same seconds: written one at a time,
+    // their memory does not add up.
+    let following = matches!(&source, engine::Source::Kafka(spec) if !spec.until_end);
+    let writer = Arc::new(cfg.lake.writer(storage).one_readings_file_at_a_time(following));
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {
         flow,

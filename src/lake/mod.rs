@@ -211,6 +211,9 @@ pub struct LakeWriter {
     retry: Retry,
     device_partitions: bool,
     keep_replaced: std::time::Duration,
+    /// Held while a batch's readings are encoded and stored: one readings file at a time in
+    /// the process ([`LakeWriter::one_readings_file_at_a_time`]).
+    one_at_a_time: Option<std::sync::Mutex<()>>,
 }
 
 /// How long a failing storage operation is retried: for `limit` in all, pausing `first`,
@@ -269,6 +272,19 @@ impl LakeWriter {
             writers: 1,
             device_partitions: false,
             keep_replaced: std::time::Duration::ZERO,
+            one_at_a_time: None,
+        }
+    }
+
+    /// The same, encoding and storing one batch's readings at a time in this process (every
+    /// worker's writer threads share the writer). For an engine following a live source: its
+    /// workers fill their parts of an hour alike, so they write them in the same seconds, and
+    /// one after another their files and the pieces being encoded are not in memory together
+    /// (~17 MiB each at `lake.max_open_rows`). A replay writes in parallel, for speed.
+    pub fn one_readings_file_at_a_time(self, on: bool) -> Self {
+        LakeWriter {
+            one_at_a_time: on.then(|| std::sync::Mutex::new(())),
+            ..self
         }
     }
 
@@ -382,6 +398,10 @@ impl LakeWriter {
         // Appended tables: a new part per batch, named by sequence and worker.
         let part = Self::part_name(b);
         if !b.readings.is_empty() {
+            let _turn = self
+                .one_at_a_time
+                .as_ref()
+                .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
             let readings = std::mem::take(&mut b.readings);
             if self.device_partitions {
                 for (device, rows) in readings.into_columns().split_by_device() {
@@ -620,6 +640,90 @@ mod tests {
         fn describe(&self) -> String {
             "flaky".into()
         }
+    }
+
+    /// A directory that takes 100 ms to store a `readings/` file, and counts how many are
+    /// being stored at once.
+    #[derive(Default)]
+    struct Slow {
+        inner: Option<local::LocalStorage>,
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Storage for Slow {
+        fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), LakeError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let readings = key.starts_with("readings/");
+            if readings {
+                let n = self.now.fetch_add(1, SeqCst) + 1;
+                self.most.fetch_max(n, SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let done = self.inner.as_ref().unwrap().put_atomic(key, bytes);
+            if readings {
+                self.now.fetch_sub(1, SeqCst);
+            }
+            done
+        }
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
+            self.inner.as_ref().unwrap().get(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
+            self.inner.as_ref().unwrap().list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), LakeError> {
+            self.inner.as_ref().unwrap().delete(key)
+        }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+    }
+
+    /// Live, the workers' writer threads store one readings file at a time between them:
+    /// four threads writing a part each at once never overlap, and every part is stored.
+    #[test]
+    fn a_live_writer_stores_one_readings_file_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Slow {
+            inner: Some(local::LocalStorage::new(dir.path().to_path_buf(), false)),
+            ..Slow::default()
+        });
+        let w = Arc::new(LakeWriter::new(storage.clone(), 100).one_readings_file_at_a_time(true));
+        let start = Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4usize)
+            .map(|worker| {
+                let (w, start) = (w.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let mut columns = fmsflow_dataflows::ReadingColumns::default();
+                    columns.push(&fmsflow_dataflows::Reading {
+                        device: 1 + worker as u32,
+                        time_ms: 481_000 * 3_600_000,
+                        metrics: [1.0; 6],
+                        is_fail: false,
+                        ingest_ms: None,
+                        pos: Default::default(),
+                        payload_at: Default::default(),
+                    });
+                    let mut batch = HourBatch {
+                        hour: 481_000,
+                        seq: 0,
+                        kind: BatchKind::Open,
+                        worker,
+                        partial: false,
+                        readings: columns.into(),
+                        rejections: Vec::new(),
+                        hourly: None,
+                        quality: None,
+                    };
+                    start.wait();
+                    w.write(&mut batch).unwrap().files
+                })
+            })
+            .collect();
+        let files: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(files, 4);
+        assert_eq!(storage.most.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
