@@ -255,10 +255,8 @@ impl Recorder {
         }
         // A sealed hour's manifest lists the parts it wrote while open (all of them older
         // than the seal, which every worker makes at the same epoch).
-        let sealed: Vec<i64> = files.keys().copied().filter(|h| g.open_files.contains_key(h)).collect();
-        for h in sealed {
-            let open = g.open_files.remove(&h).unwrap_or_default();
-            files.entry(h).or_default().extend(open);
+        for (h, listed) in files.iter_mut() {
+            listed.extend(g.open_files.remove(h).into_iter().flatten());
         }
         // The end of a run: the last epoch reported.
         let epoch = if epoch == Epoch::MAX { g.max_epoch } else { epoch };

@@ -1079,14 +1079,14 @@ fn write_one(lake: &LakeWriter, st: &Status, mut b: HourBatch, ticket: Ticket) {
     }
     match lake.write(&mut b) {
         Ok(w) => {
-            match b.kind {
-                BatchKind::Seal if b.hourly.is_some() || b.quality.is_some() => {
-                    st.hours_sealed.fetch_add(1, Relaxed);
-                }
-                BatchKind::Late if b.hourly.is_some() || b.quality.is_some() => {
-                    st.late_rewrites.fetch_add(1, Relaxed);
-                }
-                _ => {}
+            if b.hourly.is_some() || b.quality.is_some() {
+                // An open part has no tables.
+                let counter = if b.kind == BatchKind::Seal {
+                    &st.hours_sealed
+                } else {
+                    &st.late_rewrites
+                };
+                counter.fetch_add(1, Relaxed);
             }
             st.files_written.fetch_add(w.files, Relaxed);
             st.rows_written.fetch_add(w.rows, Relaxed);

@@ -363,7 +363,7 @@ impl<'scope> Outputs<'scope> {
                 recovery: self.recovery.clone(),
                 grace_ms: self.grace_ms,
                 max_age_ms: self.max_age_ms,
-                worker: 0,
+                worker: self.readings.scope().index(),
                 pack: self.pack_open_hours,
                 max_open_rows: self.max_open_rows.unwrap_or(usize::MAX).max(1),
             },
@@ -1029,10 +1029,8 @@ fn seal<'scope>(
         let mut hours: BTreeMap<i64, HourState> = BTreeMap::new();
         // Next batch number of hours whose state was dropped.
         let mut dropped: BTreeMap<i64, u32> = BTreeMap::new();
-        let worker = scope.index();
+        let (worker, grace_ms, max_age_ms) = (hours_of.worker, hours_of.grace_ms, hours_of.max_age_ms);
         let mut watermark = i64::MIN;
-        let hours_of = Hours { worker, ..hours_of };
-        let (grace_ms, max_age_ms) = (hours_of.grace_ms, hours_of.max_age_ms);
         move |frontiers| {
             i_read.for_each_stamp(|cap, data| {
                 pending_read

@@ -644,9 +644,8 @@ mod tests {
 
     /// A directory that takes 100 ms to store a `readings/` file, and counts how many are
     /// being stored at once.
-    #[derive(Default)]
     struct Slow {
-        inner: Option<local::LocalStorage>,
+        inner: local::LocalStorage,
         now: std::sync::atomic::AtomicUsize,
         most: std::sync::atomic::AtomicUsize,
     }
@@ -660,20 +659,20 @@ mod tests {
                 self.most.fetch_max(n, SeqCst);
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            let done = self.inner.as_ref().unwrap().put_atomic(key, bytes);
+            let done = self.inner.put_atomic(key, bytes);
             if readings {
                 self.now.fetch_sub(1, SeqCst);
             }
             done
         }
         fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LakeError> {
-            self.inner.as_ref().unwrap().get(key)
+            self.inner.get(key)
         }
         fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
-            self.inner.as_ref().unwrap().list(prefix)
+            self.inner.list(prefix)
         }
         fn delete(&self, key: &str) -> Result<(), LakeError> {
-            self.inner.as_ref().unwrap().delete(key)
+            self.inner.delete(key)
         }
         fn describe(&self) -> String {
             "slow".into()
@@ -686,8 +685,9 @@ mod tests {
     fn a_live_writer_stores_one_readings_file_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(Slow {
-            inner: Some(local::LocalStorage::new(dir.path().to_path_buf(), false)),
-            ..Slow::default()
+            inner: local::LocalStorage::new(dir.path().to_path_buf(), false),
+            now: Default::default(),
+            most: Default::default(),
         });
         let w = Arc::new(LakeWriter::new(storage.clone(), 100).one_readings_file_at_a_time(true));
         let start = Arc::new(std::sync::Barrier::new(4));
