@@ -244,8 +244,25 @@ pub struct Api {
     pub max_in_flight: usize,
     /// Requests a second one client address may make (0: no limit).
     pub rate_limit: f64,
-    /// Hours the live view keeps behind the newest.
+    /// Hours the live view keeps behind the newest; older ones are read from the lake.
     pub keep_hours: u32,
+    /// Older hours kept decoded once read from the lake (0: none; each is read again).
+    pub lake_cache_hours: usize,
+}
+
+impl Api {
+    /// The live view of a process (`process` of `processes`, each of `workers` workers),
+    /// reading hours older than `keep_hours` from the lake in `storage`.
+    pub fn view(
+        &self,
+        workers: usize,
+        storage: std::sync::Arc<dyn crate::lake::Storage>,
+        process: usize,
+        processes: usize,
+    ) -> std::sync::Arc<crate::api::view::LiveView> {
+        let archive = crate::api::archive::Archive::new(storage, process, processes, workers, self.lake_cache_hours);
+        crate::api::view::LiveView::with_archive(workers, self.keep_hours, Some(archive))
+    }
 }
 
 /// Where `fmsflow demo` serves the API and dashboard unless told otherwise.

@@ -45,7 +45,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         storage.describe()
     );
     // Live: one readings file at a time (`LakeWriter::one_readings_file_at_a_time`).
-    let writer = Arc::new(cfg.lake.writer(storage).one_readings_file_at_a_time(true));
+    let writer = Arc::new(cfg.lake.writer(storage.clone()).one_readings_file_at_a_time(true));
     let status = Arc::new(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -89,7 +89,7 @@ pub fn run(cfg: &Config, opts: DemoOptions) -> anyhow::Result<()> {
         replay_rate: None,
     };
     // The query API and dashboard, over the engine's live view.
-    let view = crate::api::view::LiveView::new(workers, cfg.api.keep_hours);
+    let view = cfg.api.view(workers, storage, 0, 1);
     let chosen = opts
         .http
         .clone()

@@ -172,6 +172,7 @@ pub fn run(
         })
     });
     let recovery_epochs = settings.flow.recovery_epochs();
+    let finished_view = view.clone();
     let st = status.clone();
     let cluster = settings.cluster.clone();
     let guards = start_workers(workers, cluster.as_ref(), move |worker| {
@@ -410,7 +411,11 @@ pub fn run(
     }
     match status.error() {
         Some(e) => Err(EngineError::Failed(e)),
-        None => Ok(()),
+        None => {
+            // Every output is stored: answers as of the end are complete, the lake's too.
+            finished_view.inspect(|v| v.finished());
+            Ok(())
+        }
     }
 }
 

@@ -883,7 +883,7 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
     // Following a topic, the workers' parts come in the same seconds: written one at a time,
     // their memory does not add up.
     let following = matches!(&source, engine::Source::Kafka(spec) if !spec.until_end);
-    let writer = Arc::new(cfg.lake.writer(storage).one_readings_file_at_a_time(following));
+    let writer = Arc::new(cfg.lake.writer(storage.clone()).one_readings_file_at_a_time(following));
     let status = Arc::new(status::Status::default());
     let settings = engine::EngineSettings {
         flow,
@@ -894,11 +894,12 @@ fn run_engine(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
         replay_rate: opts.rate.map(|r| r / cfg.engine.workers as f64),
     };
     // The query API and dashboard, over this process's live view.
-    let view = (!cfg.api.listen.is_empty()).then(|| api::view::LiveView::new(cfg.engine.workers, cfg.api.keep_hours));
+    let process = settings.cluster.as_ref().map_or(0, |c| c.process);
+    let processes = settings.cluster.as_ref().map_or(1, |c| c.addresses.len());
+    // Hours older than api.keep_hours are answered from the lake.
+    let view = (!cfg.api.listen.is_empty()).then(|| cfg.api.view(cfg.engine.workers, storage, process, processes));
     let server = match &view {
         Some(v) => {
-            let process = settings.cluster.as_ref().map_or(0, |c| c.process);
-            let processes = settings.cluster.as_ref().map_or(1, |c| c.addresses.len());
             anyhow::ensure!(
                 cfg.api.peers.is_empty() || cfg.api.peers.len() == processes,
                 "api.peers (--api-peers) lists {} URL(s) for {processes} process(es): list every process's API, in process order",

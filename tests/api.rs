@@ -396,15 +396,53 @@ fn metric_samples(text: &str) -> Vec<(String, f64)> {
 #[test]
 fn answers_equal_the_oracle_at_1_and_3_processes() {
     let cfg = Config::from_sources(None, &[]).unwrap();
-    for (processes, workers) in [(1usize, 2usize), (3, 1)] {
+    // With `api.keep_hours` = 1 the older hours are answered from the lake (and read again
+    // for every query: no cache), each process its own share.
+    for (processes, workers, from_lake) in [(1usize, 2usize, false), (3, 1, false), (1, 2, true), (3, 1, true)] {
         let dir = tempfile::tempdir().unwrap();
         let files = write_input(dir.path(), common::seed("FMSFLOW_TEST_SEED"), 3, processes * workers);
         let batch = 1000;
         let records = epochs_of(&files, batch);
         let exp = expected(&records, &cfg.flow_config().rules);
-        let e = start(&files, processes, workers, &[("FMSFLOW_ENGINE__BATCH", "1000")], None);
+        let mut env = vec![("FMSFLOW_ENGINE__BATCH", "1000")];
+        if from_lake {
+            env.extend([("FMSFLOW_API__KEEP_HOURS", "1"), ("FMSFLOW_API__LAKE_CACHE_HOURS", "0")]);
+        }
+        let e = start(&files, processes, workers, &env, None);
         wait_complete(&e);
-        check_final(&e, &exp, &records, &format!("{processes} process(es)"));
+        let context = format!("{processes} process(es), older hours from the lake: {from_lake}");
+        check_final(&e, &exp, &records, &context);
+        let first = exp.hourly.keys().map(|(_, h)| *h).min().unwrap();
+        let hourly = e
+            ._dir
+            .path()
+            .join("lake")
+            .join(fmsflow::lake::LakeWriter::dir("hourly", first));
+        if from_lake {
+            // Proof that the first hour came from the lake: without its file, it cannot be
+            // answered, and the answer says why.
+            std::fs::remove_dir_all(&hourly).unwrap();
+            let (status, _, body) = get(
+                &e.urls[0],
+                &format!("/api/v1/fleet/hourly?hour={}", hour_param(first)),
+                None,
+            );
+            assert_eq!(status, 503, "{context}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("from the lake") && message.contains("is gone"),
+                "{context}: {body}"
+            );
+            continue;
+        }
+        // Held in memory, it does not need the lake.
+        std::fs::remove_dir_all(&hourly).unwrap();
+        check_fleet_hour(
+            &ok(&e.urls[0], &format!("/api/v1/fleet/hourly?hour={}", hour_param(first))),
+            &exp,
+            first,
+            &context,
+        );
         if processes > 1 {
             // A process that does not answer: the others say so at once (503, Retry-After),
             // never hang.

@@ -5,7 +5,12 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::kafka::{http_get, try_http_get, Killed};
+use fmsflow_dataflows::time::{format_rfc3339, parse_rfc3339, HOUR_MS};
+use serde_json::Value;
 
 use fmsflow::lake::s3::{S3Options, S3Storage};
 use fmsflow::lake::{local::LocalStorage, Storage};
@@ -657,4 +662,80 @@ fn files_and_verify_read_the_manifests() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("no manifest"), "{args:?}: {err}");
     }
+}
+
+/// A replay (2 workers) of `input` into `lake` that serves the query API and keeps serving:
+/// the process (killed when dropped) and the API's port, once every output is stored.
+fn serving(input: &std::path::Path, lake: &str, env: &[(&str, &str)]) -> (Killed, u16) {
+    let port = common::free_ports(1)[0];
+    let child = replay_command(input, lake, 2, env)
+        .args(["--http", &format!("127.0.0.1:{port}"), "--keep-serving"])
+        .env("FMSFLOW_API__RATE_LIMIT", "0")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed = Killed(child);
+    common::wait_for(
+        &format!("the replay into {lake} to complete"),
+        Duration::from_secs(180),
+        || try_http_get(port, "/api/v1/status").is_ok_and(|b| b.contains("\"complete\":true")),
+    );
+    (killed, port)
+}
+
+/// An answer without its `as_of`.
+fn answer(port: u16, path: &str) -> Value {
+    let body = http_get(port, path);
+    let mut v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"));
+    v.as_object_mut().unwrap().remove("as_of");
+    v
+}
+
+/// Hours older than `api.keep_hours` are answered from the lake at `url` (read again for
+/// every query), as the view answers them from memory.
+fn older_hours_are_answered_from_the_lake(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = generated_input_late(dir.path(), 20, 4, 0.05);
+    let local = format!("file://{}", dir.path().join("local").display());
+    let (_memory_run, memory) = serving(&input, &local, &[]);
+    let from_lake = [("FMSFLOW_API__KEEP_HOURS", "1"), ("FMSFLOW_API__LAKE_CACHE_HOURS", "0")];
+    let (_lake_run, lake) = serving(&input, url, &from_lake);
+    let status = answer(memory, "/api/v1/status");
+    let newest = parse_rfc3339(status["watermark"].as_str().unwrap())
+        .unwrap()
+        .div_euclid(HOUR_MS);
+    let hour = |h: i64| format_rfc3339(h * HOUR_MS);
+    let mut paths: Vec<String> = (newest - 4..=newest)
+        .map(|h| format!("/api/v1/fleet/hourly?hour={}", hour(h)))
+        .collect();
+    let range = format!("from={}&to={}", hour(newest - 4), hour(newest + 1));
+    paths.push(format!("/api/v1/quality?{range}&by_device=5"));
+    paths.push(format!("/api/v1/quality?{range}&device=7"));
+    paths.extend([1, 7, 20].map(|d| format!("/api/v1/devices/{d}/hourly?{range}")));
+    for p in &paths {
+        assert_eq!(
+            answer(lake, p),
+            answer(memory, p),
+            "GET {p}: from {url} and from memory"
+        );
+    }
+    // The hours before the newest two came from the lake: they have the fleet's 20 devices
+    // (and a few more ids of dirty records).
+    for h in newest - 3..newest - 1 {
+        let a = answer(lake, &format!("/api/v1/fleet/hourly?hour={}", hour(h)));
+        assert!(a["devices"].as_array().unwrap().len() >= 20, "{a}");
+    }
+    eprintln!("{} answers from {url} equal the view's from memory", paths.len());
+}
+
+#[test]
+fn older_hours_are_answered_from_the_lake_on_s3() {
+    let bucket = common::s3::bucket("older-hours");
+    older_hours_are_answered_from_the_lake(&format!("s3://{bucket}/lake"));
+}
+
+#[test]
+fn older_hours_are_answered_from_the_lake_on_hdfs() {
+    let (url, _) = common::hdfs::lake("older-hours");
+    older_hours_are_answered_from_the_lake(&url);
 }

@@ -7,6 +7,7 @@
 //! `/api/v1/fleet/hourly`, `/api/v1/quality`; the dashboard at `/`.
 
 pub mod answers;
+pub mod archive;
 pub mod client;
 /// The `api_request` fuzz target's harness: the router over an in-memory view, and the
 /// checks of its answers (docs/FUZZING.md).
@@ -762,17 +763,17 @@ async fn device_hourly(
     let ctx = api.begin(&p).await?;
     let newest = api.view.watermark(ctx.as_of).map(|w| w.div_euclid(HOUR_MS));
     let (from, to) = p.hours(newest)?;
+    // Hours older than `api.keep_hours` are read from the lake: off the runtime's threads.
+    let (view, as_of) = (api.view.clone(), ctx.as_of);
+    let hours = off_thread(move || view.device_hourly(as_of, device, from, to))
+        .await?
+        .map_err(ApiError::busy)?;
     let mut answer = DeviceHourly {
         as_of: api.as_of(&ctx),
         device,
         from: format_rfc3339(from * HOUR_MS),
         to: format_rfc3339(to * HOUR_MS),
-        hours: api
-            .view
-            .device_hourly(ctx.as_of, device, from, to)
-            .iter()
-            .map(|(h, s)| HourRow::new(device, *h, s))
-            .collect(),
+        hours: hours.iter().map(|(h, s)| HourRow::new(device, *h, s)).collect(),
     };
     let resolved = [("from", answer.from.clone()), ("to", answer.to.clone())];
     for peer in api
@@ -863,12 +864,13 @@ async fn fleet_hourly(
     // those become rows.
     let (view, as_of) = (api.view.clone(), ctx.as_of);
     let mut rows: Vec<HourRow> = off_thread(move || {
-        let mut stats = view.fleet_hour(as_of, hour);
+        let mut stats = view.fleet_hour(as_of, hour)?;
         sort.sort_figures(&mut stats, descending);
         stats.truncate(limit);
-        stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect()
+        Ok::<_, String>(stats.iter().map(|(d, s)| HourRow::new(*d, hour, s)).collect())
     })
-    .await?;
+    .await?
+    .map_err(ApiError::busy)?;
     let resolved = [("hour", format_rfc3339(hour * HOUR_MS))];
     for peer in api
         .peers::<FleetHourly>(&ctx, "/api/v1/fleet/hourly", &p, &resolved)
@@ -907,10 +909,11 @@ async fn quality(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, St
     let (from, to) = p.hours(newest)?;
     let (view, as_of, per_device) = (api.view.clone(), ctx.as_of, by_device.is_some());
     let (all, per_device, spans) = off_thread(move || {
-        let (all, per_device) = view.quality(as_of, from, to, device, per_device);
-        (all, per_device, view.spans(as_of, from, to))
+        let (all, per_device) = view.quality(as_of, from, to, device, per_device)?;
+        Ok::<_, String>((all, per_device, view.spans(as_of, from, to)?))
     })
-    .await?;
+    .await?
+    .map_err(ApiError::busy)?;
     let mut answer = QualityAnswer::new(api.as_of(&ctx), from, to, device, &all, &per_device, &spans);
     let resolved = [("from", answer.from.clone()), ("to", answer.to.clone())];
     for peer in api

@@ -14,10 +14,12 @@
 //! ([`HourFigures`]), not the exact sums. Once the dataflow forgets an hour (no reading can
 //! change it any more: it retracts the hour's keys), the view packs it ([`Frozen`]) and keeps
 //! it until it is more than `keep_hours` behind the newest: the totals hold the few hours
-//! that can still change, the view alone the week a query can ask for.
+//! that can still change, the view the day the dashboard shows. Older hours are read from
+//! the lake when a query asks for them ([`Archive`]), each shard's share as it would have
+//! held it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,9 @@ use fmsflow_dataflows::time::HOUR_MS;
 use fmsflow_dataflows::{DeviceLatest, HourFigures};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+
+use super::archive::Archive;
+use crate::lake::parquet::QualityRow;
 
 /// Versions newer than the frontier of this long ago are kept for as-of reads.
 pub const KEEP_FOR: Duration = Duration::from_secs(5);
@@ -130,6 +135,9 @@ pub struct Latest {
 /// Valid and rejected counts: per outcome.
 pub type OutcomeCounts = BTreeMap<Outcome, i64>;
 
+/// Quality counts: in all, and by device.
+pub type QualityCounts = (OutcomeCounts, BTreeMap<u32, OutcomeCounts>);
+
 /// One worker's share of the aggregates.
 #[derive(Default)]
 struct Shard {
@@ -151,18 +159,31 @@ struct Shard {
     /// Hours the dataflow has forgotten, and the epoch it did: each is frozen once that
     /// epoch is behind the horizon (its values have one version each by then).
     forgotten: BTreeMap<i64, Epoch>,
+    /// The hours before this one have left the shard (`api.keep_hours`): a read takes them
+    /// from the lake ([`Archive`]), if the view has one.
+    evicted: Evicted,
+}
+
+/// The first hour a shard still holds (`i64::MIN` until one leaves).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Evicted(i64);
+
+impl Default for Evicted {
+    fn default() -> Self {
+        Evicted(i64::MIN)
+    }
 }
 
 /// One hour's values once no reading can change them: the dataflow's totals have forgotten
 /// the hour (`rules.max_age` + `engine.grace` + an hour past its end), and the view keeps it
 /// for `api.keep_hours` in sorted vectors, without versions or tree nodes: 232 bytes per
 /// device's figures instead of the ~400 of a versioned entry in a B-tree node.
-#[derive(Default)]
-struct Frozen {
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Frozen {
     /// By device.
     hourly: Vec<(u32, HourFigures)>,
     /// By (device, outcome).
-    quality: Vec<((u32, Outcome), i64)>,
+    quality: Vec<QualityRow>,
     /// The same summed over devices, by outcome.
     quality_hours: Vec<(Outcome, i64)>,
     /// The earliest and latest event time of the hour's readings.
@@ -170,13 +191,44 @@ struct Frozen {
 }
 
 impl Frozen {
+    /// An hour's values as the lake's `hourly` and `quality` files hold them (rows in any
+    /// order).
+    pub(crate) fn from_rows(mut hourly: Vec<(u32, HourFigures)>, mut quality: Vec<QualityRow>) -> Frozen {
+        hourly.sort_unstable_by_key(|(d, _)| *d);
+        quality.sort_unstable_by_key(|(k, _)| *k);
+        let mut sums = OutcomeCounts::new();
+        for ((_, o), n) in &quality {
+            *sums.entry(*o).or_default() += n;
+        }
+        let mut f = Frozen {
+            hourly,
+            quality,
+            quality_hours: sums.into_iter().collect(),
+            span: None,
+        };
+        f.finish();
+        f
+    }
+
+    /// Once every value is in: the span of the hour's readings, and no spare room.
+    fn finish(&mut self) {
+        self.span = self
+            .hourly
+            .iter()
+            .map(|(_, v)| (v.first_ms, v.last_ms))
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
+        self.hourly.shrink_to_fit();
+        self.quality.shrink_to_fit();
+        self.quality_hours.shrink_to_fit();
+    }
+
     fn figures(&self, device: u32) -> Option<HourFigures> {
         let i = self.hourly.binary_search_by_key(&device, |(d, _)| *d).ok()?;
         Some(self.hourly[i].1)
     }
 
     /// A device's quality counts.
-    fn quality_of(&self, device: u32) -> &[((u32, Outcome), i64)] {
+    fn quality_of(&self, device: u32) -> &[QualityRow] {
         let from = self.quality.partition_point(|((d, _), _)| *d < device);
         let to = self.quality.partition_point(|((d, _), _)| *d <= device);
         &self.quality[from..to]
@@ -242,7 +294,9 @@ impl Shard {
     /// behind the horizon. A change of a frozen hour (only a replay of files without
     /// ingest times reopens old hours, and it forgets none) goes into it in place.
     fn apply_hourly(&mut self, t: Epoch, updates: &[((i64, u32), Option<HourFigures>)], horizon: Epoch) {
-        for (k, v) in updates {
+        // Hours that left the view are answered from the lake.
+        let evicted = self.evicted.0;
+        for (k, v) in updates.iter().filter(|(k, _)| k.0 >= evicted) {
             let Some(v) = v else {
                 self.forgotten.entry(k.0).or_insert(t);
                 continue;
@@ -262,7 +316,9 @@ impl Shard {
     }
 
     fn apply_quality(&mut self, t: Epoch, updates: &[QualityChange], horizon: Epoch) {
-        for (k, v) in updates {
+        // Hours that left the view are answered from the lake.
+        let evicted = self.evicted.0;
+        for (k, v) in updates.iter().filter(|(k, _)| k.0 >= evicted) {
             let (hour, device, outcome) = *k;
             let Some(v) = v else {
                 self.forgotten.entry(hour).or_insert(t);
@@ -347,14 +403,7 @@ impl Shard {
                 .filter(|(h, _)| hours.binary_search(h).is_ok())
                 .map(|(_, f)| f)
             {
-                f.span = f
-                    .hourly
-                    .iter()
-                    .map(|(_, v)| (v.first_ms, v.last_ms))
-                    .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
-                f.hourly.shrink_to_fit();
-                f.quality.shrink_to_fit();
-                f.quality_hours.shrink_to_fit();
+                f.finish();
             }
         }
     }
@@ -382,6 +431,7 @@ impl Shard {
         self.watermark.set(t, Some(w), horizon);
         // Old hours leave the view (the lake keeps them).
         let oldest = w.div_euclid(HOUR_MS) - keep_hours;
+        self.evicted.0 = self.evicted.0.max(oldest);
         while self.hourly.first_key_value().is_some_and(|((h, _), _)| *h < oldest) {
             self.hourly.pop_first();
         }
@@ -422,11 +472,20 @@ pub struct LiveView {
     history: Mutex<VecDeque<(Instant, Epoch)>>,
     advanced: (Mutex<()>, Condvar),
     keep_hours: i64,
+    /// Where hours older than `keep_hours` are read from.
+    archive: Option<Archive>,
+    /// The engine has finished and stored every output ([`LiveView::finished`]).
+    done: AtomicBool,
 }
 
 impl LiveView {
     /// A view for `workers` local workers, holding the newest `keep_hours` hours.
     pub fn new(workers: usize, keep_hours: u32) -> Arc<LiveView> {
+        Self::with_archive(workers, keep_hours, None)
+    }
+
+    /// The same, answering for older hours from `archive`.
+    pub fn with_archive(workers: usize, keep_hours: u32, archive: Option<Archive>) -> Arc<LiveView> {
         Arc::new(LiveView {
             shards: (0..workers).map(|_| RwLock::default()).collect(),
             frontiers: (0..workers).map(|_| AtomicU64::new(0)).collect(),
@@ -435,7 +494,23 @@ impl LiveView {
             history: Mutex::default(),
             advanced: (Mutex::new(()), Condvar::new()),
             keep_hours: keep_hours as i64,
+            archive,
+            done: AtomicBool::new(false),
         })
+    }
+
+    /// Every shard sees watermark `w` (and lets the hours older than `keep_hours` go).
+    #[cfg(test)]
+    pub(crate) fn evict_all_before_for_tests(&self, w: i64) {
+        for s in &self.shards {
+            s.write().unwrap().apply_watermark(1, Some(w), 0, self.keep_hours);
+        }
+    }
+
+    /// The engine has finished: every epoch is in and every output stored (in the lake
+    /// too), so answers as of the end are complete.
+    pub fn finished(&self) {
+        self.done.store(true, Ordering::Release);
     }
 
     /// Local workers.
@@ -461,7 +536,8 @@ impl LiveView {
     /// the last one.
     pub fn epoch_label(&self, as_of: Epoch) -> (Epoch, bool) {
         if as_of == Epoch::MAX {
-            (self.newest.load(Ordering::Acquire).saturating_add(1), true)
+            let newest = self.newest.load(Ordering::Acquire).saturating_add(1);
+            (newest, self.done.load(Ordering::Acquire))
         } else {
             (as_of, false)
         }
@@ -534,25 +610,60 @@ impl LiveView {
             .collect()
     }
 
-    /// One device's hourly statistics for the hours `from..to`, as of `as_of`.
-    pub fn device_hourly(&self, as_of: Epoch, device: u32, from: i64, to: i64) -> Vec<(i64, HourFigures)> {
-        let mut out: Vec<(i64, HourFigures)> = self
-            .read(|s| {
-                (from..to)
-                    .filter_map(|h| {
-                        let v = match s.frozen.get(&h) {
-                            Some(f) => f.figures(device),
-                            None => s.hourly.get(&(h, device)).and_then(|v| v.at(as_of)),
-                        };
-                        v.map(|st| (h, st))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .into_iter()
-            .flatten()
-            .collect();
+    /// Calls `f` with each hour of `from..to` that some shard no longer holds (`evicted`:
+    /// each shard's first hour held, as its read saw it) and that shard's share of it, read
+    /// from `archive`. Without one, those hours are not answered.
+    fn old_hours(
+        archive: Option<&Archive>,
+        evicted: &[i64],
+        from: i64,
+        to: i64,
+        mut f: impl FnMut(i64, &Frozen),
+    ) -> Result<(), String> {
+        let Some(archive) = archive else {
+            return Ok(());
+        };
+        let end = to.min(evicted.iter().copied().max().unwrap_or(i64::MIN));
+        for h in from..end {
+            let shares = archive.hour(h)?;
+            for (share, _) in shares.iter().zip(evicted).filter(|(_, e)| h < **e) {
+                f(h, share);
+            }
+        }
+        Ok(())
+    }
+
+    /// One device's hourly statistics for the hours `from..to`, as of `as_of` (older hours
+    /// from the lake).
+    pub fn device_hourly(
+        &self,
+        as_of: Epoch,
+        device: u32,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, HourFigures)>, String> {
+        let mut evicted = Vec::new();
+        let mut out: Vec<(i64, HourFigures)> = Vec::new();
+        for (e, rows) in self.read(|s| {
+            let rows = (from.max(s.evicted.0)..to)
+                .filter_map(|h| {
+                    let v = match s.frozen.get(&h) {
+                        Some(f) => f.figures(device),
+                        None => s.hourly.get(&(h, device)).and_then(|v| v.at(as_of)),
+                    };
+                    v.map(|st| (h, st))
+                })
+                .collect::<Vec<_>>();
+            (s.evicted.0, rows)
+        }) {
+            evicted.push(e);
+            out.extend(rows);
+        }
+        Self::old_hours(self.archive.as_ref(), &evicted, from, to, |h, f| {
+            out.extend(f.figures(device).map(|st| (h, st)))
+        })?;
         out.sort_by_key(|(h, _)| *h);
-        out
+        Ok(out)
     }
 
     /// One device's newest reading as of `as_of`.
@@ -563,48 +674,67 @@ impl LiveView {
             .max_by_key(|l| l.time_ms)
     }
 
-    /// Every device's statistics of one hour, as of `as_of`.
-    pub fn fleet_hour(&self, as_of: Epoch, hour: i64) -> Vec<(u32, HourFigures)> {
-        self.read(|s| {
-            if let Some(f) = s.frozen.get(&hour) {
-                return f.hourly.clone();
-            }
-            s.hourly
-                .range((hour, 0)..=(hour, u32::MAX))
-                .filter_map(|((_, d), v)| v.at(as_of).map(|st| (*d, st)))
-                .collect::<Vec<_>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect()
+    /// Every device's statistics of one hour, as of `as_of` (an older hour from the lake).
+    pub fn fleet_hour(&self, as_of: Epoch, hour: i64) -> Result<Vec<(u32, HourFigures)>, String> {
+        let mut evicted = Vec::new();
+        let mut out = Vec::new();
+        for (e, rows) in self.read(|s| {
+            let rows = if hour < s.evicted.0 {
+                Vec::new()
+            } else if let Some(f) = s.frozen.get(&hour) {
+                f.hourly.clone()
+            } else {
+                s.hourly
+                    .range((hour, 0)..=(hour, u32::MAX))
+                    .filter_map(|((_, d), v)| v.at(as_of).map(|st| (*d, st)))
+                    .collect::<Vec<_>>()
+            };
+            (s.evicted.0, rows)
+        }) {
+            evicted.push(e);
+            out.extend(rows);
+        }
+        Self::old_hours(self.archive.as_ref(), &evicted, hour, hour + 1, |_, f| {
+            out.extend_from_slice(&f.hourly)
+        })?;
+        Ok(out)
     }
 
     /// Each hour of `from..to` with readings, and the event times of its earliest and latest
-    /// reading, as of `as_of`.
-    pub fn spans(&self, as_of: Epoch, from: i64, to: i64) -> BTreeMap<i64, (i64, i64)> {
+    /// reading, as of `as_of` (older hours from the lake).
+    pub fn spans(&self, as_of: Epoch, from: i64, to: i64) -> Result<BTreeMap<i64, (i64, i64)>, String> {
         let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-        for shard in self.read(|s| {
+        let mut evicted = Vec::new();
+        for (e, shard) in self.read(|s| {
             let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-            for (h, f) in s.frozen.range(from..to) {
+            let lo = from.max(s.evicted.0).min(to);
+            for (h, f) in s.frozen.range(lo..to) {
                 if let Some(span) = f.span {
                     merge_span(&mut spans, *h, span);
                 }
             }
-            for ((h, _), v) in s.hourly.range((from, 0)..(to, 0)) {
+            for ((h, _), v) in s.hourly.range((lo, 0)..(to, 0)) {
                 if let Some(st) = v.at(as_of) {
                     merge_span(&mut spans, *h, (st.first_ms, st.last_ms));
                 }
             }
-            spans
+            (s.evicted.0, spans)
         }) {
+            evicted.push(e);
             for (h, span) in shard {
                 merge_span(&mut spans, h, span);
             }
         }
-        spans
+        Self::old_hours(self.archive.as_ref(), &evicted, from, to, |h, f| {
+            if let Some(span) = f.span {
+                merge_span(&mut spans, h, span);
+            }
+        })?;
+        Ok(spans)
     }
 
-    /// Quality counts over the hours `from..to`: in all, and (with `per_device`) by device.
+    /// Quality counts over the hours `from..to`: in all, and (with `per_device`) by device
+    /// (older hours from the lake).
     pub fn quality(
         &self,
         as_of: Epoch,
@@ -612,75 +742,75 @@ impl LiveView {
         to: i64,
         device: Option<u32>,
         per_device: bool,
-    ) -> (OutcomeCounts, BTreeMap<u32, OutcomeCounts>) {
-        let mut all = OutcomeCounts::new();
-        let mut by_device: BTreeMap<u32, OutcomeCounts> = BTreeMap::new();
-        for (a, d) in self.read(|s| {
-            let mut all = OutcomeCounts::new();
-            let mut by_device: BTreeMap<u32, OutcomeCounts> = BTreeMap::new();
-            let frozen = || s.frozen.range(from..to).map(|(_, f)| f);
-            if device.is_none() && !per_device {
-                for (o, n) in frozen().flat_map(|f| f.quality_hours.iter()) {
-                    *all.entry(*o).or_default() += n;
-                }
-                for ((_, o), v) in s.quality_hours.range((from, Outcome::Valid)..(to, Outcome::Valid)) {
-                    *all.entry(*o).or_default() += v.at(as_of).unwrap_or(0);
-                }
-            } else {
-                let mut add = |d: u32, o: Outcome, n: i64| {
-                    *all.entry(o).or_default() += n;
+    ) -> Result<QualityCounts, String> {
+        self.quality_in(self.archive.as_ref(), as_of, from..to, (device, per_device))
+    }
+
+    /// [`LiveView::quality`] of `hours`, reading older ones from `archive` if given.
+    fn quality_in(
+        &self,
+        archive: Option<&Archive>,
+        as_of: Epoch,
+        hours: std::ops::Range<i64>,
+        (device, per_device): (Option<u32>, bool),
+    ) -> Result<QualityCounts, String> {
+        let std::ops::Range { start: from, end: to } = hours;
+        let mut tally = Tally::new(per_device);
+        let mut evicted = Vec::new();
+        for (e, t) in self.read(|s| {
+            let mut t = Tally::new(per_device);
+            let lo = from.max(s.evicted.0).min(to);
+            match device {
+                None => {
+                    for (_, f) in s.frozen.range(lo..to) {
+                        t.frozen(f, None);
+                    }
                     if per_device {
-                        *by_device.entry(d).or_default().entry(o).or_default() += n;
-                    }
-                };
-                match device {
-                    // One device: its few entries of each hour.
-                    Some(d) => {
-                        for h in from..to {
-                            if let Some(f) = s.frozen.get(&h) {
-                                f.quality_of(d).iter().for_each(|((_, o), n)| add(d, *o, *n));
-                                continue;
-                            }
-                            let range = (h, d, Outcome::Valid)..(h, d.saturating_add(1), Outcome::Valid);
-                            for ((_, _, o), v) in s.quality.range(range) {
-                                add(d, *o, v.at(as_of).unwrap_or(0));
-                            }
+                        for ((_, d, o), v) in s.quality.range((lo, 0, Outcome::Valid)..(to, 0, Outcome::Valid)) {
+                            t.add(*d, *o, v.at(as_of).unwrap_or(0));
+                        }
+                    } else {
+                        for ((_, o), v) in s.quality_hours.range((lo, Outcome::Valid)..(to, Outcome::Valid)) {
+                            t.add_all(*o, v.at(as_of).unwrap_or(0));
                         }
                     }
-                    None => {
-                        frozen()
-                            .flat_map(|f| f.quality.iter())
-                            .for_each(|((d, o), n)| add(*d, *o, *n));
-                        for ((_, d, o), v) in s.quality.range((from, 0, Outcome::Valid)..(to, 0, Outcome::Valid)) {
-                            add(*d, *o, v.at(as_of).unwrap_or(0));
+                }
+                // One device: its few entries of each hour.
+                Some(d) => {
+                    for h in lo..to {
+                        if let Some(f) = s.frozen.get(&h) {
+                            t.frozen(f, Some(d));
+                            continue;
+                        }
+                        let range = (h, d, Outcome::Valid)..(h, d.saturating_add(1), Outcome::Valid);
+                        for ((_, _, o), v) in s.quality.range(range) {
+                            t.add(d, *o, v.at(as_of).unwrap_or(0));
                         }
                     }
                 }
             }
-            (all, by_device)
+            (s.evicted.0, t)
         }) {
-            for (o, n) in a {
-                *all.entry(o).or_default() += n;
-            }
-            for (dev, counts) in d {
-                let e = by_device.entry(dev).or_default();
-                for (o, n) in counts {
-                    *e.entry(o).or_default() += n;
-                }
-            }
+            evicted.push(e);
+            tally.merge(t);
         }
-        all.retain(|_, n| *n != 0);
-        (all, by_device)
+        Self::old_hours(archive, &evicted, from, to, |_, f| tally.frozen(f, device))?;
+        tally.all.retain(|_, n| *n != 0);
+        Ok((tally.all, tally.by_device))
     }
 
     /// Each device's quality (valid / records) over the last [`QUALITY_HOURS`] hours up to
-    /// the watermark's, as of `as_of` (records of unknown devices left out).
+    /// the watermark's, as of `as_of` (records of unknown devices left out). Only the hours
+    /// the view holds: a scrape of `/metrics` never reads the lake.
     pub fn device_quality_ratios(&self, as_of: Epoch) -> Vec<f64> {
         let Some(w) = self.watermark(as_of) else {
             return Vec::new();
         };
         let to = w.div_euclid(HOUR_MS) + 1;
-        let (_, by_device) = self.quality(as_of, to - QUALITY_HOURS, to, None, true);
+        // Without the lake, nothing can fail.
+        let (_, by_device) = self
+            .quality_in(None, as_of, to - QUALITY_HOURS..to, (None, true))
+            .unwrap_or_default();
         by_device
             .into_iter()
             .filter(|(d, _)| *d != 0)
@@ -700,6 +830,55 @@ impl LiveView {
 
 /// The hours of each device's quality in `/metrics` (`fmsflow_devices_by_quality`).
 pub const QUALITY_HOURS: i64 = 24;
+
+/// Quality counts being summed: in all, and by device if asked.
+struct Tally {
+    all: OutcomeCounts,
+    by_device: BTreeMap<u32, OutcomeCounts>,
+    per_device: bool,
+}
+
+impl Tally {
+    fn new(per_device: bool) -> Tally {
+        Tally {
+            all: OutcomeCounts::new(),
+            by_device: BTreeMap::new(),
+            per_device,
+        }
+    }
+
+    fn add_all(&mut self, o: Outcome, n: i64) {
+        *self.all.entry(o).or_default() += n;
+    }
+
+    fn add(&mut self, d: u32, o: Outcome, n: i64) {
+        self.add_all(o, n);
+        if self.per_device {
+            *self.by_device.entry(d).or_default().entry(o).or_default() += n;
+        }
+    }
+
+    /// A packed hour's counts: its sums, every device's, or one device's.
+    fn frozen(&mut self, f: &Frozen, device: Option<u32>) {
+        match device {
+            None if !self.per_device => f.quality_hours.iter().for_each(|(o, n)| self.add_all(*o, *n)),
+            None => f.quality.iter().for_each(|((d, o), n)| self.add(*d, *o, *n)),
+            Some(d) => f.quality_of(d).iter().for_each(|((_, o), n)| self.add(d, *o, *n)),
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        for (o, n) in other.all {
+            self.add_all(o, n);
+        }
+        for (d, counts) in other.by_device {
+            let e = self.by_device.entry(d).or_default();
+            for (o, n) in counts {
+                *e.entry(o).or_default() += n;
+            }
+        }
+    }
+}
 
 /// Widens hour `h`'s span in `spans` to cover `span`.
 pub fn merge_span(spans: &mut BTreeMap<i64, (i64, i64)>, h: i64, span: (i64, i64)) {
@@ -866,12 +1045,12 @@ mod tests {
         );
         let reads = |v: &LiveView| {
             (
-                v.fleet_hour(Epoch::MAX, 5),
-                v.device_hourly(Epoch::MAX, 2, 0, 10),
-                v.spans(Epoch::MAX, 0, 10),
-                v.quality(Epoch::MAX, 0, 10, None, false),
-                v.quality(Epoch::MAX, 0, 10, None, true),
-                v.quality(Epoch::MAX, 5, 6, Some(2), false),
+                v.fleet_hour(Epoch::MAX, 5).unwrap(),
+                v.device_hourly(Epoch::MAX, 2, 0, 10).unwrap(),
+                v.spans(Epoch::MAX, 0, 10).unwrap(),
+                v.quality(Epoch::MAX, 0, 10, None, false).unwrap(),
+                v.quality(Epoch::MAX, 0, 10, None, true).unwrap(),
+                v.quality(Epoch::MAX, 5, 6, Some(2), false).unwrap(),
             )
         };
         let before = reads(&view);
@@ -917,11 +1096,14 @@ mod tests {
             vec![((5, 3), Some(figures(7, 5 * HOUR_MS - 1)))],
             vec![((5, 3, Outcome::Valid), Some(7)), ((5, 2, Outcome::Valid), Some(4))],
         );
-        assert_eq!(view.fleet_hour(Epoch::MAX, 5).len(), 3);
-        assert_eq!(view.spans(Epoch::MAX, 5, 6)[&5], (5 * HOUR_MS - 1, 5 * HOUR_MS + 10));
-        let (all, _) = view.quality(Epoch::MAX, 5, 6, None, false);
+        assert_eq!(view.fleet_hour(Epoch::MAX, 5).unwrap().len(), 3);
+        assert_eq!(
+            view.spans(Epoch::MAX, 5, 6).unwrap()[&5],
+            (5 * HOUR_MS - 1, 5 * HOUR_MS + 10)
+        );
+        let (all, _) = view.quality(Epoch::MAX, 5, 6, None, false).unwrap();
         assert_eq!((all[&Outcome::Valid], all[&rej]), (2 + 4 + 7, 1));
-        let (all, by) = view.quality(Epoch::MAX, 5, 6, None, true);
+        let (all, by) = view.quality(Epoch::MAX, 5, 6, None, true).unwrap();
         assert_eq!((all[&Outcome::Valid], by[&2][&Outcome::Valid]), (13, 4));
         // Hours more than keep_hours behind the newest leave, frozen or not.
         epoch(101, Vec::new(), Vec::new());

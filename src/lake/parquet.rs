@@ -207,8 +207,11 @@ pub fn hourly(rows: &[(u32, HourStats)], hour: i64, row_group_rows: usize) -> Re
     encode("hourly", hour, fields, cols, row_group_rows, &[])
 }
 
+/// A `quality/` row: (device, outcome) and its count.
+pub type QualityRow = ((u32, Outcome), i64);
+
 /// `quality/`: one row per (device, outcome) in the hour; outcome `valid` or a rule name.
-pub fn quality(rows: &[((u32, Outcome), i64)], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
+pub fn quality(rows: &[QualityRow], hour: i64, row_group_rows: usize) -> Result<Vec<u8>, LakeError> {
     let n = rows.len();
     let mut device = Int32Builder::with_capacity(n);
     let mut outcome = StringBuilder::with_capacity(n, n * 12);
@@ -280,6 +283,88 @@ pub fn read(bytes: &[u8]) -> Result<Vec<RecordBatch>, parquet::errors::ParquetEr
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))?.build()?;
     Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// An `hourly/` file's rows, as written by [`hourly`]: per device, the hour's figures.
+pub fn read_hourly(bytes: &[u8]) -> Result<Vec<(u32, HourFigures)>, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
+    let mut out = Vec::new();
+    for b in read(bytes).map_err(|e| e.to_string())? {
+        let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("no column {name}"));
+        let typed = |name: &str, t: &str| format!("column {name} is not {t}");
+        let device = col("device")?
+            .as_primitive_opt::<Int32Type>()
+            .ok_or_else(|| typed("device", "Int32"))?;
+        let int = |name: &str| -> Result<_, String> {
+            col(name)?
+                .as_primitive_opt::<Int64Type>()
+                .ok_or_else(|| typed(name, "Int64"))
+        };
+        let time = |name: &str| -> Result<_, String> {
+            col(name)?
+                .as_primitive_opt::<TimestampMillisecondType>()
+                .ok_or_else(|| typed(name, "a timestamp"))
+        };
+        let (count, fails) = (int("count")?, int("fail_count")?);
+        let (first, last) = (time("first_time")?, time("last_time")?);
+        let mut stats = Vec::with_capacity(24);
+        for m in METRICS {
+            for s in HourFigures::STATS {
+                let name = format!("{m}_{s}");
+                stats.push(
+                    col(&name)?
+                        .as_primitive_opt::<Float64Type>()
+                        .ok_or_else(|| typed(&name, "Float64"))?,
+                );
+            }
+        }
+        for i in 0..b.num_rows() {
+            let d = u32::try_from(device.value(i)).map_err(|_| format!("device {} is negative", device.value(i)))?;
+            out.push((
+                d,
+                HourFigures {
+                    count: count.value(i) as u64,
+                    fails: fails.value(i) as u64,
+                    first_ms: first.value(i),
+                    last_ms: last.value(i),
+                    metrics: std::array::from_fn(|m| std::array::from_fn(|s| stats[m * 4 + s].value(i))),
+                },
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// A `quality/` file's rows, as written by [`quality`]: per (device, outcome), the count.
+pub fn read_quality(bytes: &[u8]) -> Result<Vec<QualityRow>, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type};
+    let mut out = Vec::new();
+    for b in read(bytes).map_err(|e| e.to_string())? {
+        let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("no column {name}"));
+        let device = col("device")?
+            .as_primitive_opt::<Int32Type>()
+            .ok_or("column device is not Int32")?;
+        let outcome = col("outcome")?
+            .as_string_opt::<i32>()
+            .ok_or("column outcome is not a string")?;
+        let count = col("count")?
+            .as_primitive_opt::<Int64Type>()
+            .ok_or("column count is not Int64")?;
+        for i in 0..b.num_rows() {
+            let d = u32::try_from(device.value(i)).map_err(|_| format!("device {} is negative", device.value(i)))?;
+            let o = match outcome.value(i) {
+                "valid" => Outcome::Valid,
+                name => Outcome::Rejected(
+                    fmsflow_dataflows::rules::Rule::from_name(name)
+                        .ok_or_else(|| format!("unknown outcome `{name}`"))?,
+                ),
+            };
+            out.push(((d, o), count.value(i)));
+        }
+    }
+    Ok(out)
 }
 
 /// Per device, the sum of Int64 column `column` of a file's rows, or (`None`) their number.
@@ -496,5 +581,38 @@ mod tests {
             .values()
             .to_vec();
         assert_eq!(counts, vec![2, 5, 3]);
+    }
+
+    /// The files read back are the rows written: every figure (over several row groups),
+    /// every outcome.
+    #[test]
+    fn hourly_and_quality_files_read_back_as_written() {
+        let mut rows: Vec<(u32, HourStats)> = (1..=9).map(|d| stats(d, f64::from(d) / 3.0)).collect();
+        let mut more = stats(4, -2.5).1;
+        more.add(&Reading {
+            device: 4,
+            time_ms: 7_000,
+            metrics: [1e300, -0.0, 3.25, 7.0, 8.0, 9.0],
+            is_fail: true,
+            ingest_ms: None,
+            pos: SourcePos::default(),
+            payload_at: Default::default(),
+        });
+        rows[3].1 = more;
+        let back = read_hourly(&hourly(&rows, 5, 4).unwrap()).unwrap();
+        let want: Vec<(u32, HourFigures)> = rows.iter().map(|(d, s)| (*d, s.figures())).collect();
+        assert_eq!(back, want);
+        let counts: Vec<QualityRow> = std::iter::once(((1, Outcome::Valid), 5))
+            .chain(
+                Rule::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| ((2, Outcome::Rejected(*r)), i as i64 + 1)),
+            )
+            .collect();
+        assert_eq!(read_quality(&quality(&counts, 5, 4).unwrap()).unwrap(), counts);
+        assert!(read_hourly(&quality(&counts, 5, 4).unwrap())
+            .unwrap_err()
+            .contains("no column"));
     }
 }
