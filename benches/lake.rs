@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use fmsflow::gen::{generate, GenSettings};
 use fmsflow::lake::{self, s3::S3Options, LakeWriter, Storage, StorageOptions};
-use fmsflow_dataflows::dataflow::{BatchKind, HourBatch};
+use fmsflow_dataflows::dataflow::HourBatch;
 use fmsflow_dataflows::rules::Outcome;
 use fmsflow_dataflows::{validate, HourStats, RawRecord, Reading, ReadingColumns, RuleConfig, SourcePos};
 
@@ -55,15 +55,10 @@ fn batches(hours: u32) -> Vec<HourBatch> {
                 .map(|(d, s)| ((*d, Outcome::Valid), s.count as i64))
                 .collect();
             HourBatch {
-                hour,
-                seq: 0,
-                kind: BatchKind::Seal,
-                worker: 0,
-                partial: false,
                 readings: readings.into(),
-                rejections: Vec::new(),
                 hourly: Some(hourly.into_iter().collect()),
                 quality: Some(quality),
+                ..HourBatch::seal(hour, 0)
             }
         })
         .collect()

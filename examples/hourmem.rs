@@ -6,7 +6,8 @@
 //! more (device, hour) costs. After the run the dataflow is gone and the view is still there:
 //! its own share.
 //!
-//! `cargo run --release --example hourmem [-- DEVICES HOURS INTERVAL_S RATE]`
+//! `cargo run --release --example hourmem [-- DEVICES HOURS INTERVAL_S RATE]` (`FMSFLOW_*`
+//! settings apply: `FMSFLOW_API__KEEP_HOURS=6` holds 6 hours)
 //! (defaults 10,000 devices, 24 h, a reading every 600 s, 40,000 msg/s on 2 workers).
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,7 +56,7 @@ fn main() {
     let n = records.len();
     drop(records);
     let per_hour = n as f64 / hours as f64;
-    let mut cfg = Config::from_sources(None, &[]).expect("default config");
+    let mut cfg = Config::load(None).expect("the configuration (FMSFLOW_* settings)");
     cfg.fleet.devices = devices;
     let view = LiveView::new(workers, cfg.api.keep_hours);
     let status = Arc::new(Status::default());

@@ -328,6 +328,23 @@ pub struct HourBatch {
     pub quality: Option<Vec<((u32, Outcome), i64)>>,
 }
 
+impl HourBatch {
+    /// An empty first seal of `hour` by `worker`, for tools and tests to fill in.
+    pub fn seal(hour: i64, worker: usize) -> HourBatch {
+        HourBatch {
+            hour,
+            seq: 0,
+            kind: BatchKind::Seal,
+            worker,
+            partial: false,
+            readings: Default::default(),
+            rejections: Vec::new(),
+            hourly: None,
+            quality: None,
+        }
+    }
+}
+
 /// The streams and collections a built dataflow exposes.
 pub struct Outputs<'scope> {
     /// Accepted readings, at the worker that owns their (device, hour).

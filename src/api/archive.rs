@@ -15,6 +15,9 @@ use super::view::Frozen;
 use crate::lake::manifest::Manifest;
 use crate::lake::{parquet, Storage};
 
+/// Hours read from the lake at once by one query.
+pub const READ_AT_ONCE: usize = 8;
+
 /// Reads old hours from the lake for one process's view.
 pub struct Archive {
     storage: Arc<dyn Storage>,
@@ -49,7 +52,7 @@ impl Archive {
     }
 
     /// Hour `hour`'s values, one share per local worker (empty if the lake has no such hour).
-    pub(crate) fn hour(&self, hour: i64) -> Result<Arc<Vec<Frozen>>, String> {
+    pub fn hour(&self, hour: i64) -> Result<Arc<Vec<Frozen>>, String> {
         {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = cache.iter().position(|(h, _)| *h == hour) {
@@ -69,6 +72,28 @@ impl Archive {
             cache.push_back((hour, shares.clone()));
         }
         Ok(shares)
+    }
+
+    /// Calls `f` with each hour of `hours` in order, and its shares; reads up to
+    /// [`READ_AT_ONCE`] hours at a time (each a few storage round trips).
+    pub fn for_hours(&self, hours: std::ops::Range<i64>, mut f: impl FnMut(i64, &[Frozen])) -> Result<(), String> {
+        let hours: Vec<i64> = hours.collect();
+        for chunk in hours.chunks(READ_AT_ONCE) {
+            let read: Vec<Result<Arc<Vec<Frozen>>, String>> = match chunk {
+                [h] => vec![self.hour(*h)],
+                _ => std::thread::scope(|s| {
+                    let reads: Vec<_> = chunk.iter().map(|h| s.spawn(move || self.hour(*h))).collect();
+                    reads
+                        .into_iter()
+                        .map(|r| r.join().unwrap_or_else(|_| Err("a read from the lake panicked".into())))
+                        .collect()
+                }),
+            };
+            for (h, shares) in chunk.iter().zip(read) {
+                f(*h, &shares?);
+            }
+        }
+        Ok(())
     }
 
     /// Decodes hour `hour`'s committed `hourly` and `quality` files, keeping this process's

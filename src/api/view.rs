@@ -179,7 +179,7 @@ impl Default for Evicted {
 /// for `api.keep_hours` in sorted vectors, without versions or tree nodes: 232 bytes per
 /// device's figures instead of the ~400 of a versioned entry in a B-tree node.
 #[derive(Debug, Default, PartialEq)]
-pub(crate) struct Frozen {
+pub struct Frozen {
     /// By device.
     hourly: Vec<(u32, HourFigures)>,
     /// By (device, outcome).
@@ -220,6 +220,11 @@ impl Frozen {
         self.hourly.shrink_to_fit();
         self.quality.shrink_to_fit();
         self.quality_hours.shrink_to_fit();
+    }
+
+    /// Devices with figures in the hour.
+    pub fn devices(&self) -> usize {
+        self.hourly.len()
     }
 
     fn figures(&self, device: u32) -> Option<HourFigures> {
@@ -624,13 +629,11 @@ impl LiveView {
             return Ok(());
         };
         let end = to.min(evicted.iter().copied().max().unwrap_or(i64::MIN));
-        for h in from..end {
-            let shares = archive.hour(h)?;
+        archive.for_hours(from..end.max(from), |h, shares| {
             for (share, _) in shares.iter().zip(evicted).filter(|(_, e)| h < **e) {
                 f(h, share);
             }
-        }
-        Ok(())
+        })
     }
 
     /// One device's hourly statistics for the hours `from..to`, as of `as_of` (older hours

@@ -736,15 +736,8 @@ mod tests {
             })
         };
         let mut batch = HourBatch {
-            hour: 481_000,
-            seq: 0,
-            kind: BatchKind::Seal,
-            worker: 0,
-            partial: false,
-            readings: Default::default(),
-            rejections: Vec::new(),
             hourly: Some(vec![(1, Default::default())]),
-            quality: None,
+            ..HourBatch::seal(481_000, 0)
         };
         let retry = |limit_ms| Retry {
             limit: std::time::Duration::from_millis(limit_ms),
