@@ -615,25 +615,32 @@ impl LiveView {
             .collect()
     }
 
-    /// Calls `f` with each hour of `from..to` that some shard no longer holds (`evicted`:
-    /// each shard's first hour held, as its read saw it) and that shard's share of it, read
-    /// from `archive`. Without one, those hours are not answered.
-    fn old_hours(
+    /// Reads the hours `hours` of every shard: `memory` gets a shard and the part of `hours`
+    /// it still holds; `old` gets each hour a shard has let go with that shard's share, read
+    /// from `archive` (without one, those hours are not answered). A shard's share is read
+    /// from one place or the other, as the shard was at its read.
+    fn read_hours<R>(
+        &self,
         archive: Option<&Archive>,
-        evicted: &[i64],
-        from: i64,
-        to: i64,
-        mut f: impl FnMut(i64, &Frozen),
-    ) -> Result<(), String> {
-        let Some(archive) = archive else {
-            return Ok(());
-        };
-        let end = to.min(evicted.iter().copied().max().unwrap_or(i64::MIN));
-        archive.for_hours(from..end.max(from), |h, shares| {
-            for (share, _) in shares.iter().zip(evicted).filter(|(_, e)| h < **e) {
-                f(h, share);
-            }
-        })
+        hours: std::ops::Range<i64>,
+        mut memory: impl FnMut(&Shard, std::ops::Range<i64>) -> R,
+        mut old: impl FnMut(i64, &Frozen),
+    ) -> Result<Vec<R>, String> {
+        let (from, to) = (hours.start, hours.end);
+        let mut evicted = Vec::new();
+        let held = self.read(|s| {
+            evicted.push(s.evicted.0);
+            memory(s, from.max(s.evicted.0).min(to)..to)
+        });
+        if let Some(archive) = archive {
+            let end = to.min(evicted.iter().copied().max().unwrap_or(i64::MIN));
+            archive.for_hours(from..end.max(from), |h, shares| {
+                for (share, _) in shares.iter().zip(&evicted).filter(|(_, e)| h < **e) {
+                    old(h, share);
+                }
+            })?;
+        }
+        Ok(held)
     }
 
     /// One device's hourly statistics for the hours `from..to`, as of `as_of` (older hours
@@ -645,26 +652,24 @@ impl LiveView {
         from: i64,
         to: i64,
     ) -> Result<Vec<(i64, HourFigures)>, String> {
-        let mut evicted = Vec::new();
         let mut out: Vec<(i64, HourFigures)> = Vec::new();
-        for (e, rows) in self.read(|s| {
-            let rows = (from.max(s.evicted.0)..to)
-                .filter_map(|h| {
-                    let v = match s.frozen.get(&h) {
-                        Some(f) => f.figures(device),
-                        None => s.hourly.get(&(h, device)).and_then(|v| v.at(as_of)),
-                    };
-                    v.map(|st| (h, st))
-                })
-                .collect::<Vec<_>>();
-            (s.evicted.0, rows)
-        }) {
-            evicted.push(e);
-            out.extend(rows);
-        }
-        Self::old_hours(self.archive.as_ref(), &evicted, from, to, |h, f| {
-            out.extend(f.figures(device).map(|st| (h, st)))
-        })?;
+        let held = self.read_hours(
+            self.archive.as_ref(),
+            from..to,
+            |s, hours| {
+                hours
+                    .filter_map(|h| {
+                        let v = match s.frozen.get(&h) {
+                            Some(f) => f.figures(device),
+                            None => s.hourly.get(&(h, device)).and_then(|v| v.at(as_of)),
+                        };
+                        v.map(|st| (h, st))
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |h, f| out.extend(f.figures(device).map(|st| (h, st))),
+        )?;
+        out.extend(held.into_iter().flatten());
         out.sort_by_key(|(h, _)| *h);
         Ok(out)
     }
@@ -679,27 +684,25 @@ impl LiveView {
 
     /// Every device's statistics of one hour, as of `as_of` (an older hour from the lake).
     pub fn fleet_hour(&self, as_of: Epoch, hour: i64) -> Result<Vec<(u32, HourFigures)>, String> {
-        let mut evicted = Vec::new();
         let mut out = Vec::new();
-        for (e, rows) in self.read(|s| {
-            let rows = if hour < s.evicted.0 {
-                Vec::new()
-            } else if let Some(f) = s.frozen.get(&hour) {
-                f.hourly.clone()
-            } else {
-                s.hourly
-                    .range((hour, 0)..=(hour, u32::MAX))
-                    .filter_map(|((_, d), v)| v.at(as_of).map(|st| (*d, st)))
-                    .collect::<Vec<_>>()
-            };
-            (s.evicted.0, rows)
-        }) {
-            evicted.push(e);
-            out.extend(rows);
-        }
-        Self::old_hours(self.archive.as_ref(), &evicted, hour, hour + 1, |_, f| {
-            out.extend_from_slice(&f.hourly)
-        })?;
+        let held = self.read_hours(
+            self.archive.as_ref(),
+            hour..hour + 1,
+            |s, hours| {
+                if hours.is_empty() {
+                    Vec::new()
+                } else if let Some(f) = s.frozen.get(&hour) {
+                    f.hourly.clone()
+                } else {
+                    s.hourly
+                        .range((hour, 0)..=(hour, u32::MAX))
+                        .filter_map(|((_, d), v)| v.at(as_of).map(|st| (*d, st)))
+                        .collect::<Vec<_>>()
+                }
+            },
+            |_, f| out.extend_from_slice(&f.hourly),
+        )?;
+        out.extend(held.into_iter().flatten());
         Ok(out)
     }
 
@@ -707,32 +710,32 @@ impl LiveView {
     /// reading, as of `as_of` (older hours from the lake).
     pub fn spans(&self, as_of: Epoch, from: i64, to: i64) -> Result<BTreeMap<i64, (i64, i64)>, String> {
         let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-        let mut evicted = Vec::new();
-        for (e, shard) in self.read(|s| {
-            let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-            let lo = from.max(s.evicted.0).min(to);
-            for (h, f) in s.frozen.range(lo..to) {
+        let held = self.read_hours(
+            self.archive.as_ref(),
+            from..to,
+            |s, hours| {
+                let mut spans: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+                for (h, f) in s.frozen.range(hours.clone()) {
+                    if let Some(span) = f.span {
+                        merge_span(&mut spans, *h, span);
+                    }
+                }
+                for ((h, _), v) in s.hourly.range((hours.start, 0)..(hours.end, 0)) {
+                    if let Some(st) = v.at(as_of) {
+                        merge_span(&mut spans, *h, (st.first_ms, st.last_ms));
+                    }
+                }
+                spans
+            },
+            |h, f| {
                 if let Some(span) = f.span {
-                    merge_span(&mut spans, *h, span);
+                    merge_span(&mut spans, h, span);
                 }
-            }
-            for ((h, _), v) in s.hourly.range((lo, 0)..(to, 0)) {
-                if let Some(st) = v.at(as_of) {
-                    merge_span(&mut spans, *h, (st.first_ms, st.last_ms));
-                }
-            }
-            (s.evicted.0, spans)
-        }) {
-            evicted.push(e);
-            for (h, span) in shard {
-                merge_span(&mut spans, h, span);
-            }
+            },
+        )?;
+        for (h, span) in held.into_iter().flatten() {
+            merge_span(&mut spans, h, span);
         }
-        Self::old_hours(self.archive.as_ref(), &evicted, from, to, |h, f| {
-            if let Some(span) = f.span {
-                merge_span(&mut spans, h, span);
-            }
-        })?;
         Ok(spans)
     }
 
@@ -757,47 +760,49 @@ impl LiveView {
         hours: std::ops::Range<i64>,
         (device, per_device): (Option<u32>, bool),
     ) -> Result<QualityCounts, String> {
-        let std::ops::Range { start: from, end: to } = hours;
         let mut tally = Tally::new(per_device);
-        let mut evicted = Vec::new();
-        for (e, t) in self.read(|s| {
-            let mut t = Tally::new(per_device);
-            let lo = from.max(s.evicted.0).min(to);
-            match device {
-                None => {
-                    for (_, f) in s.frozen.range(lo..to) {
-                        t.frozen(f, None);
-                    }
-                    if per_device {
-                        for ((_, d, o), v) in s.quality.range((lo, 0, Outcome::Valid)..(to, 0, Outcome::Valid)) {
-                            t.add(*d, *o, v.at(as_of).unwrap_or(0));
+        let held = self.read_hours(
+            archive,
+            hours,
+            |s, hours| {
+                let mut t = Tally::new(per_device);
+                let (lo, to) = (hours.start, hours.end);
+                match device {
+                    None => {
+                        for (_, f) in s.frozen.range(lo..to) {
+                            t.frozen(f, None);
                         }
-                    } else {
-                        for ((_, o), v) in s.quality_hours.range((lo, Outcome::Valid)..(to, Outcome::Valid)) {
-                            t.add_all(*o, v.at(as_of).unwrap_or(0));
+                        if per_device {
+                            for ((_, d, o), v) in s.quality.range((lo, 0, Outcome::Valid)..(to, 0, Outcome::Valid)) {
+                                t.add(*d, *o, v.at(as_of).unwrap_or(0));
+                            }
+                        } else {
+                            for ((_, o), v) in s.quality_hours.range((lo, Outcome::Valid)..(to, Outcome::Valid)) {
+                                t.add_all(*o, v.at(as_of).unwrap_or(0));
+                            }
+                        }
+                    }
+                    // One device: its few entries of each hour.
+                    Some(d) => {
+                        for h in lo..to {
+                            if let Some(f) = s.frozen.get(&h) {
+                                t.frozen(f, Some(d));
+                                continue;
+                            }
+                            let range = (h, d, Outcome::Valid)..(h, d.saturating_add(1), Outcome::Valid);
+                            for ((_, _, o), v) in s.quality.range(range) {
+                                t.add(d, *o, v.at(as_of).unwrap_or(0));
+                            }
                         }
                     }
                 }
-                // One device: its few entries of each hour.
-                Some(d) => {
-                    for h in lo..to {
-                        if let Some(f) = s.frozen.get(&h) {
-                            t.frozen(f, Some(d));
-                            continue;
-                        }
-                        let range = (h, d, Outcome::Valid)..(h, d.saturating_add(1), Outcome::Valid);
-                        for ((_, _, o), v) in s.quality.range(range) {
-                            t.add(d, *o, v.at(as_of).unwrap_or(0));
-                        }
-                    }
-                }
-            }
-            (s.evicted.0, t)
-        }) {
-            evicted.push(e);
+                t
+            },
+            |_, f| tally.frozen(f, device),
+        )?;
+        for t in held {
             tally.merge(t);
         }
-        Self::old_hours(archive, &evicted, from, to, |_, f| tally.frozen(f, device))?;
         tally.all.retain(|_, n| *n != 0);
         Ok((tally.all, tally.by_device))
     }
